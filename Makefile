@@ -1,0 +1,34 @@
+# Set-up and entry points. Everything installs into .venv inside the repository.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION  ?= 2.13.0
+FAIRSEQ_SPEC   ?= fairseq-fixed==0.12.3.1
+
+.PHONY: venv test test-fast lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py Makefile requirements/build.txt requirements/fairseq.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch pulls CUDA wheels of several GB.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install -r requirements/build.txt
+	# fairseq-fixed compiles extensions against the installed torch; --no-deps keeps
+	# torchaudio (whose binary does not load with this torch) out of the environment.
+	$(PY) -c "import fairseq" 2>/dev/null || $(PIP) install --no-deps --no-build-isolation "$(FAIRSEQ_SPEC)"
+	$(PIP) install -r requirements/fairseq.txt "torch==$(TORCH_VERSION)"
+	$(PIP) install -e ".[hf,dev]" "torch==$(TORCH_VERSION)"
+	$(PIP) uninstall -y torchaudio torchvision >/dev/null 2>&1 || true
+	$(PY) -c "import torch, fairseq, transformers, plugin; print('torch', torch.__version__, 'fairseq', fairseq.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check plugin user_dir hf_models scripts tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,79 @@
+"""Sparse, structured and continuous attention: the core (pure PyTorch).
+
+Normalizers (scores -> probabilities): :func:`softmax`, :func:`sparsemax`, :func:`entmax15`,
+:func:`entmax`, :func:`fusedmax`, :func:`oscarmax`. One attention function,
+:func:`attention`, and its module form :class:`AttentionMechanism`. Every variant lives in
+the registry (:func:`get_normalizer`, :func:`available_normalizers`,
+:func:`register_normalizer`) and is named by a spec string such as ``"entmax:alpha=1.3"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .attention import AttentionMechanism, attention
+from .kernels import reference_path
+from .normalizers import LearnableAlpha, Normalizer, entmax, entmax15, softmax, sparsemax
+# STRUCTURED-IMPORT: from .normalizers.structured import fusedmax, oscarmax
+from .registry import (
+    CallRecord,
+    Param,
+    available_normalizers,
+    canonical_spec,
+    parse_spec,
+    record_calls,
+    register_continuous,
+    register_normalizer,
+    variants,
+)
+
+__version__ = "0.1.0"
+
+
+def get_normalizer(spec: str, num_heads: int | None = None) -> Any:
+    """The normalizer module of a discrete spec, e.g. ``get_normalizer("entmax:alpha=1.3")``.
+
+    The result is called as ``f(scores, dim=-1, mask=None)``. ``num_heads`` is needed for
+    learned parameters (``"entmax:alpha=learned"``). Continuous specs are not normalizers:
+    use :class:`AttentionMechanism` or :func:`attention` for them.
+    """
+    parts = parse_spec(spec)
+    if len(parts) != 1 or parts[0].kind != "discrete":
+        raise ValueError(
+            f"get_normalizer: {spec!r} is not a discrete normalizer; valid choices: "
+            f"{', '.join(sorted(variants('discrete')))} (continuous and combined specs go to "
+            f"plugin.attention / plugin.AttentionMechanism)"
+        )
+    p = parts[0]
+    return p.variant.factory(num_heads=num_heads, **p.params)
+
+
+def build_attention(spec: str, num_heads: int | None = None, role: str | None = None) -> AttentionMechanism:
+    """An :class:`AttentionMechanism` for ``spec`` (the adapters' entry point)."""
+    return AttentionMechanism(spec, num_heads=num_heads, role=role)
+
+
+__all__ = [
+    "AttentionMechanism",
+    "CallRecord",
+    "LearnableAlpha",
+    "Normalizer",
+    "Param",
+    "attention",
+    "available_normalizers",
+    "build_attention",
+    "canonical_spec",
+    "entmax",
+    "entmax15",
+    "fusedmax",
+    "get_normalizer",
+    "oscarmax",
+    "parse_spec",
+    "record_calls",
+    "reference_path",
+    "register_continuous",
+    "register_normalizer",
+    "softmax",
+    "sparsemax",
+    "variants",
+]

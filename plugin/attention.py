@@ -1,0 +1,225 @@
+"""One attention function for every mechanism: ``attention(q, k, v, normalizer=...)``."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .normalizers.base import Normalizer
+from .registry import CallRecord, _notify, _recording, canonical_spec, parse_spec
+
+
+class AttentionMechanism(nn.Module):
+    """An attention mechanism built from a spec string.
+
+    ``AttentionMechanism("entmax:alpha=learned", num_heads=8)`` holds the normalizer (and
+    its learnable state), and, for continuous specs, the continuous-context module.
+    ``forward`` has the signature of :func:`attention`. Adapters set ``role`` (for example
+    ``"encoder"``, ``"decoder"``, ``"cross"``), which :func:`plugin.record_calls` reports.
+    """
+
+    def __init__(self, spec: str | nn.Module, num_heads: int | None = None, role: str | None = None) -> None:
+        super().__init__()
+        self.role = role
+        self.num_heads = num_heads
+        self.continuous: nn.Module | None = None
+        if isinstance(spec, nn.Module) or callable(spec) and not isinstance(spec, str):
+            self.spec = getattr(spec, "name", None) or type(spec).__name__
+            self.normalizer = spec if isinstance(spec, nn.Module) else Normalizer(spec, name=self.spec)
+            self.discrete_context = True
+            self.learnable = any(True for _ in self.normalizer.parameters())
+            return
+        parts = parse_spec(spec)
+        self.spec = "+".join(str(p) for p in parts)
+        discrete = [p for p in parts if p.kind == "discrete"]
+        continuous = [p for p in parts if p.kind == "continuous"]
+        # A continuous-only spec places its density by the moments of a discrete softmax
+        # over the same keys; only the continuous context is returned.
+        base = discrete[0] if discrete else parse_spec("softmax")[0]
+        self.normalizer = base.variant.factory(num_heads=num_heads, **base.params)
+        self.discrete_context = bool(discrete)
+        if continuous:
+            c = continuous[0]
+            self.continuous = c.variant.factory(num_heads=num_heads, **c.params)
+        self.learnable = any(True for _ in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}" + (f", role={self.role!r}" if self.role else "")
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        q, k, v = _check_qkv(q, k, v)
+        B, H, Lq, D = q.shape
+        Lk = k.shape[-2]
+        if scale is None:
+            scale = 1.0 / math.sqrt(D)
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"attention: dropout_p must lie in [0, 1), got {dropout_p!r}")
+        allowed, additive = _combine_masks(mask, causal, B, H, Lq, Lk, q.device)
+
+        path = "reference"
+        fast = None
+        if self.continuous is None and additive is None and dropout_p == 0.0:
+            fast = kernels.select_path(self, q, k, v, allowed, False, dropout_p, return_weights)
+        if fast is not None:
+            path, fn = fast
+            out, weights = fn(q, k, v, allowed, scale), None
+        else:
+            out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
+        if _recording():
+            _notify(CallRecord(self.spec, self.role, tuple(q.shape), tuple(k.shape), path, self.training))
+        if return_weights:
+            return out, weights
+        return out
+
+    def _reference(self, q, k, v, allowed, additive, scale, dropout_p):
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+        if additive is not None:
+            scores = scores + additive.to(work)
+        p = self.normalizer(scores, dim=-1, mask=allowed)
+        p = p.to(work)
+        weights = p
+        out = None
+        if self.discrete_context:
+            pd = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
+            out = torch.matmul(pd, v.to(work))
+        if self.continuous is not None:
+            key_mask = _key_validity(allowed, scores)
+            context, cweights = self.continuous(p, v.to(work), key_mask)
+            out = context if out is None else out + context
+            if not self.discrete_context and cweights is not None:
+                weights = cweights
+        return out.to(q.dtype), weights.to(q.dtype)
+
+
+def _key_validity(allowed: Tensor | None, scores: Tensor) -> Tensor | None:
+    finite = scores != float("-inf")
+    if allowed is None:
+        return None if bool(finite.all()) else finite
+    return allowed & finite
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"attention: {name} must be a 4-D floating tensor (B, H, L, D), got {shape}")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(
+            f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, Hkv, Lk, D) with the same Hkv and Lk"
+        )
+    if k.shape[3] != D:
+        raise ValueError(f"attention: k's last dimension {k.shape[3]} must equal q's {D}")
+    Hkv = k.shape[1]
+    if H % Hkv:
+        raise ValueError(f"attention: query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if Hkv != H:  # grouped-query attention: query head h reads key/value head h // (H // Hkv)
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    return q, k, v
+
+
+def _combine_masks(mask, causal, B, H, Lq, Lk, device):
+    """Split ``mask`` into a bool ``allowed`` part and an additive float part, and add causality."""
+    allowed = None
+    additive = None
+    target = (B, H, Lq, Lk)
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise ValueError(f"attention: mask must be a tensor, got {type(mask).__name__}")
+        try:
+            ok = len(mask.shape) <= 4 and torch.broadcast_shapes(mask.shape, target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"attention: mask of shape {tuple(mask.shape)} is not broadcastable to (B, H, Lq, Lk) = {target}"
+            )
+        if mask.dtype == torch.bool:
+            allowed = mask
+        elif mask.is_floating_point():
+            additive = mask
+        else:
+            raise ValueError(f"attention: mask must be bool (True = attend) or float (additive), got {mask.dtype}")
+    if causal:
+        # aligned bottom-right: query i sees keys j <= i + (Lk - Lq), as in cached decoding
+        i = torch.arange(Lq, device=device).unsqueeze(-1)
+        j = torch.arange(Lk, device=device)
+        c = j <= i + (Lk - Lq)
+        allowed = c if allowed is None else allowed & c
+    return allowed, additive
+
+
+@functools.lru_cache(maxsize=256)
+def _mechanism_for(spec: str) -> AttentionMechanism:
+    mech = AttentionMechanism(spec)
+    if mech.learnable:
+        raise ValueError(
+            f"attention: spec {spec!r} has trainable parameters; build plugin.AttentionMechanism(spec, "
+            f"num_heads=H) once, keep it in your model, and pass it as normalizer="
+        )
+    return mech
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    normalizer: str | nn.Module | Any = "softmax",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
+    """Attention with any registered mechanism.
+
+    Parameters
+    ----------
+    q : (B, H, Lq, D) queries.
+    k, v : (B, Hkv, Lk, D) keys and values; ``Hkv`` divides ``H`` (grouped-query attention:
+        query head ``h`` uses key/value head ``h // (H // Hkv)``).
+    normalizer : a spec string (``"sparsemax"``, ``"entmax:alpha=1.3"``,
+        ``"sparsemax+continuous_softmax"``...), an :class:`AttentionMechanism`, or a
+        normalizer callable ``f(scores, dim=-1, mask=None)``.
+    mask : bool tensor broadcastable to (B, H, Lq, Lk), True where attending is allowed;
+        or a float tensor added to the scores (``-inf`` = masked).
+    causal : mask keys after the query, aligned bottom-right (query ``i`` sees keys
+        ``j <= i + Lk - Lq``): with ``Lq == Lk`` this is the usual causal mask, with
+        ``Lq < Lk`` the queries are the last ones (cached decoding).
+    scale : score scale, default ``1 / sqrt(D)``.
+    dropout_p : dropout on the attention weights (applied whenever > 0, as SDPA does).
+    return_weights : also return the (B, H, Lq, Lk) weights (forces the reference path).
+
+    Returns ``out`` (B, H, Lq, D) in q's dtype, or ``(out, weights)``. A query row with no
+    allowed key gives zeros. With ``normalizer="softmax"`` this equals
+    ``torch.nn.functional.scaled_dot_product_attention``.
+    """
+    if isinstance(normalizer, AttentionMechanism):
+        mech = normalizer
+    elif isinstance(normalizer, str):
+        mech = _mechanism_for(canonical_spec(normalizer))
+    elif callable(normalizer):
+        mech = AttentionMechanism(normalizer)
+    else:
+        raise ValueError(
+            f"attention: normalizer must be a spec string, an AttentionMechanism or a callable, "
+            f"got {type(normalizer).__name__}"
+        )
+    return mech(q, k, v, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, return_weights=return_weights)

@@ -1,0 +1,1 @@
+"""Continuous attention (Martins et al. 2020)."""

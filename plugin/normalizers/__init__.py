@@ -1,0 +1,52 @@
+"""Discrete normalizers: scores -> probabilities over keys. Importing this registers them."""
+
+from ..registry import Param, register_normalizer
+from .base import Normalizer
+from .entmax import EntmaxNormalizer, LearnableAlpha, entmax, entmax15, entmax_factory
+from .softmax import softmax
+from .sparsemax import sparsemax
+
+__all__ = ["Normalizer", "EntmaxNormalizer", "LearnableAlpha", "softmax", "sparsemax", "entmax15", "entmax"]
+
+GAMMA = Param("gamma", 1.0, float, low=0, low_inclusive=False, doc="temperature: the input is divided by gamma")
+
+register_normalizer(
+    "softmax",
+    softmax,
+    params=(GAMMA,),
+    formula="softmax(x / gamma)",
+    summary="dense; the standard attention",
+)
+register_normalizer(
+    "sparsemax",
+    sparsemax,
+    params=(GAMMA,),
+    formula="argmin_{y in simplex} ||y - x / gamma||^2 = [x / gamma - tau]_+",
+    summary="sparse: Euclidean projection onto the simplex",
+)
+register_normalizer(
+    "entmax15",
+    entmax15,
+    formula="[x / 2 - tau]_+^2 (exact, sort-based)",
+    summary="sparse, smoother than sparsemax: alpha-entmax with alpha = 1.5",
+)
+register_normalizer(
+    "entmax",
+    factory=entmax_factory,
+    params=(
+        Param(
+            "alpha",
+            1.5,
+            float,
+            low=1,
+            high=2,
+            low_inclusive=False,
+            choices=("learned",),
+            doc="1 < alpha <= 2 (2 = sparsemax, ->1 = softmax), or 'learned' for one learned alpha per head",
+        ),
+    ),
+    formula="[(alpha - 1) x - tau]_+^(1 / (alpha - 1))",
+    summary="alpha-entmax; alpha fixed or learned per head",
+)
+
+# STRUCTURED-IMPORT: from . import structured  # noqa: E402,F401  (fusedmax, oscarmax)

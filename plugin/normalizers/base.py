@@ -1,0 +1,94 @@
+"""Shared plumbing of the normalizers: argument checks, masks, dtypes, the module wrapper."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32/float64 as they are."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def check_positive(name: str, value: Any, variant: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{variant}: {name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any, variant: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{variant}: {name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def prepare(scores: Tensor, dim: int, mask: Tensor | None, variant: str) -> tuple[Tensor, Tensor, int]:
+    """Validate and bring ``scores`` to the last dimension in the compute dtype.
+
+    Returns ``(z, allowed, dim)``: ``z`` is ``scores`` with ``dim`` moved last (float32 for
+    half inputs), ``allowed`` the bool tensor of the same shape that is True where
+    attending is allowed (``mask`` and ``scores != -inf``), ``dim`` the normalized dim.
+    """
+    if not isinstance(scores, Tensor):
+        raise ValueError(f"{variant}: scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise ValueError(f"{variant}: scores must be a floating-point tensor, got dtype {scores.dtype}")
+    if scores.dim() == 0:
+        raise ValueError(f"{variant}: scores must have at least one dimension")
+    if not -scores.dim() <= dim < scores.dim():
+        raise ValueError(f"{variant}: dim={dim} is out of range for scores with {scores.dim()} dimensions")
+    dim = dim % scores.dim()
+    z = scores.to(compute_dtype(scores.dtype))
+    allowed = z != float("-inf")
+    if mask is not None:
+        allowed = allowed & broadcast_mask(mask, scores.shape, variant)
+    return z.movedim(dim, -1), allowed.movedim(dim, -1), dim
+
+
+def broadcast_mask(mask: Tensor, shape: torch.Size, variant: str, name: str = "mask") -> Tensor:
+    """Check that ``mask`` is a bool tensor broadcastable to ``shape`` and expand it."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{variant}: {name} must be a bool tensor (True = attend), got {got}")
+    try:
+        if torch.broadcast_shapes(mask.shape, shape) != shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"{variant}: {name} of shape {tuple(mask.shape)} is not broadcastable to scores of shape {tuple(shape)}"
+        ) from None
+    return mask.expand(shape)
+
+
+def finish(p: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """Move the normalized dimension back and return in the input dtype."""
+    return p.movedim(-1, dim).to(dtype)
+
+
+def shift_by_max(z: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """``z - max(z over allowed)`` and whether the row has any allowed entry (both keepdim)."""
+    any_allowed = allowed.any(-1, keepdim=True)
+    zmax = torch.where(allowed, z, float("-inf")).amax(-1, keepdim=True)
+    zmax = torch.where(any_allowed, zmax, torch.zeros_like(zmax)).detach()
+    return z - zmax, any_allowed
+
+
+class Normalizer(nn.Module):
+    """A normalizer with its parameters bound: ``forward(scores, dim=-1, mask=None) -> probs``."""
+
+    def __init__(self, function: Callable[..., Tensor], name: str, **params: Any) -> None:
+        super().__init__()
+        self.function = function
+        self.name = name
+        self.params = params
+
+    def forward(self, scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+        return self.function(scores, dim=dim, mask=mask, **self.params)
+
+    def extra_repr(self) -> str:
+        return ", ".join([self.name] + [f"{k}={v}" for k, v in self.params.items()])

@@ -1,0 +1,238 @@
+"""alpha-entmax (Peters, Niculae & Martins 2019; Correia, Niculae & Martins 2019).
+
+``entmax_alpha(z) = argmax_{p in simplex} p.z + H^T_alpha(p)`` (Tsallis entropy), i.e.
+``p_i = [(alpha - 1) z_i - tau]_+ ** (1 / (alpha - 1))`` with ``tau`` such that ``sum p = 1``.
+alpha = 2 is sparsemax, alpha -> 1 is softmax, alpha = 1.5 has an exact sort-based solution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import compute_dtype, finish, prepare, shift_by_max
+from .sparsemax import SparsemaxFunction
+
+ALPHA_MIN = 1.01  # LearnableAlpha's lower end; a free alpha near 1 makes 1/(alpha-1) explode
+
+
+def entmax15_threshold(x: Tensor) -> Tensor:
+    """Exact threshold of 1.5-entmax for rows ``x = z / 2`` whose maximum is 0 (keepdim).
+
+    For a support of the k largest entries, ``sum_{i<=k} (x_(i) - tau)^2 = 1`` gives
+    ``tau_k = mean_k - sqrt((1 - k * var_k) / k)``; the support is the largest k with
+    ``tau_k <= x_(k)`` (Peters et al. 2019, Algorithm 2).
+    """
+    xs = torch.sort(x, dim=-1, descending=True).values
+    k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+    mean = xs.cumsum(-1) / k
+    mean_sq = (xs * xs).cumsum(-1) / k
+    delta = (1 - k * (mean_sq - mean * mean)) / k
+    tau = mean - torch.sqrt(torch.clamp(delta, min=0))
+    support_size = (tau <= xs).sum(-1, keepdim=True)
+    return tau.gather(-1, support_size - 1)
+
+
+def _entmax_jvp(p: Tensor, grad: Tensor, exponent: Tensor | float) -> Tensor:
+    """Closed-form backward of entmax: ``g = p^(2 - alpha)``, ``dz = g dp - g sum(g dp) / sum(g)``."""
+    support = p > 0
+    g = torch.where(support, p.clamp(min=torch.finfo(p.dtype).tiny) ** exponent, torch.zeros_like(p))
+    gsum = g.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    return g * grad - g * ((g * grad).sum(-1, keepdim=True) / gsum)
+
+
+class Entmax15Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:  # type: ignore[override]
+        x, _ = shift_by_max(z, allowed)
+        x = torch.where(allowed, x / 2, torch.full_like(x, -2.0))
+        tau = entmax15_threshold(x)
+        p = torch.clamp(x - tau, min=0) ** 2
+        p = torch.where(allowed, p, torch.zeros_like(p))
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        return _entmax_jvp(p, grad, 0.5), None
+
+
+def _bisection_steps(dtype: torch.dtype) -> int:
+    # the bracket has width < 1; halve it down to the dtype's resolution
+    return 58 if dtype == torch.float64 else 30
+
+
+class EntmaxBisectFunction(torch.autograd.Function):
+    """General alpha by bisection on tau, then renormalization; closed-form gradients for z and alpha."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, allowed: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+        zs, _ = shift_by_max(z, allowed)
+        zs = torch.where(allowed, zs, torch.zeros_like(zs))
+        am1 = alpha - 1
+        x = zs * am1  # max over allowed entries is 0
+        inv = 1.0 / am1
+        count = allowed.sum(-1, keepdim=True).clamp(min=1).to(z.dtype)
+        # p_max <= 1 gives tau >= max - 1; sum p >= 1 needs tau <= max - (1/d)^(alpha-1)
+        hi = -(count ** (-am1))
+        lo = torch.full_like(hi, -1.0)
+        for _ in range(_bisection_steps(z.dtype)):
+            mid = (lo + hi) / 2
+            p = torch.where(allowed, torch.clamp(x - mid, min=0) ** inv, torch.zeros_like(x))
+            too_much = p.sum(-1, keepdim=True) >= 1
+            lo = torch.where(too_much, mid, lo)
+            hi = torch.where(too_much, hi, mid)
+        p = torch.where(allowed, torch.clamp(x - lo, min=0) ** inv, torch.zeros_like(x))
+        p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+        p = torch.where(allowed, p, torch.zeros_like(p))
+        ctx.save_for_backward(p, zs, alpha)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:  # type: ignore[override]
+        p, zs, alpha = ctx.saved_tensors
+        dz = _entmax_jvp(p, grad, 2 - alpha)
+        dalpha = None
+        if ctx.needs_input_grad[2]:
+            # Correia et al. 2019: with g = p^(2-alpha) on the support,
+            # dp/dalpha = (-p log p + g (z - tau')) / (alpha - 1),
+            # tau' = (sum g z - sum p log p) / sum g.
+            support = p > 0
+            tiny = torch.finfo(p.dtype).tiny
+            g = torch.where(support, p.clamp(min=tiny) ** (2 - alpha), torch.zeros_like(p))
+            plogp = torch.where(support, p * torch.log(p.clamp(min=tiny)), torch.zeros_like(p))
+            gsum = g.sum(-1, keepdim=True).clamp(min=tiny)
+            tau_prime = ((g * zs).sum(-1, keepdim=True) - plogp.sum(-1, keepdim=True)) / gsum
+            dp_dalpha = (-plogp + g * (zs - tau_prime)) / (alpha - 1)
+            dalpha = (grad * dp_dalpha).sum(-1, keepdim=True)
+        return dz, None, dalpha
+
+
+def _alpha_tensor(alpha: Tensor, scores: Tensor, dim: int) -> Tensor:
+    """Bring a tensor alpha to the keepdim shape of ``scores`` reduced over ``dim`` (dim moved last)."""
+    reduced = scores.shape[:dim] + scores.shape[dim + 1 :]
+    a = alpha
+    if a.dim() == scores.dim():  # given with dim kept (size 1)
+        if a.shape[dim] != 1:
+            raise ValueError(
+                f"entmax: alpha of shape {tuple(alpha.shape)} must have size 1 along dim={dim} "
+                f"(scores of shape {tuple(scores.shape)})"
+            )
+        a = a.squeeze(dim)
+    try:
+        if torch.broadcast_shapes(a.shape, reduced) != reduced:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"entmax: alpha of shape {tuple(alpha.shape)} is not broadcastable to scores of shape "
+            f"{tuple(scores.shape)} with dim={dim} reduced, i.e. {tuple(reduced)}"
+        ) from None
+    return a.expand(reduced).unsqueeze(-1)
+
+
+def entmax15(scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    """Exact 1.5-entmax along ``dim`` (sort-based). Mask semantics as :func:`plugin.softmax`."""
+    z, allowed, dim = prepare(scores, dim, mask, "entmax15")
+    return finish(Entmax15Function.apply(z, allowed), dim, scores.dtype)
+
+
+def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    """alpha-entmax along ``dim``.
+
+    Parameters
+    ----------
+    scores : Tensor of any shape.
+    alpha : a float in (1, 2], or a tensor broadcastable to ``scores`` with ``dim`` reduced
+        (dropped, or kept with size 1). A tensor alpha receives a gradient (Correia et al.
+        2019), so alpha can be learned (see :class:`LearnableAlpha`). alpha = 2 and 1.5 as
+        floats use the exact sort-based algorithms; other values bisection on the threshold.
+    dim, mask : as in :func:`plugin.softmax`.
+    """
+    if isinstance(alpha, Tensor):
+        if not alpha.is_floating_point():
+            raise ValueError(f"entmax: alpha must be a floating-point tensor, got {alpha.dtype}")
+        with torch.no_grad():
+            if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
+                raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
+        z, allowed, d = prepare(scores, dim, mask, "entmax")
+        a = _alpha_tensor(alpha.to(z.dtype), scores, d)
+        p = EntmaxBisectFunction.apply(z, allowed, a)
+        return finish(p, d, scores.dtype)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 < alpha <= 2:
+        raise ValueError(f"entmax: alpha must be a number in (1, 2] or a tensor, got {alpha!r}")
+    z, allowed, d = prepare(scores, dim, mask, "entmax")
+    if alpha == 2:
+        p = SparsemaxFunction.apply(z, allowed)
+    elif alpha == 1.5:
+        p = Entmax15Function.apply(z, allowed)
+    else:
+        a = torch.full(z.shape[:-1] + (1,), float(alpha), dtype=z.dtype, device=z.device)
+        p = EntmaxBisectFunction.apply(z, allowed, a)
+    return finish(p, d, scores.dtype)
+
+
+class LearnableAlpha(nn.Module):
+    """A learnable alpha per head, kept in (1, 2]: ``alpha = 1.01 + 0.99 * sigmoid(w)``.
+
+    ``forward()`` returns alpha of shape ``(num_heads, 1)``, which broadcasts against
+    attention scores ``(B, num_heads, Lq, Lk)`` reduced over the key dimension.
+    """
+
+    def __init__(self, num_heads: int, init: float = 1.5) -> None:
+        super().__init__()
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"LearnableAlpha: num_heads must be a positive integer, got {num_heads!r}")
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not ALPHA_MIN < init < 2:
+            raise ValueError(f"LearnableAlpha: init must be a number in ({ALPHA_MIN}, 2), got {init!r}")
+        u = (init - ALPHA_MIN) / (2 - ALPHA_MIN)
+        self.num_heads = num_heads
+        self.weight = nn.Parameter(torch.full((num_heads,), math.log(u / (1 - u))))
+
+    def forward(self) -> Tensor:
+        return (ALPHA_MIN + (2 - ALPHA_MIN) * torch.sigmoid(self.weight)).unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
+class EntmaxNormalizer(nn.Module):
+    """entmax with a fixed alpha, or with a learned alpha per head (``alpha="learned"``).
+
+    With a learned alpha, scores must be laid out ``(..., num_heads, Lq, Lk)`` and
+    normalized over the last dimension.
+    """
+
+    def __init__(self, alpha: float | str = 1.5, num_heads: int | None = None, init: float = 1.5) -> None:
+        super().__init__()
+        self.name = "entmax"
+        self.alpha = alpha
+        self.learned: LearnableAlpha | None = None
+        if alpha == "learned":
+            if num_heads is None:
+                raise ValueError("entmax: alpha='learned' needs num_heads (one alpha per attention head)")
+            self.learned = LearnableAlpha(num_heads, init=init)
+
+    def forward(self, scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+        if self.learned is None:
+            return entmax(scores, alpha=self.alpha, dim=dim, mask=mask)  # type: ignore[arg-type]
+        heads = self.learned.num_heads
+        if dim % scores.dim() != scores.dim() - 1 or scores.dim() < 3 or scores.shape[-3] != heads:
+            raise ValueError(
+                f"entmax with a learned alpha expects scores (..., num_heads={heads}, Lq, Lk) normalized "
+                f"over dim=-1; got shape {tuple(scores.shape)} and dim={dim}"
+            )
+        return entmax(scores, alpha=self.learned().to(compute_dtype(scores.dtype)), dim=-1, mask=mask)
+
+    def current_alpha(self) -> Tensor | float:
+        return self.learned().detach().squeeze(-1) if self.learned is not None else float(self.alpha)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+
+def entmax_factory(num_heads: int | None = None, alpha: Any = 1.5) -> EntmaxNormalizer:
+    return EntmaxNormalizer(alpha=alpha, num_heads=num_heads)

@@ -1,0 +1,385 @@
+"""The variant registry and spec strings.
+
+A *spec string* names an attention mechanism and its parameters::
+
+    "sparsemax"
+    "entmax:alpha=1.3"
+    "fusedmax:lam=0.5,gamma=1"
+    "continuous_sparsemax:basis=64"
+    "sparsemax+continuous_softmax"          # discrete + continuous context, summed
+
+Every variant is registered exactly once, here, with its parameters, their
+defaults and valid ranges. The fairseq flags, the transformers attention names,
+the docs table and the tests all enumerate this registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = [
+    "Param",
+    "Variant",
+    "ParsedSpec",
+    "register_normalizer",
+    "register_continuous",
+    "parse_spec",
+    "canonical_spec",
+    "get_variant",
+    "available_normalizers",
+    "variants",
+    "record_calls",
+    "CallRecord",
+]
+
+LEARNED = "learned"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a variant.
+
+    ``kind`` is ``float``, ``int`` or ``str``. Numeric parameters may have bounds
+    (``low``/``high``, inclusive or not); ``choices`` lists string values that are
+    accepted besides numbers (for example ``"learned"`` for entmax's alpha).
+    """
+
+    name: str
+    default: Any
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+    def valid_range(self) -> str:
+        parts = []
+        if self.kind in (float, int):
+            if self.low is not None and self.high is not None:
+                lb = "[" if self.low_inclusive else "("
+                hb = "]" if self.high_inclusive else ")"
+                parts.append(f"a number in {lb}{_fmt(self.low)}, {_fmt(self.high)}{hb}")
+            elif self.low is not None:
+                op = ">=" if self.low_inclusive else ">"
+                parts.append(f"a{'n integer' if self.kind is int else ' number'} {op} {_fmt(self.low)}")
+            elif self.high is not None:
+                op = "<=" if self.high_inclusive else "<"
+                parts.append(f"a number {op} {_fmt(self.high)}")
+            else:
+                parts.append("an integer" if self.kind is int else "a number")
+        for c in self.choices:
+            parts.append(repr(c))
+        return " or ".join(parts) if parts else "a string"
+
+    def validate(self, value: Any, variant: str) -> Any:
+        """Convert ``value`` (a string from a spec, or a Python value) and check its range."""
+        where = f"parameter {self.name!r} of {variant!r}"
+        if isinstance(value, str):
+            text = value.strip()
+            if text in self.choices:
+                return text
+            if self.kind is str:
+                return text
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(
+                    f"{where}: {value!r} is not valid; expected {self.valid_range()}"
+                ) from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: {value!r} is not valid; expected {self.valid_range()}")
+        else:
+            number = float(value)
+        if self.kind is str:
+            raise ValueError(f"{where}: {value!r} is not valid; expected {self.valid_range()}")
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: {value!r} is not finite; expected {self.valid_range()}")
+        if self.kind is int:
+            if number != int(number):
+                raise ValueError(f"{where}: {value!r} is not an integer; expected {self.valid_range()}")
+            number = int(number)
+        ok = True
+        if self.low is not None:
+            ok &= number >= self.low if self.low_inclusive else number > self.low
+        if self.high is not None:
+            ok &= number <= self.high if self.high_inclusive else number < self.high
+        if not ok:
+            raise ValueError(f"{where}: {value!r} is out of range; expected {self.valid_range()}")
+        return number
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered mechanism.
+
+    ``kind`` is ``"discrete"`` (a normalizer: scores -> probabilities over keys) or
+    ``"continuous"`` (a context over a continuous domain, see ``plugin.continuous``).
+    ``factory(num_heads=..., **params)`` builds the ``nn.Module`` that computes it.
+    """
+
+    name: str
+    kind: str
+    factory: Callable[..., Any]
+    params: tuple[Param, ...] = ()
+    formula: str = ""
+    summary: str = ""
+    function: Callable[..., Any] | None = field(default=None, compare=False)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ValueError(
+            f"unknown parameter {name!r} for {self.name!r}; valid parameters: "
+            f"{', '.join(p.name for p in self.params) or '(none)'}"
+        )
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    """One component of a spec string: a variant and its validated parameters (defaults filled)."""
+
+    variant: Variant
+    params: dict[str, Any]
+    given: tuple[str, ...]  # names of the parameters the spec set explicitly
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def kind(self) -> str:
+        return self.variant.kind
+
+    def __str__(self) -> str:
+        if not self.given:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt_value(self.params[k])}" for k in self.given)
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return _fmt(v) if v.is_integer() else repr(v)
+    return str(v)
+
+
+_REGISTRY: dict[str, Variant] = {}
+_LOCK = threading.Lock()
+
+
+def _check_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c == "_" for c in name) or not name[0].isalpha():
+        raise ValueError(
+            f"variant name {name!r} is not valid: use letters, digits and underscores, starting with a letter"
+        )
+
+
+def register_normalizer(
+    name: str,
+    function: Callable[..., Any] | None = None,
+    *,
+    params: Sequence[Param] = (),
+    formula: str = "",
+    summary: str = "",
+    factory: Callable[..., Any] | None = None,
+    replace: bool = False,
+) -> Variant:
+    """Register a discrete normalizer.
+
+    Either ``function(scores, dim=-1, mask=None, **params) -> probs`` (wrapped in a
+    :class:`plugin.normalizers.Normalizer` module), or ``factory(num_heads=None, **params)
+    -> nn.Module`` whose ``forward(scores, dim=-1, mask=None)`` returns probabilities
+    (use a factory when the variant has learnable state).
+    """
+    _check_name(name)
+    if (function is None) == (factory is None):
+        raise ValueError("register_normalizer needs exactly one of 'function' or 'factory'")
+    if factory is None:
+        from .normalizers.base import Normalizer
+
+        fn = function
+
+        def factory(num_heads: int | None = None, _spec: str = name, **kw: Any) -> Any:  # noqa: ARG001
+            return Normalizer(fn, name=name, **kw)
+
+    variant = Variant(name, "discrete", factory, tuple(params), formula, summary, function)
+    _add(variant, replace)
+    return variant
+
+
+def register_continuous(
+    name: str,
+    factory: Callable[..., Any],
+    *,
+    params: Sequence[Param] = (),
+    formula: str = "",
+    summary: str = "",
+    replace: bool = False,
+) -> Variant:
+    """Register a continuous-attention context.
+
+    ``factory(num_heads=None, **params)`` returns an ``nn.Module`` with
+    ``forward(probs, v, mask) -> (context, weights)``: ``probs`` (B, H, Lq, Lk) are the
+    discrete attention probabilities whose moments place the density, ``v`` (B, H, Lk, D)
+    the values, ``mask`` a bool tensor broadcastable to ``probs`` (True = key exists) or
+    None; ``context`` is (B, H, Lq, D) and ``weights`` (B, H, Lq, Lk) or None.
+    """
+    _check_name(name)
+    variant = Variant(name, "continuous", factory, tuple(params), formula, summary)
+    _add(variant, replace)
+    return variant
+
+
+def _add(variant: Variant, replace: bool) -> None:
+    with _LOCK:
+        if variant.name in _REGISTRY and not replace:
+            raise ValueError(f"variant {variant.name!r} is already registered (pass replace=True to override)")
+        _REGISTRY[variant.name] = variant
+
+
+def variants(kind: str | None = None) -> dict[str, Variant]:
+    """All registered variants (optionally only ``kind`` 'discrete' or 'continuous'), by name."""
+    _ensure_builtins()
+    return {n: v for n, v in _REGISTRY.items() if kind is None or v.kind == kind}
+
+
+def available_normalizers(kind: str | None = None) -> dict[str, dict[str, Any]]:
+    """Names of the registered variants with their parameters and defaults.
+
+    >>> available_normalizers()["entmax"]
+    {'alpha': 1.5}
+    """
+    return {n: v.defaults() for n, v in variants(kind).items()}
+
+
+def get_variant(name: str) -> Variant:
+    _ensure_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention variant {name!r}; valid choices: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def parse_spec(spec: str) -> list[ParsedSpec]:
+    """Parse and validate a spec string into its components.
+
+    Grammar: ``component ('+' component)*`` with ``component = name [':' key '=' value (',' key '=' value)*]``.
+    A combination holds at most one discrete and at most one continuous component.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"attention spec must be a string, got {type(spec).__name__}")
+    text = spec.strip()
+    if not text:
+        raise ValueError(f"attention spec is empty; valid choices: {', '.join(sorted(variants()))}")
+    parts = [p.strip() for p in text.split("+")]
+    parsed = [_parse_component(p, spec) for p in parts]
+    kinds = [p.kind for p in parsed]
+    if kinds.count("discrete") > 1 or kinds.count("continuous") > 1:
+        raise ValueError(
+            f"attention spec {spec!r}: a combination holds at most one discrete and one continuous "
+            f"variant (for example 'sparsemax+continuous_softmax')"
+        )
+    parsed.sort(key=lambda p: 0 if p.kind == "discrete" else 1)
+    return parsed
+
+
+def _parse_component(part: str, spec: str) -> ParsedSpec:
+    if not part:
+        raise ValueError(f"attention spec {spec!r} has an empty component")
+    name, _, arg_text = part.partition(":")
+    variant = get_variant(name.strip())
+    params = variant.defaults()
+    given: list[str] = []
+    if arg_text.strip():
+        for item in arg_text.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise ValueError(
+                    f"attention spec {spec!r}: {item!r} is not of the form key=value; parameters of "
+                    f"{variant.name!r}: {', '.join(p.name for p in variant.params) or '(none)'}"
+                )
+            p = variant.param(key)
+            if key in given:
+                raise ValueError(f"attention spec {spec!r}: parameter {key!r} given twice")
+            params[key] = p.validate(value, variant.name)
+            given.append(key)
+    return ParsedSpec(variant, params, tuple(given))
+
+
+def canonical_spec(spec: str) -> str:
+    """The normalized form of a spec (validates it)."""
+    return "+".join(str(p) for p in parse_spec(spec))
+
+
+# ----------------------------------------------------------------------------- call recording
+
+
+@dataclass
+class CallRecord:
+    """One call of an attention mechanism, seen by :func:`record_calls`."""
+
+    spec: str
+    role: str | None
+    query_shape: tuple[int, ...]
+    key_shape: tuple[int, ...]
+    path: str
+    training: bool
+
+
+_RECORDERS: list[list[CallRecord]] = []
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[list[CallRecord]]:
+    """Record every attention-mechanism call made inside the block.
+
+    Adapters label their mechanisms with a ``role`` ("encoder", "decoder", "cross", ...),
+    so tests and users can check which mechanism ran where::
+
+        with plugin.record_calls() as calls:
+            model(**batch)
+        assert {(c.role, c.spec) for c in calls} == {...}
+    """
+    calls: list[CallRecord] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
+def _notify(record: CallRecord) -> None:
+    for calls in _RECORDERS:
+        calls.append(record)
+
+
+def _recording() -> bool:
+    return bool(_RECORDERS)
+
+
+_BUILTINS_LOADED = False
+
+
+def _ensure_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from . import normalizers  # noqa: F401  (registers the discrete variants)
+
+        from . import continuous  # noqa: F401  (registers the continuous variants)
