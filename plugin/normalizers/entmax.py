@@ -22,9 +22,43 @@ ALPHA_MIN = 1.01  # LearnableAlpha's lower end; a free alpha near 1 makes 1/(alp
 def entmax15_threshold(x: Tensor) -> Tensor:
     """Exact threshold of 1.5-entmax for rows ``x = z / 2`` whose maximum is 0 (keepdim).
 
-    For a support of the k largest entries, ``sum_{i<=k} (x_(i) - tau)^2 = 1`` gives
-    ``tau_k = mean_k - sqrt((1 - k * var_k) / k)``; the support is the largest k with
-    ``tau_k <= x_(k)`` (Peters et al. 2019, Algorithm 2).
+    ``tau`` solves ``f(tau) = sum (x - tau)_+^2 - 1 = 0``, with ``tau`` in [-1, 0)
+    (entries below -1, such as masked ones filled with -2, are never in the support).
+    Sort-free: Newton steps on the convex decreasing ``f`` from the lower bound -1 approach
+    tau from below; after each step the root of the quadratic on the current support
+    ``S = {x > tau}``, ``tau_S = mean_S - sqrt((1 - k var_S) / k)``, is exact as soon as S is
+    the true support, which is verified (``{x > tau_S} == S``) before a row is accepted.
+    """
+    d = x.shape[-1]
+    tau = torch.full_like(x[..., :1], -1.0)
+    result = torch.empty_like(tau)
+    done = torch.zeros_like(tau, dtype=torch.bool)
+    for _ in range(d + 2):
+        gap = torch.clamp(x - tau, min=0)
+        f = (gap * gap).sum(-1, keepdim=True) - 1
+        slope = 2 * gap.sum(-1, keepdim=True)
+        tau = tau + f / slope  # slope >= 2: the row maximum (0) is always above tau
+        support = x > tau
+        k = support.sum(-1, keepdim=True).to(x.dtype)
+        xs = torch.where(support, x, 0)
+        mean = xs.sum(-1, keepdim=True) / k
+        var = (xs * xs).sum(-1, keepdim=True) / k - mean * mean
+        tau_s = mean - torch.sqrt(torch.clamp((1 - k * var) / k, min=0))
+        exact = ((x > tau_s).sum(-1, keepdim=True).to(x.dtype) == k) & ~done
+        result = torch.where(exact, tau_s, result)
+        done = done | exact
+        if bool(done.all()):
+            return result
+    # not reached for finite input (Newton identifies the support in finitely many steps);
+    # kept as a guarantee of exactness
+    return torch.where(done, result, entmax15_threshold_sorted(x))
+
+
+def entmax15_threshold_sorted(x: Tensor) -> Tensor:
+    """Sort-based reference for :func:`entmax15_threshold` (Peters et al. 2019, Algorithm 2).
+
+    For the support of the k largest entries, ``tau_k = mean_k - sqrt((1 - k var_k) / k)``;
+    the support is the largest k with ``tau_k <= x_(k)``.
     """
     xs = torch.sort(x, dim=-1, descending=True).values
     k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
@@ -113,25 +147,24 @@ class EntmaxBisectFunction(torch.autograd.Function):
 
 
 def _alpha_tensor(alpha: Tensor, scores: Tensor, dim: int) -> Tensor:
-    """Bring a tensor alpha to the keepdim shape of ``scores`` reduced over ``dim`` (dim moved last)."""
+    """Bring a tensor alpha to the keepdim shape of ``scores`` reduced over ``dim`` (dim moved last).
+
+    alpha must broadcast to ``scores.shape`` with ``dim`` dropped (tried first), or with
+    ``dim`` kept as size 1.
+    """
     reduced = scores.shape[:dim] + scores.shape[dim + 1 :]
-    a = alpha
-    if a.dim() == scores.dim():  # given with dim kept (size 1)
-        if a.shape[dim] != 1:
-            raise ValueError(
-                f"entmax: alpha of shape {tuple(alpha.shape)} must have size 1 along dim={dim} "
-                f"(scores of shape {tuple(scores.shape)})"
-            )
-        a = a.squeeze(dim)
-    try:
-        if torch.broadcast_shapes(a.shape, reduced) != reduced:
-            raise RuntimeError
-    except RuntimeError:
-        raise ValueError(
-            f"entmax: alpha of shape {tuple(alpha.shape)} is not broadcastable to scores of shape "
-            f"{tuple(scores.shape)} with dim={dim} reduced, i.e. {tuple(reduced)}"
-        ) from None
-    return a.expand(reduced).unsqueeze(-1)
+    kept = scores.shape[:dim] + (1,) + scores.shape[dim + 1 :]
+    for target in (reduced, kept):
+        try:
+            if len(alpha.shape) <= len(target) and torch.broadcast_shapes(alpha.shape, target) == target:
+                a = alpha.expand(target)
+                return (a if target is reduced else a.squeeze(dim)).unsqueeze(-1)
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"entmax: alpha of shape {tuple(alpha.shape)} is not broadcastable to scores of shape "
+        f"{tuple(scores.shape)} with dim={dim} reduced, i.e. {tuple(reduced)} (or {tuple(kept)})"
+    )
 
 
 def entmax15(scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:

@@ -16,9 +16,29 @@ def simplex_threshold(x: Tensor) -> Tensor:
     """Exact threshold ``tau`` (keepdim) of the simplex projection of the rows of ``x``.
 
     ``x`` has its maximum at 0 in every row, so ``tau`` lies in [-1, 0): entries below
-    -1 are never in the support, which is how masked entries are kept out (they are
-    filled with -2 by the caller). Sort-based: the support is the longest prefix of the
-    sorted row with ``1 + k x_(k) > sum_{j<=k} x_(j)``.
+    -1 are never in the support, which is how masked entries are kept out (the caller
+    fills them with -2). Sort-free (Michelot 1986): starting from a lower bound of tau,
+    ``tau <- (sum_{x > tau} x - 1) / |{x > tau}|`` increases monotonically and stops,
+    exactly, when the set ``{x > tau}`` no longer changes (at most d rounds; a handful in
+    practice).
+    """
+    d = x.shape[-1]
+    tau = torch.clamp((x.sum(-1, keepdim=True) - 1) / d, min=-1.0)
+    count = torch.full_like(tau, -1.0)
+    for _ in range(d + 1):
+        support = x > tau
+        new_count = support.sum(-1, keepdim=True).to(x.dtype)
+        if torch.equal(new_count, count):
+            break
+        count = new_count
+        tau = torch.maximum(tau, (torch.where(support, x, 0).sum(-1, keepdim=True) - 1) / count)
+    return tau
+
+
+def simplex_threshold_sorted(x: Tensor) -> Tensor:
+    """Sort-based reference for :func:`simplex_threshold` (same contract).
+
+    The support is the longest prefix of the sorted row with ``1 + k x_(k) > sum_{j<=k} x_(j)``.
     """
     xs = torch.sort(x, dim=-1, descending=True).values
     k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)

@@ -1,0 +1,187 @@
+"""Compiled CPU kernels: small C sources built on first use with the system C compiler.
+
+The exact proximal operators behind fusedmax and oscarmax (``structured.c``: Condat's
+direct algorithm for 1-D total variation, sort + pool-adjacent-violators for OSCAR) are
+sequential per row, so they are written in plain C, one row per loop iteration (OpenMP
+over rows when the compiler supports it), and called through :mod:`ctypes`.
+
+The shared library is compiled once with ``gcc -O3 -shared -fPIC`` (the compiler can be
+changed with the ``CC`` environment variable) into a cache directory:
+``$SPARSE_ATTENTION_CACHE``, else ``$XDG_CACHE_HOME/sparse_attention``, else
+``~/.cache/sparse_attention``. The file name holds a hash of the source, the compiler and
+the flags, so an edited source is rebuilt; concurrent first uses are safe (each compiles to
+a temporary file and renames it into place). Without a C compiler these kernels raise a
+:class:`RuntimeError`; nothing falls back to another algorithm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["cache_dir", "load_library", "structured_prox"]
+
+SOURCE = Path(__file__).with_name("structured.c")
+_BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
+_OPENMP_FLAGS = ("-fopenmp",)
+_KINDS = ("tv", "oscar")
+
+_LIB: list[ctypes.CDLL] = []
+_LOCK = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (created on first use)."""
+    explicit = os.environ.get("SPARSE_ATTENTION_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "sparse_attention"
+
+
+def _compiler() -> str:
+    name = os.environ.get("CC") or "gcc"
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(
+            f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, but the C compiler "
+            f"{name!r} was not found on PATH. Install gcc (for example `apt-get install gcc`) or set "
+            f"CC to a C compiler; these normalizers have no other implementation."
+        )
+    return path
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> tuple[bool, str]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            return False, result.stderr
+        os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+        return True, ""
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update("\0".join((compiler, *flags)).encode())
+    return cache_dir() / f"structured-{digest.hexdigest()[:20]}.so"
+
+
+def load_library() -> ctypes.CDLL:
+    """Compile (once) and load the structured-prox library.
+
+    Raises
+    ------
+    RuntimeError
+        If no C compiler is found or the source does not compile.
+    """
+    if _LIB:
+        return _LIB[0]
+    with _LOCK:
+        if _LIB:
+            return _LIB[0]
+        compiler = _compiler()
+        errors = []
+        lib = None
+        # OpenMP when the compiler has it; the same C code runs single-threaded without it
+        for flags in (_BASE_FLAGS + _OPENMP_FLAGS, _BASE_FLAGS):
+            target = _library_path(compiler, flags)
+            if not target.exists():
+                ok, err = _compile(compiler, flags, target)
+                if not ok:
+                    errors.append(f"{compiler} {' '.join(flags)}:\n{err}")
+                    continue
+            lib = ctypes.CDLL(str(target))
+            break
+        if lib is None:
+            raise RuntimeError(
+                f"could not compile the fusedmax/oscarmax CPU kernels ({SOURCE}) with {compiler}:\n"
+                + "\n".join(errors)
+            )
+        for kind in _KINDS:
+            for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+                fn = getattr(lib, f"{kind}_prox_{suffix}")
+                fn.restype = ctypes.c_int
+                fn.argtypes = [
+                    ctypes.POINTER(ctype),
+                    ctypes.c_void_p,
+                    ctypes.POINTER(ctype),
+                    ctypes.POINTER(ctypes.c_int32),
+                    ctypes.c_int64,
+                    ctypes.c_int64,
+                    ctypes.c_double,
+                    ctypes.c_int,
+                ]
+        _LIB.append(lib)
+        return lib
+
+
+def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) -> tuple[Tensor, Tensor]:
+    """Exact prox of ``lam * TV`` (``kind="tv"``) or ``lam * OSCAR`` (``kind="oscar"``) over the last dim.
+
+    Parameters
+    ----------
+    kind : "tv" or "oscar".
+    x : Tensor (..., d), float32 or float64, any device. CUDA tensors are copied to the
+        CPU, solved there and copied back (there is no GPU kernel for these proxes).
+    allowed : bool Tensor of the shape of ``x`` (True = the position takes part), or None.
+        Masked positions are left out of the problem: total-variation neighbours are
+        consecutive allowed positions, OSCAR's weights count allowed entries only.
+    lam : float >= 0.
+
+    Returns
+    -------
+    y : Tensor like ``x``: the prox, 0 at masked positions.
+    groups : int32 Tensor (..., d) on the device of ``x``: per row, the index (0, 1, ...) of
+        the group of each position (fused run for TV, block of equal magnitude for OSCAR),
+        -1 where the Jacobian row is zero (masked positions, OSCAR entries set to 0).
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"structured_prox: kind must be one of {_KINDS}, got {kind!r}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"structured_prox: x must be float32 or float64, got {x.dtype}")
+    lib = load_library()
+    device = x.device
+    d = x.shape[-1] if x.dim() else 1
+    xc = x.detach().to("cpu").contiguous()
+    rows = xc.numel() // d if d else 0
+    ac = None
+    if allowed is not None:
+        ac = allowed.to("cpu").expand(x.shape).contiguous().view(torch.uint8)
+    y = torch.empty_like(xc)
+    groups = torch.empty(xc.shape, dtype=torch.int32)
+    suffix = "f32" if xc.dtype == torch.float32 else "f64"
+    ctype = ctypes.c_float if suffix == "f32" else ctypes.c_double
+    fn = getattr(lib, f"{kind}_prox_{suffix}")
+    failed = fn(
+        ctypes.cast(xc.data_ptr(), ctypes.POINTER(ctype)),
+        ctypes.c_void_p(ac.data_ptr() if ac is not None else None),
+        ctypes.cast(y.data_ptr(), ctypes.POINTER(ctype)),
+        ctypes.cast(groups.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
+        rows,
+        d,
+        float(lam),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError(f"structured_prox: could not allocate scratch memory for rows of length {d}")
+    if device.type != "cpu":
+        return y.to(device), groups.to(device)
+    return y, groups
