@@ -1,0 +1,1 @@
+"""Model and architecture registrations (fairseq imports every module of this folder)."""

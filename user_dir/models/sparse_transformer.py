@@ -1,0 +1,162 @@
+"""The ``sparse_transformer`` model: fairseq's transformer with a chosen attention per role.
+
+``--encoder-attn``, ``--decoder-attn`` and ``--cross-attn`` take spec strings of the core
+registry; each defaults to softmax. Every other flag of fairseq's ``transformer`` works
+unchanged, and the parameter names are fairseq's, so a stock ``transformer`` checkpoint
+loads into it (mechanism parameters such as a learned alpha keep their initial values).
+"""
+
+from __future__ import annotations
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModel,
+    base_architecture,
+    transformer_iwslt_de_en,
+)
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+from ..modules.transformer_layer import (
+    SparseTransformerDecoderLayer,
+    SparseTransformerEncoderLayer,
+    use_stock_dropout_names,
+)
+from ..options import DEFAULT_SPEC, add_attention_args, fill_attention_defaults
+
+
+def _wrap_layer(layer, cfg):
+    """Activation checkpointing and FSDP wrapping, as fairseq's encoder and decoder do."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    # with checkpointing, FSDP always wraps the checkpointed layer (fairseq's rule)
+    min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
+    return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+
+
+class SparseTransformerEncoder(TransformerEncoderBase):
+    """fairseq's transformer encoder; its self-attention uses ``attention_spec``."""
+
+    def __init__(self, cfg, dictionary, embed_tokens, attention_spec: str = DEFAULT_SPEC, return_fc: bool = False):
+        self.attention_spec = attention_spec  # read by build_encoder_layer in the base constructor
+        super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+        use_stock_dropout_names(self, "TransformerEncoder")
+
+    def build_encoder_layer(self, cfg):
+        layer = SparseTransformerEncoderLayer(cfg, attention_spec=self.attention_spec, return_fc=self.return_fc)
+        return _wrap_layer(layer, cfg)
+
+
+class SparseTransformerDecoder(TransformerDecoderBase):
+    """fairseq's transformer decoder; self-attention uses ``self_attention_spec``,
+    encoder-decoder attention ``cross_attention_spec``."""
+
+    def __init__(
+        self,
+        cfg,
+        dictionary,
+        embed_tokens,
+        no_encoder_attn: bool = False,
+        output_projection=None,
+        self_attention_spec: str = DEFAULT_SPEC,
+        cross_attention_spec: str = DEFAULT_SPEC,
+    ):
+        self.self_attention_spec = self_attention_spec
+        self.cross_attention_spec = cross_attention_spec
+        super().__init__(
+            cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
+        )
+        use_stock_dropout_names(self, "TransformerDecoder")
+
+    def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
+        layer = SparseTransformerDecoderLayer(
+            cfg,
+            self_attention_spec=self.self_attention_spec,
+            cross_attention_spec=self.cross_attention_spec,
+            no_encoder_attn=no_encoder_attn,
+        )
+        return _wrap_layer(layer, cfg)
+
+
+def _spec(cfg, name: str) -> str:
+    # TransformerConfig keeps unknown namespace entries (``encoder_attn`` lands in cfg.encoder.attn)
+    return getattr(cfg, name, None) or DEFAULT_SPEC
+
+
+@register_model("sparse_transformer")
+class SparseTransformerModel(TransformerModel):
+    """fairseq's ``transformer`` with sparse, structured or continuous attention per role.
+
+    ``--encoder-attn SPEC`` (encoder self-attention), ``--decoder-attn SPEC`` (decoder
+    self-attention), ``--cross-attn SPEC`` (encoder-decoder attention); see
+    ``plugin.variants()`` for the names and ``docs/fairseq.md`` for usage.
+    """
+
+    @classmethod
+    def hub_models(cls):
+        return {}
+
+    def set_beam_size(self, beam_size: int) -> None:
+        """Called by fairseq's SequenceGenerator for beam search: the encoder-decoder attention
+        then computes and caches the encoder keys and values once per sentence instead of once
+        per hypothesis (fairseq's beam-shared encoder states; the results are unchanged)."""
+        self.decoder.set_beam_size(beam_size)
+
+    @classmethod
+    def add_args(cls, parser):
+        TransformerModel.add_args(parser)
+        add_attention_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        sparse_transformer(args)
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(cfg)
+        return SparseTransformerEncoder(cfg, src_dict, embed_tokens, attention_spec=_spec(cfg, "encoder_attn"))
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(cfg)
+        return SparseTransformerDecoder(
+            cfg,
+            tgt_dict,
+            embed_tokens,
+            no_encoder_attn=cfg.no_cross_attention,
+            self_attention_spec=_spec(cfg, "decoder_attn"),
+            cross_attention_spec=_spec(cfg, "cross_attn"),
+        )
+
+
+@register_model_architecture("sparse_transformer", "sparse_transformer")
+def sparse_transformer(args):
+    """fairseq's ``transformer`` defaults; softmax in every role unless a flag says otherwise."""
+    fill_attention_defaults(args)
+    base_architecture(args)
+
+
+@register_model_architecture("sparse_transformer", "sparse_transformer_iwslt_de_en")
+def sparse_transformer_iwslt_de_en(args):
+    """fairseq's ``transformer_iwslt_de_en`` (512 / 1024, 4 heads, 6 + 6 layers)."""
+    fill_attention_defaults(args)
+    transformer_iwslt_de_en(args)
+
+
+@register_model_architecture("sparse_transformer", "sparse_transformer_tiny")
+def sparse_transformer_tiny(args):
+    """A small model for CPU demos and tests: 64-dim embeddings, 128-dim FFN, 2 + 2 layers, 4 heads."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
+    args.encoder_layers = getattr(args, "encoder_layers", 2)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", args.encoder_embed_dim)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", args.encoder_ffn_embed_dim)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    sparse_transformer(args)
