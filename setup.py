@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["plugin", "plugin.*", "user_dir", "user_dir.*", "hf_models", "hf_models.*"]),
+    package_data={"plugin.kernels": ["*.c"], "plugin.kernels.cpu": ["*.c"]},
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         # fairseq-fixed is installed with --no-deps by the Makefile (its torchaudio

@@ -6,7 +6,7 @@ from .entmax import EntmaxNormalizer, LearnableAlpha, entmax, entmax15, entmax_f
 from .softmax import softmax
 from .sparsemax import sparsemax
 
-__all__ = ["Normalizer", "EntmaxNormalizer", "LearnableAlpha", "softmax", "sparsemax", "entmax15", "entmax"]
+__all__ = ["EntmaxNormalizer", "LearnableAlpha", "Normalizer", "entmax", "entmax15", "softmax", "sparsemax"]
 
 GAMMA = Param("gamma", 1.0, float, low=0, low_inclusive=False, doc="temperature: the input is divided by gamma")
 
@@ -49,4 +49,4 @@ register_normalizer(
     summary="alpha-entmax; alpha fixed or learned per head",
 )
 
-# STRUCTURED-IMPORT: from . import structured  # noqa: E402,F401  (fusedmax, oscarmax)
+from . import structured  # noqa: F401  (fusedmax, oscarmax)

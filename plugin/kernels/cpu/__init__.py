@@ -1,7 +1,8 @@
 """Compiled CPU kernels: small C sources built on first use with the system C compiler.
 
 The exact proximal operators behind fusedmax and oscarmax (``structured.c``: Condat's
-direct algorithm for 1-D total variation, sort + pool-adjacent-violators for OSCAR) are
+direct algorithm for 1-D total variation, sort + pool-adjacent-violators for OSCAR and for
+the ordered weighted sum that equals OSCAR on the simplex) are
 sequential per row, so they are written in plain C, one row per loop iteration (OpenMP
 over rows when the compiler supports it), and called through :mod:`ctypes`.
 
@@ -28,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["cache_dir", "load_library", "structured_prox"]
+__all__ = ["cache_dir", "group_mean_cpu", "load_library", "structured_prox"]
 
 SOURCE = Path(__file__).with_name("structured.c")
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
 _OPENMP_FLAGS = ("-fopenmp",)
-_KINDS = ("tv", "oscar")
+_KINDS = ("tv", "oscar", "oscar_ordered")
 
 _LIB: list[ctypes.CDLL] = []
 _LOCK = threading.Lock()
@@ -61,8 +62,14 @@ def _compiler() -> str:
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> tuple[bool, str]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot write the compiled fusedmax/oscarmax kernels to {target.parent} ({error}); "
+            f"set SPARSE_ATTENTION_CACHE to a writable directory"
+        ) from error
     os.close(fd)
     try:
         result = subprocess.run(
@@ -129,29 +136,43 @@ def load_library() -> ctypes.CDLL:
                     ctypes.c_double,
                     ctypes.c_int,
                 ]
+        for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+            fn = getattr(lib, f"group_mean_{suffix}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [
+                ctypes.POINTER(ctype),
+                ctypes.POINTER(ctypes.c_int32),
+                ctypes.POINTER(ctype),
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int,
+            ]
         _LIB.append(lib)
         return lib
 
 
 def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) -> tuple[Tensor, Tensor]:
-    """Exact prox of ``lam * TV`` (``kind="tv"``) or ``lam * OSCAR`` (``kind="oscar"``) over the last dim.
+    """Exact prox of a structure penalty over the last dim, row by row.
 
     Parameters
     ----------
-    kind : "tv" or "oscar".
+    kind : "tv": ``lam * sum_i |y_{i+1} - y_i|``; "oscar": ``lam * sum_{i<j} max(|y_i|, |y_j|)``;
+        "oscar_ordered": ``lam * sum_{i<j} max(y_i, y_j) = sum_k lam (d - k) y_[k]`` (y_[k] the
+        k-th largest value; equal to OSCAR on the non-negative orthant).
     x : Tensor (..., d), float32 or float64, any device. CUDA tensors are copied to the
         CPU, solved there and copied back (there is no GPU kernel for these proxes).
     allowed : bool Tensor of the shape of ``x`` (True = the position takes part), or None.
         Masked positions are left out of the problem: total-variation neighbours are
-        consecutive allowed positions, OSCAR's weights count allowed entries only.
+        consecutive allowed positions, the OSCAR weights count allowed entries only.
     lam : float >= 0.
 
     Returns
     -------
     y : Tensor like ``x``: the prox, 0 at masked positions.
     groups : int32 Tensor (..., d) on the device of ``x``: per row, the index (0, 1, ...) of
-        the group of each position (fused run for TV, block of equal magnitude for OSCAR),
-        -1 where the Jacobian row is zero (masked positions, OSCAR entries set to 0).
+        the group of each position (fused run for TV, block of equal magnitude for OSCAR, of
+        equal value for the ordered prox), -1 where the Jacobian row is zero (masked
+        positions, OSCAR entries set to 0).
     """
     if kind not in _KINDS:
         raise ValueError(f"structured_prox: kind must be one of {_KINDS}, got {kind!r}")
@@ -185,3 +206,43 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
     if device.type != "cpu":
         return y.to(device), groups.to(device)
     return y, groups
+
+
+def group_mean_cpu(values: Tensor, groups: Tensor) -> Tensor:
+    """Replace each entry by the mean of its group, row by row over the last dim (compiled).
+
+    Parameters
+    ----------
+    values : CPU Tensor (..., d), float32 or float64.
+    groups : int32 CPU Tensor (..., d): group ids in ``[0, d)`` per row; any other id (-1)
+        gives 0 and does not count.
+
+    Returns
+    -------
+    Tensor like ``values``.
+    """
+    if values.dtype not in (torch.float32, torch.float64) or values.device.type != "cpu":
+        raise ValueError(f"group_mean_cpu: values must be a float32/float64 CPU tensor, got {values.dtype} "
+                         f"on {values.device}")
+    if groups.shape != values.shape:
+        raise ValueError(f"group_mean_cpu: groups of shape {tuple(groups.shape)} do not match values of shape "
+                         f"{tuple(values.shape)}")
+    lib = load_library()
+    d = values.shape[-1] if values.dim() else 1
+    vc = values.contiguous()
+    gc = groups.to(torch.int32).contiguous()
+    out = torch.empty_like(vc)
+    rows = vc.numel() // d if d else 0
+    suffix = "f32" if vc.dtype == torch.float32 else "f64"
+    ctype = ctypes.c_float if suffix == "f32" else ctypes.c_double
+    failed = getattr(lib, f"group_mean_{suffix}")(
+        ctypes.cast(vc.data_ptr(), ctypes.POINTER(ctype)),
+        ctypes.cast(gc.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
+        ctypes.cast(out.data_ptr(), ctypes.POINTER(ctype)),
+        rows,
+        d,
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError(f"group_mean_cpu: could not allocate scratch memory for rows of length {d}")
+    return out

@@ -10,11 +10,11 @@ for both.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["tv_prox_row", "oscar_prox_row", "prox_rows"]
+__all__ = ["oscar_ordered_prox_row", "oscar_prox_row", "prox_rows", "tv_prox_row"]
 
 
 def tv_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
@@ -69,19 +69,8 @@ def tv_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
     return y
 
 
-def oscar_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
-    """prox of ``lam * sum_{i<j} max(|y_i|, |y_j|)`` for one row (float64).
-
-    An OWL prox with weights ``lam * (n - k)`` for the k-th largest magnitude: sort the
-    magnitudes, subtract the weights, pool adjacent violators for a non-increasing fit,
-    clip at 0, undo the sort, restore the signs.
-    """
-    z = np.asarray(z, dtype=np.float64)
-    n = z.shape[0]
-    if n == 0:
-        return z.copy()
-    order = np.argsort(-np.abs(z), kind="stable")
-    v = np.abs(z)[order] - lam * (n - 1 - np.arange(n))
+def _pool_non_increasing(v: np.ndarray) -> np.ndarray:
+    """Least-squares non-increasing fit of ``v`` by pool-adjacent-violators (Python loop)."""
     sums: list[float] = []
     counts: list[int] = []
     for value in v.tolist():
@@ -91,10 +80,37 @@ def oscar_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
             s, c = sums.pop(), counts.pop()
             sums[-1] += s
             counts[-1] += c
-    fit = np.repeat([max(s / c, 0.0) for s, c in zip(sums, counts)], counts)
+    return np.repeat([s / c for s, c in zip(sums, counts)], counts)
+
+
+def oscar_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
+    """prox of ``lam * sum_{i<j} max(|y_i|, |y_j|)`` for one row (float64).
+
+    An OWL prox with weights ``lam * (n - k)`` for the k-th largest magnitude: sort the
+    magnitudes, subtract the weights, pool adjacent violators for a non-increasing fit,
+    clip at 0, undo the sort, restore the signs.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    n = z.shape[0]
+    order = np.argsort(-np.abs(z), kind="stable")
+    fit = np.maximum(_pool_non_increasing(np.abs(z)[order] - lam * (n - 1 - np.arange(n))), 0.0)
     out = np.empty(n, dtype=np.float64)
     out[order] = fit
     return np.sign(z) * out
+
+
+def oscar_ordered_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
+    """prox of ``lam * sum_{i<j} max(y_i, y_j)`` (OSCAR without absolute values) for one row.
+
+    Equal to OSCAR on the non-negative orthant. Sort the values, subtract the weights
+    ``lam * (n - k)``, pool adjacent violators for a non-increasing fit, undo the sort.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    n = z.shape[0]
+    order = np.argsort(-z, kind="stable")
+    out = np.empty(n, dtype=np.float64)
+    out[order] = _pool_non_increasing(z[order] - lam * (n - 1 - np.arange(n)))
+    return out
 
 
 def prox_rows(

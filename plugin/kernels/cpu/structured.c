@@ -1,9 +1,10 @@
 /*
- * Exact proximal operators behind fusedmax and oscarmax (Niculae & Blondel 2017), one row
+ * Exact proximal operators behind fusedmax and oscarmax (Niculae & Blondel 2017): 1-D total
+ * variation, OSCAR, and the ordered weighted sum that equals OSCAR on the simplex. One row
  * of a (rows, d) array per loop iteration. Built on first use by plugin/kernels/cpu/__init__.py
  * (gcc -O3 -shared -fPIC) and called through ctypes.
  *
- * Every entry point takes
+ * The prox entry points ({tv,oscar,oscar_ordered}_prox_{f32,f64}) take
  *   x        (rows, d) input, float or double, C-contiguous
  *   allowed  (rows, d) uint8 (1 = the position exists) or NULL (all exist)
  *   y        (rows, d) output, same type as x; masked positions get 0
@@ -11,9 +12,12 @@
  *            or -1 where the Jacobian row is zero (masked; for OSCAR also entries set to 0)
  * Only allowed positions take part: for total variation the neighbours of a position are
  * the previous and next *allowed* positions. Arithmetic is in double for both types.
+ * group_mean_{f32,f64} is their backward pass. All return 0, or 1 if scratch memory could
+ * not be allocated.
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -116,86 +120,225 @@ static void tv_denoise(const double *z, double *y, int32_t *g, int64_t n, double
 }
 
 /* ------------------------------------------------------------------------------------- */
-/* prox of the OSCAR penalty lam * sum_{i<j} max(|y_i|, |y_j|) = sum_k w_k |y|_(k) with
- * w_k = lam (n - k) for the k-th largest magnitude (an OWL norm with decreasing weights).
- * Sort magnitudes descending, subtract w, fit a non-increasing sequence by
- * pool-adjacent-violators, clip at 0, undo the sort and restore the signs
- * (Zeng & Figueiredo 2014; Bogdan et al. 2015).
- */
-
-/* stable bottom-up merge sort of idx[0..n-1] by key[idx] descending; tmp has n slots */
-static void sort_desc(const double *key, int64_t *idx, int64_t *tmp, int64_t n)
+/* OSCAR proxes (below) sort each row.
+ *
+ * Sort of distinct packed (key, index) words, descending: sorted runs of 8 by a
+ * 19-comparator network (Knuth, TAOCP 5.3.4), then bottom-up merges. The comparisons are
+ * unpredictable, so the inner loops select with conditional moves on one 64-bit word
+ * instead of branching; merges of two equal-length runs fill the output from both ends at
+ * once (two independent dependency chains). */
+static inline void exchange_if_less(uint64_t *w, int64_t i, int64_t j)
 {
-    /* insertion sort of runs of 16, then merges */
-    const int64_t run = 16;
-    for (int64_t s = 0; s < n; s += run) {
-        int64_t e = s + run < n ? s + run : n;
-        for (int64_t i = s + 1; i < e; i++) {
-            int64_t v = idx[i];
-            double kv = key[v];
-            int64_t j = i - 1;
-            while (j >= s && key[idx[j]] < kv) {
-                idx[j + 1] = idx[j];
-                j--;
-            }
-            idx[j + 1] = v;
-        }
+    uint64_t a = w[i], b = w[j];
+    w[i] = a < b ? b : a;
+    w[j] = a < b ? a : b;
+}
+
+#define CMPX(p, q)                   \
+    do {                             \
+        uint64_t lo_ = p < q ? p : q; \
+        p = p < q ? q : p;           \
+        q = lo_;                     \
+    } while (0)
+
+/* 19-comparator sorting network for 8 words (descending), on registers */
+static inline void sort8_desc(uint64_t *w)
+{
+    uint64_t a0 = w[0], a1 = w[1], a2 = w[2], a3 = w[3], a4 = w[4], a5 = w[5], a6 = w[6], a7 = w[7];
+    CMPX(a0, a2); CMPX(a1, a3); CMPX(a4, a6); CMPX(a5, a7);
+    CMPX(a0, a4); CMPX(a1, a5); CMPX(a2, a6); CMPX(a3, a7);
+    CMPX(a0, a1); CMPX(a2, a3); CMPX(a4, a5); CMPX(a6, a7);
+    CMPX(a2, a4); CMPX(a3, a5);
+    CMPX(a1, a4); CMPX(a3, a6);
+    CMPX(a1, a2); CMPX(a3, a4); CMPX(a5, a6);
+    w[0] = a0; w[1] = a1; w[2] = a2; w[3] = a3; w[4] = a4; w[5] = a5; w[6] = a6; w[7] = a7;
+}
+
+/* One step of a merge of descending runs: the larger head goes to dst[*o] (front) */
+#define FRONT_STEP(src, dst, a, b, o)          \
+    do {                                       \
+        uint64_t va_ = src[a], vb_ = src[b];   \
+        int tb_ = vb_ > va_;                   \
+        dst[o++] = tb_ ? vb_ : va_;            \
+        b += tb_;                              \
+        a += 1 - tb_;                          \
+    } while (0)
+
+/* ... and the smaller tail goes to dst[*o] (back) */
+#define BACK_STEP(src, dst, a, b, o)           \
+    do {                                       \
+        uint64_t wa_ = src[a], wb_ = src[b];   \
+        int ta_ = wa_ < wb_;                   \
+        dst[o--] = ta_ ? wa_ : wb_;            \
+        a -= ta_;                              \
+        b -= 1 - ta_;                          \
+    } while (0)
+
+/* Merge src[lo, lo + w) and src[lo + w, lo + 2w) into dst, and the same for lo2, at once:
+ * the largest half from the front and the smallest half from the back of each, four
+ * independent chains. With runs of equal length no pointer can run past its run. */
+static void merge_equal_runs(const uint64_t *src, uint64_t *dst, int64_t lo, int64_t lo2, int64_t w)
+{
+    int64_t a = lo, b = lo + w, o = lo, ae = lo + w - 1, be = lo + 2 * w - 1, oe = lo + 2 * w - 1;
+    int64_t c = lo2, e = lo2 + w, p = lo2, ce = lo2 + w - 1, ee = lo2 + 2 * w - 1, pe = lo2 + 2 * w - 1;
+    for (int64_t t = w; t > 0; t--) {
+        FRONT_STEP(src, dst, a, b, o);
+        BACK_STEP(src, dst, ae, be, oe);
+        FRONT_STEP(src, dst, c, e, p);
+        BACK_STEP(src, dst, ce, ee, pe);
     }
-    int64_t *src = idx, *dst = tmp;
-    for (int64_t width = run; width < n; width *= 2) {
-        for (int64_t s = 0; s < n; s += 2 * width) {
-            int64_t m = s + width < n ? s + width : n;
-            int64_t e = s + 2 * width < n ? s + 2 * width : n;
-            int64_t a = s, b = m, o = s;
-            while (a < m && b < e)
-                dst[o++] = key[src[b]] > key[src[a]] ? src[b++] : src[a++];
-            while (a < m)
-                dst[o++] = src[a++];
-            while (b < e)
-                dst[o++] = src[b++];
+}
+
+static void merge_runs(const uint64_t *src, uint64_t *dst, int64_t lo, int64_t mid, int64_t hi)
+{
+    int64_t a = lo, b = mid, o = lo;
+    if (mid - lo == hi - mid) {
+        int64_t ae = mid - 1, be = hi - 1, oe = hi - 1;
+        for (int64_t t = mid - lo; t > 0; t--) {
+            FRONT_STEP(src, dst, a, b, o);
+            BACK_STEP(src, dst, ae, be, oe);
         }
-        int64_t *t = src;
+        return;
+    }
+    while (a < mid && b < hi)
+        FRONT_STEP(src, dst, a, b, o);
+    while (a < mid)
+        dst[o++] = src[a++];
+    while (b < hi)
+        dst[o++] = src[b++];
+}
+
+static void sort_desc(uint64_t *w, uint64_t *tmp, int64_t n)
+{
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8)
+        sort8_desc(w + s);
+    for (int64_t i = s + 1; i < n; i++) /* the last 1-7 entries: insertion */
+        for (int64_t j = i; j > s && w[j - 1] < w[j]; j--)
+            exchange_if_less(w, j - 1, j);
+    uint64_t *src = w, *dst = tmp;
+    for (int64_t width = 8; width < n; width *= 2) {
+        int64_t lo = 0;
+        for (; lo + 4 * width <= n; lo += 4 * width)
+            merge_equal_runs(src, dst, lo, lo + 2 * width, width);
+        for (; lo < n; lo += 2 * width) {
+            int64_t mid = lo + width < n ? lo + width : n;
+            int64_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            merge_runs(src, dst, lo, mid, hi);
+        }
+        uint64_t *t = src;
         src = dst;
         dst = t;
     }
-    if (src != idx)
-        memcpy(idx, src, (size_t)n * sizeof(int64_t));
+    if (src != w)
+        memcpy(w, src, (size_t)n * sizeof(uint64_t));
 }
 
-/* z: n values (the allowed entries of a row); y, g: outputs for them.
- * scratch: mag, bsum (n doubles each); idx, tmp, bcount (n int64 each). */
-static void oscar_prox_row(const double *z, double *y, int32_t *g, int64_t n, double lam,
-                           double *mag, double *bsum, int64_t *idx, int64_t *tmp,
-                           int64_t *bcount)
+/* Both OSCAR proxes need the entries in order: by magnitude (the OSCAR prox), or by signed
+ * value (the ordered prox). They are sorted as 64-bit words (32-bit order key << 32 |
+ * position): the float32 bits of |z| order like |z|; for a signed float, flipping all bits of
+ * negatives and the sign bit of the others gives an unsigned order. A float64 row can hold
+ * values that differ below float32 resolution, so an insertion pass on the exact values
+ * finishes the order (not needed for float32 inputs, whose keys are exact). */
+static inline uint32_t order_key(double v, int by_value)
+{
+    float f = (float)(by_value ? v : fabs(v));
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof(bits));
+    if (!by_value)
+        return bits;
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+static void order_row(const double *z, int64_t *idx, uint64_t *w, uint64_t *tmp, int64_t n, int by_value,
+                      int exact_keys)
+{
+    for (int64_t i = 0; i < n; i++)
+        w[i] = ((uint64_t)order_key(z[i], by_value) << 32) | (uint64_t)(uint32_t)i;
+    sort_desc(w, tmp, n);
+    if (exact_keys) {
+        for (int64_t k = 0; k < n; k++)
+            idx[k] = (int64_t)(uint32_t)w[k];
+        return;
+    }
+    for (int64_t k = 0; k < n; k++) {
+        int64_t i = (int64_t)(uint32_t)w[k];
+        double m = by_value ? z[i] : fabs(z[i]);
+        int64_t j = k;
+        while (j > 0 && (by_value ? z[idx[j - 1]] : fabs(z[idx[j - 1]])) < m) {
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        idx[j] = i;
+    }
+}
+
+/* Two proxes with the OSCAR weights w_k = lam (n - k) of the k-th largest entry (an ordered
+ * weighted L1 norm with decreasing weights; Zeng & Figueiredo 2014, Bogdan et al. 2015):
+ *
+ * by_value = 0: prox of OSCAR, lam sum_{i<j} max(|y_i|, |y_j|) = sum_k w_k |y|_(k).
+ *     Sort |z| descending, subtract w, fit a non-increasing sequence by pool-adjacent-
+ *     violators, clip at 0, undo the sort, restore the signs.
+ * by_value = 1: prox of the ordered sum sum_k w_k y_[k] (y_[k] the k-th largest *value*),
+ *     which equals OSCAR on the non-negative orthant, hence on the simplex. It keeps the
+ *     order of z: sort z descending, subtract w, non-increasing fit, undo the sort. No
+ *     signs and no clipping; it commutes with adding a constant to z.
+ *
+ * z: n values (the allowed entries of a row); y, g: outputs for them.
+ * scratch: w, tmp (n uint64 each); bsum, bcount (n doubles each); idx (n int64). */
+static void oscar_prox_row(const double *z, double *y, int32_t *g, int64_t n, double lam, int by_value,
+                           uint64_t *w, uint64_t *tmp, double *bsum, int64_t *idx, double *bcount,
+                           int exact_keys)
 {
     if (n <= 0)
         return;
-    for (int64_t i = 0; i < n; i++) {
-        mag[i] = z[i] < 0.0 ? -z[i] : z[i];
-        idx[i] = i;
-    }
-    sort_desc(mag, idx, tmp, n);
-    /* pool adjacent violators for a non-increasing fit of v_k = |z|_(k) - lam (n - 1 - k) */
+    order_row(z, idx, w, tmp, n, by_value, exact_keys);
+    /* pool adjacent violators for a non-increasing fit of v_k = z_(k) - lam (n - 1 - k).
+     * The last closed block (top) stays in registers, the ones before it on a stack. */
     int64_t nb = 0;
+    double top_sum = 0.0, top_count = 0.0; /* top_count == 0: no block yet */
     for (int64_t k = 0; k < n; k++) {
-        bsum[nb] = mag[idx[k]] - lam * (double)(n - 1 - k);
-        bcount[nb] = 1;
-        nb++;
-        while (nb > 1 && bsum[nb - 2] * (double)bcount[nb - 1] <= bsum[nb - 1] * (double)bcount[nb - 2]) {
-            bsum[nb - 2] += bsum[nb - 1];
-            bcount[nb - 2] += bcount[nb - 1];
-            nb--;
+        double zk = z[idx[k]];
+        double sum = (by_value ? zk : fabs(zk)) - lam * (double)(n - 1 - k), count = 1.0;
+        /* merge while the block before is not above this one (mean comparison, cross-multiplied) */
+        while (top_count > 0.0 && top_sum * count <= sum * top_count) {
+            sum += top_sum;
+            count += top_count;
+            if (nb > 0) {
+                nb--;
+                top_sum = bsum[nb];
+                top_count = bcount[nb];
+            } else {
+                top_count = 0.0;
+            }
         }
+        if (top_count > 0.0) {
+            bsum[nb] = top_sum;
+            bcount[nb] = top_count;
+            nb++;
+        }
+        top_sum = sum;
+        top_count = count;
     }
+    bsum[nb] = top_sum;
+    bcount[nb] = top_count;
+    nb++;
     int64_t k = 0;
     for (int64_t b = 0; b < nb; b++) {
-        double v = bsum[b] / (double)bcount[b];
+        double v = bsum[b] / bcount[b];
+        if (by_value) {
+            for (int64_t c = (int64_t)bcount[b]; c > 0; c--, k++) {
+                y[idx[k]] = v;
+                g[idx[k]] = (int32_t)b;
+            }
+            continue;
+        }
         int positive = v > 0.0;
-        for (int64_t c = 0; c < bcount[b]; c++, k++) {
+        for (int64_t c = (int64_t)bcount[b]; c > 0; c--, k++) {
             int64_t i = idx[k];
-            double s = z[i] > 0.0 ? 1.0 : (z[i] < 0.0 ? -1.0 : 0.0);
-            y[i] = positive ? s * v : 0.0;
-            g[i] = positive && s != 0.0 ? (int32_t)b : -1;
+            int s = (z[i] > 0.0) - (z[i] < 0.0);
+            y[i] = positive ? (double)s * v : 0.0;
+            g[i] = positive && s != 0 ? (int32_t)b : -1;
         }
     }
 }
@@ -203,19 +346,19 @@ static void oscar_prox_row(const double *z, double *y, int32_t *g, int64_t n, do
 /* ------------------------------------------------------------------------------------- */
 /* batched drivers: gather the allowed entries of a row, solve, scatter back */
 
-enum { KIND_TV = 0, KIND_OSCAR = 1 };
+enum { KIND_TV = 0, KIND_OSCAR = 1, KIND_OSCAR_ORDERED = 2 };
 
-/* scratch per thread: 4 d doubles (z, sol, mag, bsum), 4 d int64 (pos, idx, tmp, bcount),
- * d int32 (gid) */
+/* scratch per thread: 4 d doubles (z, sol, bsum, bcount), 4 d 8-byte integers (pos, w, tmp,
+ * idx), d int32 (gid) */
 static void solve_row(int kind, double *dbuf, int64_t *ibuf, int32_t *gid, int64_t d, int64_t n,
-                      double lam)
+                      double lam, int exact_keys)
 {
     double *z = dbuf, *sol = dbuf + d;
     if (kind == KIND_TV)
         tv_denoise(z, sol, gid, n, lam);
     else
-        oscar_prox_row(z, sol, gid, n, lam, dbuf + 2 * d, dbuf + 3 * d, ibuf + d, ibuf + 2 * d,
-                       ibuf + 3 * d);
+        oscar_prox_row(z, sol, gid, n, lam, kind == KIND_OSCAR_ORDERED, (uint64_t *)(ibuf + d),
+                       (uint64_t *)(ibuf + 2 * d), dbuf + 2 * d, ibuf + 3 * d, dbuf + 3 * d, exact_keys);
 }
 
 #define DEFINE_DRIVER(T, SUFFIX)                                                               \
@@ -245,16 +388,29 @@ static void solve_row(int kind, double *dbuf, int64_t *ibuf, int32_t *gid, int64
                 int64_t *pos = ibuf;                                                           \
                 double *z = dbuf, *sol = dbuf + d;                                             \
                 int64_t n = 0;                                                                 \
-                for (int64_t i = 0; i < d; i++) {                                              \
-                    if (ar == NULL || ar[i]) {                                                 \
+                if (ar == NULL) {                                                              \
+                    for (int64_t i = 0; i < d; i++)                                            \
+                        z[i] = (double)xr[i];                                                  \
+                    n = d;                                                                     \
+                } else {                                                                       \
+                    for (int64_t i = 0; i < d; i++) {                                          \
                         pos[n] = i;                                                            \
                         z[n] = (double)xr[i];                                                  \
-                        n++;                                                                   \
+                        n += ar[i] != 0;                                                       \
                     }                                                                          \
+                }                                                                              \
+                solve_row(kind, dbuf, ibuf, gid, d, n, lam, sizeof(T) == sizeof(float));       \
+                if (n == d) {                                                                  \
+                    for (int64_t j = 0; j < d; j++) {                                          \
+                        yr[j] = (T)sol[j];                                                     \
+                        gr[j] = gid[j];                                                        \
+                    }                                                                          \
+                    continue;                                                                  \
+                }                                                                              \
+                for (int64_t i = 0; i < d; i++) {                                              \
                     yr[i] = (T)0;                                                              \
                     gr[i] = -1;                                                                \
                 }                                                                              \
-                solve_row(kind, dbuf, ibuf, gid, d, n, lam);                                   \
                 for (int64_t j = 0; j < n; j++) {                                              \
                     yr[pos[j]] = (T)sol[j];                                                    \
                     gr[pos[j]] = gid[j];                                                       \
@@ -294,3 +450,68 @@ int oscar_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *
 {
     return run_f64(KIND_OSCAR, x, allowed, y, group, rows, d, lam, threads);
 }
+
+int oscar_ordered_prox_f32(const float *x, const uint8_t *allowed, float *y, int32_t *group, int64_t rows,
+                           int64_t d, double lam, int threads)
+{
+    return run_f32(KIND_OSCAR_ORDERED, x, allowed, y, group, rows, d, lam, threads);
+}
+
+int oscar_ordered_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *group, int64_t rows,
+                           int64_t d, double lam, int threads)
+{
+    return run_f64(KIND_OSCAR_ORDERED, x, allowed, y, group, rows, d, lam, threads);
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* backward of the proxes: replace each entry of a row by the mean of its group (groups from
+ * the forward pass, 0 <= id < d; any other id, such as -1 for entries with a zero Jacobian
+ * row, gives 0) */
+
+#define DEFINE_GROUP_MEAN(T, SUFFIX)                                                           \
+    int group_mean_##SUFFIX(const T *v, const int32_t *group, T *out, int64_t rows, int64_t d, \
+                            int threads)                                                       \
+    {                                                                                          \
+        int failed = 0;                                                                        \
+        int64_t width = d > 0 ? d : 1;                                                         \
+        (void)threads;                                                                         \
+        _Pragma("omp parallel num_threads(threads) if (threads > 1 && rows * d >= 65536)")     \
+        {                                                                                      \
+            double *sum = (double *)malloc((size_t)width * sizeof(double));                    \
+            int64_t *count = (int64_t *)malloc((size_t)width * sizeof(int64_t));               \
+            int ok = sum != NULL && count != NULL;                                             \
+            if (!ok) {                                                                         \
+                _Pragma("omp atomic write") failed = 1;                                        \
+            }                                                                                  \
+            _Pragma("omp for schedule(static)")                                                \
+            for (int64_t r = 0; r < rows; r++) {                                               \
+                if (!ok)                                                                       \
+                    continue;                                                                  \
+                const T *vr = v + r * d;                                                       \
+                const int32_t *gr = group + r * d;                                             \
+                T *o = out + r * d;                                                            \
+                int64_t used = 0;                                                              \
+                for (int64_t i = 0; i < d; i++)                                                \
+                    if (gr[i] >= used && gr[i] < d)                                            \
+                        used = gr[i] + 1;                                                      \
+                for (int64_t g = 0; g < used; g++) {                                           \
+                    sum[g] = 0.0;                                                              \
+                    count[g] = 0;                                                              \
+                }                                                                              \
+                for (int64_t i = 0; i < d; i++) {                                              \
+                    if (gr[i] >= 0 && gr[i] < d) {                                             \
+                        sum[gr[i]] += (double)vr[i];                                           \
+                        count[gr[i]]++;                                                        \
+                    }                                                                          \
+                }                                                                              \
+                for (int64_t i = 0; i < d; i++)                                                \
+                    o[i] = gr[i] >= 0 && gr[i] < d ? (T)(sum[gr[i]] / (double)count[gr[i]]) : (T)0; \
+            }                                                                                  \
+            free(sum);                                                                         \
+            free(count);                                                                       \
+        }                                                                                      \
+        return failed;                                                                         \
+    }
+
+DEFINE_GROUP_MEAN(float, f32)
+DEFINE_GROUP_MEAN(double, f64)
