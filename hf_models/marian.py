@@ -1,0 +1,34 @@
+"""Marian with per-role sparse attention: ``SparseMarianConfig`` and the ``SparseMarian*`` models."""
+
+from __future__ import annotations
+
+from transformers import MarianConfig, MarianModel, MarianMTModel
+from transformers.models.marian.modeling_marian import MarianAttention
+
+from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
+
+
+class SparseMarianConfig(SparseAttentionConfigMixin, MarianConfig):
+    """:class:`transformers.MarianConfig` with the spec of each attention role.
+
+    ``encoder_attn``, ``decoder_attn`` (causal), ``cross_attn``: spec strings of the core registry.
+    """
+
+    model_type = "sparse_marian"
+    encoder_attn: str = "softmax"
+    decoder_attn: str = "softmax"
+    cross_attn: str = "softmax"
+
+
+class SparseMarianModel(SparseAttentionModelMixin, MarianModel):
+    """:class:`transformers.MarianModel` whose attention runs ``config.<role>_attn``."""
+
+    config_class = SparseMarianConfig
+    _attention_module_classes = (MarianAttention,)
+
+
+class SparseMarianMTModel(SparseAttentionModelMixin, MarianMTModel):
+    """:class:`transformers.MarianMTModel` whose attention runs ``config.<role>_attn``."""
+
+    config_class = SparseMarianConfig
+    _attention_module_classes = (MarianAttention,)

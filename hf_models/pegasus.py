@@ -1,0 +1,34 @@
+"""Pegasus with per-role sparse attention: ``SparsePegasusConfig`` and the ``SparsePegasus*`` models."""
+
+from __future__ import annotations
+
+from transformers import PegasusConfig, PegasusForConditionalGeneration, PegasusModel
+from transformers.models.pegasus.modeling_pegasus import PegasusAttention
+
+from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
+
+
+class SparsePegasusConfig(SparseAttentionConfigMixin, PegasusConfig):
+    """:class:`transformers.PegasusConfig` with the spec of each attention role.
+
+    ``encoder_attn``, ``decoder_attn`` (causal), ``cross_attn``: spec strings of the core registry.
+    """
+
+    model_type = "sparse_pegasus"
+    encoder_attn: str = "softmax"
+    decoder_attn: str = "softmax"
+    cross_attn: str = "softmax"
+
+
+class SparsePegasusModel(SparseAttentionModelMixin, PegasusModel):
+    """:class:`transformers.PegasusModel` whose attention runs ``config.<role>_attn``."""
+
+    config_class = SparsePegasusConfig
+    _attention_module_classes = (PegasusAttention,)
+
+
+class SparsePegasusForConditionalGeneration(SparseAttentionModelMixin, PegasusForConditionalGeneration):
+    """:class:`transformers.PegasusForConditionalGeneration` whose attention runs ``config.<role>_attn``."""
+
+    config_class = SparsePegasusConfig
+    _attention_module_classes = (PegasusAttention,)
