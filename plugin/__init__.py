@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import continuous
 from .attention import AttentionMechanism, attention
+from .continuous import ContinuousAttention
 from .kernels import reference_path
-from .normalizers import LearnableAlpha, Normalizer, entmax, entmax15, softmax, sparsemax
-# STRUCTURED-IMPORT: from .normalizers.structured import fusedmax, oscarmax
+from .normalizers import (
+    LearnableAlpha,
+    Normalizer,
+    entmax,
+    entmax15,
+    softmax,
+    sparsemax,
+)
+from .normalizers.structured import fusedmax, oscarmax
 from .registry import (
     CallRecord,
     Param,
@@ -56,6 +65,7 @@ def build_attention(spec: str, num_heads: int | None = None, role: str | None = 
 __all__ = [
     "AttentionMechanism",
     "CallRecord",
+    "ContinuousAttention",
     "LearnableAlpha",
     "Normalizer",
     "Param",
@@ -63,6 +73,7 @@ __all__ = [
     "available_normalizers",
     "build_attention",
     "canonical_spec",
+    "continuous",
     "entmax",
     "entmax15",
     "fusedmax",
