@@ -15,9 +15,11 @@ Classification (any family that uses transformers' AttentionInterface) with ``--
         --text-column text --label-column label --model-dir path/to/roberta --attn sparsemax
 
 Launchers: ``python scripts/finetune.py ...``, ``accelerate launch scripts/finetune.py ...``;
-data-parallel on CPU (gloo): ``accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py ...``
-or ``torchrun --nproc_per_node 2 scripts/finetune.py ...`` (accelerate 1.x's
-``--cpu --num_processes 2`` starts one process unless MPI's mpirun is set up; the script refuses it).
+data-parallel on CPU (gloo): ``accelerate launch --num_processes 2 --cpu scripts/finetune.py ...``
+(accelerate 1.x starts one process for ``--cpu`` and expects mpirun for the others; the script
+then re-launches itself as N workers with torch.distributed.run),
+``accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py ...`` or
+``torchrun --nproc_per_node 2 scripts/finetune.py ...``.
 
 Writes the model (safetensors) and tokenizer to ``--output-dir``, ``metrics.json`` there, and
 prints the metrics as the last line of its output (JSON).
@@ -29,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,21 +135,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_launch() -> None:
-    """Refuse ``accelerate launch --cpu --num_processes N`` (N > 1) without MPI: it runs one process.
+def _parent_num_processes() -> int | None:
+    """``--num_processes N`` of the ``accelerate launch`` command that started this process (Linux /proc)."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv):
+        value = None
+        if arg in ("--num_processes", "--num-processes") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(("--num_processes=", "--num-processes=")):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
-    accelerate's simple launcher starts a single process for ``--cpu`` and expects ``mpirun`` to
-    start the others; it still sets ``MASTER_ADDR``. Without a world size the run would silently
-    be single-process.
+
+def check_launch() -> None:
+    """Make ``accelerate launch --cpu --num_processes N`` data-parallel.
+
+    accelerate's launcher starts a single process for ``--cpu`` and leaves the other N - 1 to
+    ``mpirun``; it sets ``MASTER_ADDR`` but no world size. Without MPI that run would silently
+    train in one process, so this process re-launches the script as N workers with
+    ``torch.distributed.run`` (gloo), which accelerate then recognizes as a multi-CPU run.
     """
     world = [os.environ.get(k) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")]
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR") and not any(world):
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or not os.environ.get("MASTER_ADDR") or any(world):
+        return
+    n = _parent_num_processes()
+    if n is None or n < 2:
         raise SystemExit(
-            "finetune.py: `accelerate launch --cpu --num_processes N` starts a single process here (accelerate "
-            "expects mpirun for multi-process CPU runs). For data-parallel CPU training use "
-            "`accelerate launch --multi_gpu --num_processes N scripts/finetune.py ...` or "
-            "`torchrun --nproc_per_node N scripts/finetune.py ...` (gloo backend)."
+            "finetune.py: started by `accelerate launch --cpu` with several processes, but their number could not "
+            "be read. Use `torchrun --nproc_per_node N scripts/finetune.py ...` (gloo backend)."
         )
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+           f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
+           str(Path(__file__).resolve()), *sys.argv[1:]]
+    print(f"finetune.py: starting {n} CPU worker processes (gloo) for `accelerate launch --cpu`", flush=True)
+    raise SystemExit(subprocess.call(cmd))
 
 
 # ----------------------------------------------------------------------------- data

@@ -123,10 +123,12 @@ def test_classification_from_a_stock_model_dir_in_process(data, tmp_path, monkey
 
 
 def test_seq2seq_two_processes_data_parallel_on_cpu(data, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu`: two gloo workers, each on its own shard."""
     stock_model("marian").save_pretrained(tmp_path / "stock")
     out = tmp_path / "marian"
-    metrics = _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *_seq2seq_args(data, out),
+    metrics = _run([str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                    str(SCRIPT), *_seq2seq_args(data, out),
                     "--model-dir", str(tmp_path / "stock"), "--cross-attn", "sparsemax", "--max-steps", "2"])
     assert metrics["num_processes"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
     assert metrics["steps_per_process"] == [2, 2]
@@ -137,16 +139,17 @@ def test_seq2seq_two_processes_data_parallel_on_cpu(data, tmp_path):
     assert type(AutoModelForSeq2SeqLM.from_pretrained(out)) is hf_models.SparseMarianMTModel
 
 
-def test_accelerate_cpu_launcher_without_mpi_is_refused(monkeypatch):
+def test_accelerate_cpu_launcher_without_a_process_count_is_refused(monkeypatch):
     finetune = _finetune_module()
     for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    with pytest.raises(SystemExit, match="--multi_gpu"):
+    monkeypatch.setattr(finetune, "_parent_num_processes", lambda: None)
+    with pytest.raises(SystemExit, match="torchrun"):
         finetune.check_launch()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    finetune.check_launch()
+    finetune.check_launch()  # a real multi-process launch goes on
 
 
 def test_word_tokenizer_round_trips_the_training_words():
