@@ -6,7 +6,10 @@ PIP    := $(PY) -m pip
 TORCH_VERSION  ?= 2.13.0
 FAIRSEQ_SPEC   ?= fairseq-fixed==0.12.3.1
 
-.PHONY: venv test test-fast lint clean
+.PHONY: venv demo test lint clean
+
+SIZE ?= small
+OUT  ?= outputs/demo
 
 venv: $(VENV)/.installed
 
@@ -23,6 +26,9 @@ $(VENV)/.installed: setup.py Makefile requirements/build.txt requirements/fairse
 	$(PIP) uninstall -y torchaudio torchvision >/dev/null 2>&1 || true
 	$(PY) -c "import torch, fairseq, transformers, plugin; print('torch', torch.__version__, 'fairseq', fairseq.__version__, 'transformers', transformers.__version__)"
 	touch $@
+
+demo: venv
+	$(PY) scripts/demo.py --size $(SIZE) --out $(OUT)
 
 test: venv
 	$(PY) -m pytest -q tests
