@@ -20,7 +20,8 @@ END = "<!-- variants-table:end -->"
 
 def table() -> str:
     rows = ["| spec name | kind | formula | parameters (default; valid) | what it gives |", "|---|---|---|---|---|"]
-    for name, v in plugin.variants().items():
+    ordered = sorted(plugin.variants().items(), key=lambda item: item[1].kind != "discrete")  # discrete first
+    for name, v in ordered:
         params = "; ".join(f"`{p.name}`={p.default} ({p.valid_range()})" for p in v.params) or "none"
         formula = v.formula.replace("|", "\\|")
         rows.append(f"| `{name}` | {v.kind} | `{formula}` | {params} | {v.summary} |")

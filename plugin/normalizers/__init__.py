@@ -27,7 +27,7 @@ register_normalizer(
 register_normalizer(
     "entmax15",
     entmax15,
-    formula="[x / 2 - tau]_+^2 (exact, sort-based)",
+    formula="[x / 2 - tau]_+^2 (exact threshold)",
     summary="sparse, smoother than sparsemax: alpha-entmax with alpha = 1.5",
 )
 register_normalizer(
