@@ -143,10 +143,11 @@ def bench_normalizers(repeat: int) -> list[str]:
         lines += [
             f"### {rows} rows x {d}, float32, CPU (best of {repeat})",
             "",
-            "| normalizer | forward ms | x torch.softmax | fwd+bwd ms | x torch.softmax | peer | fwd / peer | fwd+bwd / peer |",
+            "| normalizer | forward ms | x torch.softmax | fwd+bwd ms | x torch.softmax | peer "
+            "| fwd / peer | fwd+bwd / peer |",
             "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
-        for name, (fn, peer) in normalizers().items():
+        for name, (_fn, peer) in normalizers().items():
             f, b = results[name]
             peer_cells = ["", "", ""]
             if peer is not None:
@@ -218,11 +219,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (the best is reported)")
     parser.add_argument("--quick", action="store_true", help="3 repeats (overrides --repeat)")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch (and kernel) threads; default: torch's default. 1 gives steadier numbers on a shared machine",
     )
     parser.add_argument(
-        "--clock", choices=("wall", "cpu"), default="wall",
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
         help="wall: elapsed time; cpu: CPU time of the process (needs --threads 1; steadier on a loaded machine)",
     )
     args = parser.parse_args()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 SIZES = {
     # corpus sizes, fairseq epochs, HF epochs, digits steps
     "tiny": dict(train=300, valid=40, test=40, fairseq_epochs=2, hf_epochs=1, digits_steps=30, digits_train=300),
-    "small": dict(train=3000, valid=200, test=200, fairseq_epochs=25, hf_epochs=12, digits_steps=600,
+    "small": dict(train=3000, valid=200, test=200, fairseq_epochs=14, hf_epochs=10, digits_steps=600,
                   digits_train=1400),
     "large": dict(train=8000, valid=400, test=400, fairseq_epochs=60, hf_epochs=30, digits_steps=2500,
                   digits_train=1500),
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
-    import demo_tasks  # noqa: E402  (heavy imports after argument parsing)
+    import demo_tasks
 
     started = time.time()
     results: dict[str, object] = {"size": args.size, "seed": args.seed}

@@ -62,14 +62,52 @@ def make_data(data_dir: Path, size: dict[str, Any], seed: int) -> None:
 
 def _fairseq_train_args(bin_dir: Path, save_dir: Path, spec: str, epochs: int, seed: int) -> list[str]:
     return [
-        PY, "-m", "fairseq_cli.train", str(bin_dir),
-        "--user-dir", str(USER_DIR), "--arch", "sparse_transformer_tiny", "--cross-attn", spec,
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.003",
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--clip-norm", "1.0",
-        "--dropout", "0.1", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--max-tokens", "2048", "--max-epoch", str(epochs), "--save-dir", str(save_dir),
-        "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "50",
-        "--seed", str(seed), "--cpu", "--num-workers", "0", "--required-batch-size-multiple", "1",
+        PY,
+        "-m",
+        "fairseq_cli.train",
+        str(bin_dir),
+        "--user-dir",
+        str(USER_DIR),
+        "--arch",
+        "sparse_transformer_tiny",
+        "--cross-attn",
+        spec,
+        "--optimizer",
+        "adam",
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--lr",
+        "0.003",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "100",
+        "--clip-norm",
+        "1.0",
+        "--dropout",
+        "0.1",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--max-tokens",
+        "2048",
+        "--max-epoch",
+        str(epochs),
+        "--save-dir",
+        str(save_dir),
+        "--no-epoch-checkpoints",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "50",
+        "--seed",
+        str(seed),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--required-batch-size-multiple",
+        "1",
     ]
 
 
@@ -105,36 +143,82 @@ def _parse_generate(path: Path) -> tuple[list[str], list[str], dict[int, str]]:
     return [hyps.get(i, "") for i in ids], [refs[i] for i in ids], hyps
 
 
-def run_fairseq(out: Path, data_dir: Path, size: dict[str, Any], mechanisms: list[tuple[str, str]],
-                seed: int) -> dict[str, Any]:
+def run_fairseq(
+    out: Path, data_dir: Path, size: dict[str, Any], mechanisms: list[tuple[str, str]], seed: int
+) -> dict[str, Any]:
     import sacrebleu
 
     work = out / "fairseq"
     work.mkdir(parents=True, exist_ok=True)
     bin_dir = work / "data-bin"
     if not (bin_dir / "dict.en.txt").exists():
-        run([PY, "-m", "fairseq_cli.preprocess", "--source-lang", "en", "--target-lang", "de",
-             "--trainpref", str(data_dir / "train"), "--validpref", str(data_dir / "valid"),
-             "--testpref", str(data_dir / "test"), "--destdir", str(bin_dir), "--workers", "1"],
-            work / "preprocess.log")
+        run(
+            [
+                PY,
+                "-m",
+                "fairseq_cli.preprocess",
+                "--source-lang",
+                "en",
+                "--target-lang",
+                "de",
+                "--trainpref",
+                str(data_dir / "train"),
+                "--validpref",
+                str(data_dir / "valid"),
+                "--testpref",
+                str(data_dir / "test"),
+                "--destdir",
+                str(bin_dir),
+                "--workers",
+                "1",
+            ],
+            work / "preprocess.log",
+        )
     rows = []
     for label, spec in tqdm(mechanisms, desc="fairseq: one model per cross-attention", unit="model"):
         save = work / slug(label)
         save.mkdir(exist_ok=True)
         train_s = run(_fairseq_train_args(bin_dir, save, spec, size["fairseq_epochs"], seed), save / "train.log")
         gen_log = save / "generate.txt"
-        run([PY, "-m", "fairseq_cli.generate", str(bin_dir), "--user-dir", str(USER_DIR),
-             "--path", str(save / "checkpoint_best.pt"), "--gen-subset", "test", "--beam", "5",
-             "--batch-size", "64", "--required-batch-size-multiple", "1", "--print-alignment", "soft",
-             "--cpu"], gen_log)
+        run(
+            [
+                PY,
+                "-m",
+                "fairseq_cli.generate",
+                str(bin_dir),
+                "--user-dir",
+                str(USER_DIR),
+                "--path",
+                str(save / "checkpoint_best.pt"),
+                "--gen-subset",
+                "test",
+                "--beam",
+                "5",
+                "--batch-size",
+                "64",
+                "--required-batch-size-multiple",
+                "1",
+                "--print-alignment",
+                "soft",
+                "--cpu",
+            ],
+            gen_log,
+        )
         hyps, refs, _ = _parse_generate(gen_log)
         bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
         exact = sum(h == r for h, r in zip(hyps, refs)) / max(len(refs), 1)
         analysis = analyse_fairseq_model(save / "checkpoint_best.pt", bin_dir, data_dir)
-        rows.append({
-            "mechanism": label, "spec": spec, "bleu": bleu, "exact_match": exact, "train_seconds": train_s,
-            "curve": _parse_fairseq_log(save / "train.log"), **analysis,
-        })
+        rows.append(
+            {
+                "mechanism": label,
+                "spec": spec,
+                "bleu": bleu,
+                "exact_match": exact,
+                "train_seconds": train_s,
+                "curve": _parse_fairseq_log(save / "train.log"),
+                **analysis,
+            }
+        )
     plot_fairseq(out, rows)
     return {"rows": rows}
 
@@ -146,8 +230,9 @@ def analyse_fairseq_model(ckpt: Path, bin_dir: Path, data_dir: Path, n_sentences
     import plugin
 
     utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(ckpt)],
-                                                                       arg_overrides={"data": str(bin_dir)})
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(ckpt)], arg_overrides={"data": str(bin_dir)}
+    )
     model = models[0].eval()
     src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
     src_lines = (data_dir / "test.en").read_text(encoding="utf-8").splitlines()[:n_sentences]
@@ -188,9 +273,13 @@ def analyse_fairseq_model(ckpt: Path, bin_dir: Path, data_dir: Path, n_sentences
                 nonzero += float((w > 0).float().sum())
                 total += float(w.numel())
                 if i == 0:
-                    example = {"source": s.split() + ["</s>"], "target": t.split() + ["</s>"],
-                               "weights": w.mean(0).tolist(), "per_head": w.tolist(),
-                               "density": density[-1][0].mean(0).tolist() if density else None}
+                    example = {
+                        "source": s.split() + ["</s>"],
+                        "target": t.split() + ["</s>"],
+                        "weights": w.mean(0).tolist(),
+                        "per_head": w.tolist(),
+                        "density": density[-1][0].mean(0).tolist() if density else None,
+                    }
     finally:
         handle.remove()
         if density_handle is not None:
@@ -213,8 +302,9 @@ def plot_fairseq(out: Path, rows: list[dict[str, Any]]) -> None:
 
     n = len(rows)
     cols = min(4, n)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.8 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.8 * ((n + cols - 1) // cols)), squeeze=False
+    )
     for ax, row in zip(axes.flat, rows):
         ex = row["example"]
         w = np.array(ex["per_head"][0])
@@ -225,12 +315,14 @@ def plot_fairseq(out: Path, rows: list[dict[str, Any]]) -> None:
         ax.set_xticklabels(ex["source"], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(ex["target"])))
         ax.set_yticklabels(ex["target"], fontsize=7)
-        ax.set_title(f"{row['mechanism']}\nBLEU {row['bleu']:.1f}, support {100 * row['support_fraction']:.0f}%",
-                     fontsize=9)
+        ax.set_title(
+            f"{row['mechanism']}\nBLEU {row['bleu']:.1f}, support {100 * row['support_fraction']:.0f}%", fontsize=9
+        )
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("Cross-attention of the first head of the last decoder layer, same test sentence; "
-                 "white = exactly zero")
+    fig.suptitle(
+        "Cross-attention of the first head of the last decoder layer, same test sentence; white = exactly zero"
+    )
     fig.tight_layout()
     fig.savefig(out / "fairseq_attention_heatmaps.png", dpi=110)
     plt.close(fig)
@@ -262,7 +354,9 @@ def plot_fairseq(out: Path, rows: list[dict[str, Any]]) -> None:
             ax.set_ylabel("density at the source positions (normalized)")
             ax.set_title(row["mechanism"], fontsize=9)
             ax.legend(fontsize=6, ncol=2)
-        fig.suptitle("Continuous cross-attention densities over the source (mean over heads), one curve per target word")
+        fig.suptitle(
+            "Continuous cross-attention densities over the source (mean over heads), one curve per target word"
+        )
         fig.tight_layout()
         fig.savefig(out / "fairseq_continuous_densities.png", dpi=110)
         plt.close(fig)
@@ -282,28 +376,86 @@ def run_hf(out: Path, data_dir: Path, size: dict[str, Any], seed: int) -> dict[s
     work = out / "hf"
     work.mkdir(parents=True, exist_ok=True)
     accelerate = Path(PY).with_name("accelerate")
-    launcher = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"] if accelerate.exists() else [PY]
+    launcher = (
+        [
+            str(accelerate),
+            "launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+        if accelerate.exists()
+        else [PY]
+    )
     rows = []
     for label, spec in tqdm(HF_MECHANISMS, desc="HF: BART-style model per cross-attention", unit="model"):
         save = work / slug(label)
-        cmd = [*launcher, str(ROOT / "scripts" / "finetune.py"), "--task", "seq2seq",
-               "--train-file", str(data_dir / "train.jsonl"), "--valid-file", str(data_dir / "test.jsonl"),
-               "--source-column", "source", "--target-column", "target",
-               "--from-config", "--arch", "bart", "--d-model", "64", "--layers", "2", "--heads", "4",
-               "--ffn-dim", "128", "--cross-attn", spec, "--output-dir", str(save),
-               "--epochs", str(size["hf_epochs"]), "--batch-size", "32", "--lr", "0.003", "--warmup-steps", "50",
-               "--num-beams", "5", "--seed", str(seed), "--cpu"]
+        cmd = [
+            *launcher,
+            str(ROOT / "scripts" / "finetune.py"),
+            "--task",
+            "seq2seq",
+            "--train-file",
+            str(data_dir / "train.jsonl"),
+            "--valid-file",
+            str(data_dir / "test.jsonl"),
+            "--source-column",
+            "source",
+            "--target-column",
+            "target",
+            "--from-config",
+            "--arch",
+            "bart",
+            "--d-model",
+            "64",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--ffn-dim",
+            "128",
+            "--cross-attn",
+            spec,
+            "--output-dir",
+            str(save),
+            "--epochs",
+            str(size["hf_epochs"]),
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.003",
+            "--warmup-steps",
+            "50",
+            "--num-beams",
+            "5",
+            "--seed",
+            str(seed),
+            "--cpu",
+        ]
         save.mkdir(exist_ok=True)
         seconds = run(cmd, save / "finetune.log")
         metrics = json.loads((save / "metrics.json").read_text(encoding="utf-8"))
-        rows.append({"mechanism": label, "spec": spec, "bleu": float(metrics.get("bleu", 0.0)),
-                     "exact_match": float(metrics.get("exact_match", 0.0)), "train_seconds": seconds,
-                     "history": metrics.get("history", [])})
+        rows.append(
+            {
+                "mechanism": label,
+                "spec": spec,
+                "bleu": float(metrics.get("bleu", 0.0)),
+                "exact_match": float(metrics.get("exact_match", 0.0)),
+                "train_seconds": seconds,
+                "history": metrics.get("history", []),
+            }
+        )
     base = rows[0]
-    summary = "With the HuggingFace route the same data gives " + ", ".join(
-        f"BLEU {r['bleu']:.1f} with {r['mechanism']} cross-attention" for r in rows
-    ) + f" (softmax: {base['bleu']:.1f})."
+    summary = (
+        "With the HuggingFace route the same data gives "
+        + ", ".join(f"BLEU {r['bleu']:.1f} with {r['mechanism']} cross-attention" for r in rows)
+        + f" (softmax: {base['bleu']:.1f})."
+    )
     return {"rows": rows, "summary": summary}
 
 
@@ -316,45 +468,75 @@ def _fmt_alpha(alphas: list[list[float]]) -> str:
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:
     lines = ["# Attention mechanisms compared", ""]
-    lines.append(f"Run size `{results['size']}`, seed {results['seed']}, total time "
-                 f"{results.get('total_seconds', 0) / 60:.1f} min. Every number below comes from this run.")
+    lines.append(
+        f"Run size `{results['size']}`, seed {results['seed']}, total time "
+        f"{results.get('total_seconds', 0) / 60:.1f} min. Every number below comes from this run."
+    )
     lines.append("")
     if "fairseq" in results:
         rows = results["fairseq"]["rows"]
         lines += [
-            "## Translation with fairseq (English -> German number words)", "",
+            "## Translation with fairseq (English -> German number words)",
+            "",
             "One model per cross-attention mechanism (encoder and decoder self-attention stay softmax). "
             "BLEU: sacreBLEU on beam-5 output for held-out numbers. Support: fraction of nonzero weights "
-            "of the last decoder layer's cross-attention, per head.", "",
+            "of the last decoder layer's cross-attention, per head.",
+            "",
             "| mechanism | spec | BLEU | exact match | training time | support | learned alpha per head |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append(f"| {r['mechanism']} | `{r['spec']}` | {r['bleu']:.1f} | {100 * r['exact_match']:.0f}% | "
-                         f"{r['train_seconds']:.0f} s | {100 * r['support_fraction']:.0f}% | "
-                         f"{_fmt_alpha(r['alpha_per_head'])} |")
-        lines += ["", _fairseq_summary(rows), "",
-                  "![cross-attention heatmaps](fairseq_attention_heatmaps.png)", "",
-                  "![training curves](fairseq_training_curves.png)", ""]
+            lines.append(
+                f"| {r['mechanism']} | `{r['spec']}` | {r['bleu']:.1f} | {100 * r['exact_match']:.0f}% | "
+                f"{r['train_seconds']:.0f} s | {100 * r['support_fraction']:.0f}% | "
+                f"{_fmt_alpha(r['alpha_per_head'])} |"
+            )
+        lines += [
+            "",
+            _fairseq_summary(rows),
+            "",
+            "![cross-attention heatmaps](fairseq_attention_heatmaps.png)",
+            "",
+            "![training curves](fairseq_training_curves.png)",
+            "",
+        ]
         if (out / "fairseq_continuous_densities.png").exists():
             lines += ["![continuous densities](fairseq_continuous_densities.png)", ""]
     if "hf" in results:
         hf = results["hf"]
-        lines += ["## Translation with HuggingFace + accelerate (BART-style, sparse cross-attention)", "",
-                  "| mechanism | spec | BLEU | exact match | training time |", "|---|---|---|---|---|"]
+        lines += [
+            "## Translation with HuggingFace + accelerate (BART-style, sparse cross-attention)",
+            "",
+            "| mechanism | spec | BLEU | exact match | training time |",
+            "|---|---|---|---|---|",
+        ]
         for r in hf["rows"]:
-            lines.append(f"| {r['mechanism']} | `{r['spec']}` | {r['bleu']:.1f} | "
-                         f"{100 * r.get('exact_match', 0):.0f}% | {r['train_seconds']:.0f} s |")
+            lines.append(
+                f"| {r['mechanism']} | `{r['spec']}` | {r['bleu']:.1f} | "
+                f"{100 * r.get('exact_match', 0):.0f}% | {r['train_seconds']:.0f} s |"
+            )
         lines += ["", hf.get("summary", ""), ""]
     if "digits" in results:
         dg = results["digits"]
-        lines += ["## 2-D attention over 8x8 digit images (scikit-learn digits)", "",
-                  "| attention | test accuracy | training time | attended area |", "|---|---|---|---|"]
+        lines += [
+            "## 2-D attention over 8x8 digit images (scikit-learn digits)",
+            "",
+            "| attention | test accuracy | training time | attended area |",
+            "|---|---|---|---|",
+        ]
         for r in dg["rows"]:
-            lines.append(f"| {r['mechanism']} | {100 * r['accuracy']:.1f}% | {r['train_seconds']:.0f} s | "
-                         f"{r['support_desc']} |")
-        lines += ["", dg.get("summary", ""), "", "![2-D attention over digits](digits_attention.png)", "",
-                  "![digits training curves](digits_training_curves.png)", ""]
+            lines.append(
+                f"| {r['mechanism']} | {100 * r['accuracy']:.1f}% | {r['train_seconds']:.0f} s | {r['support_desc']} |"
+            )
+        lines += [
+            "",
+            dg.get("summary", ""),
+            "",
+            "![2-D attention over digits](digits_attention.png)",
+            "",
+            "![digits training curves](digits_training_curves.png)",
+            "",
+        ]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -365,22 +547,31 @@ def _fairseq_summary(rows: list[dict[str, Any]]) -> str:
     if base is None:
         return ""
     close = [r["mechanism"] for r in rows if r is not base and r["bleu"] >= base["bleu"] - 1.0]
-    below = [f"{r['mechanism']} ({r['bleu'] - base['bleu']:+.1f})" for r in rows
-             if r is not base and r["bleu"] < base["bleu"] - 1.0]
+    below = [
+        f"{r['mechanism']} ({r['bleu'] - base['bleu']:+.1f})"
+        for r in rows
+        if r is not base and r["bleu"] < base["bleu"] - 1.0
+    ]
     sparsest = min(rows, key=lambda r: r["support_fraction"])
-    parts = [f"Softmax reaches BLEU {base['bleu']:.1f} and attends to every source word "
-             f"({100 * base['support_fraction']:.0f}% support)."]
+    parts = [
+        f"Softmax reaches BLEU {base['bleu']:.1f} and attends to every source word "
+        f"({100 * base['support_fraction']:.0f}% support)."
+    ]
     if close:
         parts.append(f"Within 1 BLEU of softmax (or better): {', '.join(close)}.")
     if below:
         parts.append(f"More than 1 BLEU below softmax: {', '.join(below)}.")
-    parts.append(f"The sparsest cross-attention is {sparsest['mechanism']}, with "
-                 f"{100 * sparsest['support_fraction']:.0f}% of the weights nonzero.")
+    parts.append(
+        f"The sparsest cross-attention is {sparsest['mechanism']}, with "
+        f"{100 * sparsest['support_fraction']:.0f}% of the weights nonzero."
+    )
     learned = [r for r in rows if r["alpha_per_head"]]
     for r in learned:
         flat = [a for layer in r["alpha_per_head"] for a in layer]
-        parts.append(f"The learned alpha of {r['mechanism']} ranges over {min(flat):.2f}-{max(flat):.2f} across "
-                     f"heads (1 = softmax-like, 2 = sparsemax).")
+        parts.append(
+            f"The learned alpha of {r['mechanism']} ranges over {min(flat):.2f}-{max(flat):.2f} across "
+            f"heads (1 = softmax-like, 2 = sparsemax)."
+        )
     return " ".join(parts)
 
 
@@ -407,8 +598,9 @@ class DigitAttentionClassifier(torch.nn.Module):
         from plugin.continuous import ContinuousAttention
 
         self.mechanism = mechanism
-        self.embed = torch.nn.Sequential(torch.nn.Conv2d(1, dim, 3, padding=1), torch.nn.GELU(),
-                                         torch.nn.Conv2d(dim, dim, 3, padding=1))
+        self.embed = torch.nn.Sequential(
+            torch.nn.Conv2d(1, dim, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(dim, dim, 3, padding=1)
+        )
         self.position = torch.nn.Parameter(torch.randn(8, 8, dim) * 0.1)
         self.query = torch.nn.Linear(dim, dim)
         if mechanism.startswith("continuous_"):
@@ -426,8 +618,11 @@ class DigitAttentionClassifier(torch.nn.Module):
         q = self.query(feats.mean((1, 2)))[:, None]  # (B, 1, D)
         if self.mechanism.startswith("continuous_"):
             out = self.attend(q, feats)
-            return self.classify(out.context[:, 0]), {"mu": out.mu[:, 0], "sigma_sq": out.sigma_sq[:, 0],
-                                                      "weights": out.weights[:, 0]}
+            return self.classify(out.context[:, 0]), {
+                "mu": out.mu[:, 0],
+                "sigma_sq": out.sigma_sq[:, 0],
+                "weights": out.weights[:, 0],
+            }
         flat = feats.reshape(feats.shape[0], 64, -1)
         scores = (q @ self.key(flat).transpose(1, 2))[:, 0] / flat.shape[-1] ** 0.5  # (B, 64)
         p = self.normalizer(scores, dim=-1)
@@ -471,9 +666,10 @@ def run_digits(out: Path, size: dict[str, Any], seed: int) -> dict[str, Any]:
     _plot_digits(out, rows, models, images[te][:6])
     best = max(rows, key=lambda r: r["accuracy"])
     cont = [r for r in rows if r["spec"].startswith("continuous_")]
-    summary = (f"The best test accuracy is {100 * best['accuracy']:.1f}% ({best['mechanism']}). "
-               + " ".join(f"{r['mechanism']} reaches {100 * r['accuracy']:.1f}% while looking at "
-                          f"{r['support_desc']} of the image." for r in cont))
+    summary = f"The best test accuracy is {100 * best['accuracy']:.1f}% ({best['mechanism']}). " + " ".join(
+        f"{r['mechanism']} reaches {100 * r['accuracy']:.1f}% while looking at {r['support_desc']} of the image."
+        for r in cont
+    )
     return {"rows": rows, "summary": summary, "n_train": int(n_train), "n_test": int(len(te))}
 
 
@@ -499,8 +695,17 @@ def _train_digits(rows, models, images, labels, tr, te, size, seed, g) -> None:
             logits, extra = model(images[te])
         acc = float((logits.argmax(-1) == labels[te]).float().mean())
         area, how = _support_area(mech, extra)
-        rows.append({"mechanism": label, "spec": mech, "accuracy": acc, "train_seconds": train_s, "curve": curve,
-                     "attended_area": area, "support_desc": f"{100 * area:.1f}% ({how})"})
+        rows.append(
+            {
+                "mechanism": label,
+                "spec": mech,
+                "accuracy": acc,
+                "train_seconds": train_s,
+                "curve": curve,
+                "attended_area": area,
+                "support_desc": f"{100 * area:.1f}% ({how})",
+            }
+        )
         models[label] = (model, extra)
 
 
@@ -510,7 +715,9 @@ def _ellipse(mu: torch.Tensor, cov: torch.Tensor, radius: float):
     vals, vecs = torch.linalg.eigh(cov.double())
     theta = np.linspace(0, 2 * np.pi, 100)
     circle = np.stack([np.cos(theta), np.sin(theta)])
-    pts = mu.double().numpy()[:, None] + radius * (vecs.numpy() @ (np.sqrt(vals.clamp(min=0).numpy())[:, None] * circle))
+    pts = mu.double().numpy()[:, None] + radius * (
+        vecs.numpy() @ (np.sqrt(vals.clamp(min=0).numpy())[:, None] * circle)
+    )
     return pts[1] * 8 - 0.5, pts[0] * 8 - 0.5  # (x = column, y = row) in pixel coordinates
 
 
@@ -552,8 +759,11 @@ def _plot_digits(out: Path, rows, models, examples: torch.Tensor) -> None:
             if j == 0:
                 ax.set_ylabel(row["mechanism"], fontsize=8)
             ax.set_title(f"pred {int(logits[j].argmax())}", fontsize=7)
-    fig.suptitle("Attention over digits: discrete weights (colour; none = exactly 0), continuous softmax "
-                 "(1 and 2 sigma ellipses), continuous sparsemax (support ellipse)", fontsize=8)
+    fig.suptitle(
+        "Attention over digits: discrete weights (colour; none = exactly 0), continuous softmax "
+        "(1 and 2 sigma ellipses), continuous sparsemax (support ellipse)",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(out / "digits_attention.png", dpi=110)
     plt.close(fig)

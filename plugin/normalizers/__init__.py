@@ -49,4 +49,4 @@ register_normalizer(
     summary="alpha-entmax; alpha fixed or learned per head",
 )
 
-from . import structured  # noqa: F401  (fusedmax, oscarmax)
+from . import structured  # noqa: E402,F401  (registers fusedmax, oscarmax after the others)

@@ -29,7 +29,8 @@ def test_softmax_attention_equals_sdpa_with_bool_mask_scale_and_causal():
     mask = torch.rand(2, 1, 7, 7) > 0.3
     mask[..., 0] = True
     torch.testing.assert_close(
-        plugin.attention(q, k, v, mask=mask, scale=0.3), F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        plugin.attention(q, k, v, mask=mask, scale=0.3),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
     )
     torch.testing.assert_close(
         plugin.attention(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -40,7 +41,9 @@ def test_softmax_attention_equals_sdpa_with_additive_float_mask():
     q, k, v = _qkv()
     add = torch.randn(2, 1, 6, 9)
     add[0, 0, :, 3] = float("-inf")
-    torch.testing.assert_close(plugin.attention(q, k, v, mask=add), F.scaled_dot_product_attention(q, k, v, attn_mask=add))
+    torch.testing.assert_close(
+        plugin.attention(q, k, v, mask=add), F.scaled_dot_product_attention(q, k, v, attn_mask=add)
+    )
 
 
 def test_grouped_query_attention_equals_sdpa_gqa():

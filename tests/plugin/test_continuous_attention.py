@@ -15,13 +15,6 @@ from plugin.continuous import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: on the shared 2-core test machines thread hand-offs cost more than they save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 VARIANTS = {"continuous_softmax": 1.0, "continuous_entmax15": 1.5, "continuous_sparsemax": 2.0}
 SMALL = "basis=16,widths=0.1/0.3"
 

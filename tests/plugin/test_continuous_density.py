@@ -19,15 +19,6 @@ ALPHAS = [1.0, 1.5, 2.0]
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: on the shared 2-core test machines thread hand-offs cost more than they save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gauss1(t, m, s):
     return math.exp(-0.5 * ((t - m) / s) ** 2) / (math.sqrt(2 * math.pi) * s)
 

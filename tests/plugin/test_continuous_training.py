@@ -6,15 +6,6 @@ import torch
 import plugin
 from plugin.continuous import ContinuousAttention, support_radius
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: on the shared 2-core test machines thread hand-offs cost more than they save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 INTERVALS = [(0.1, 0.3), (0.6, 0.8)]
 
 

@@ -46,7 +46,9 @@ def test_entmax_with_tensor_alpha_per_row_matches_rowwise_reference():
     alpha = torch.tensor([1.2, 1.5, 1.9], dtype=torch.float64)  # one per middle index: dim reduced -> (4, 3)
     out = plugin.entmax(x, alpha=alpha.view(1, 3), dim=-1)
     for j, a in enumerate(alpha.tolist()):
-        torch.testing.assert_close(out[:, j], entmax_pkg.entmax_bisect(x[:, j], a, dim=-1, n_iter=80), atol=1e-9, rtol=0)
+        torch.testing.assert_close(
+            out[:, j], entmax_pkg.entmax_bisect(x[:, j], a, dim=-1, n_iter=80), atol=1e-9, rtol=0
+        )
 
 
 def test_entmax_alpha_gradient_matches_entmax_package():

@@ -90,8 +90,13 @@ def slsqp_solve(x: np.ndarray, lam: float, gamma: float, penalty: str, simplex: 
         y0 = x.copy()
     t0 = np.array([abs(y0[i]) + abs(y0[j]) for i, j in pairs])
     result = minimize(
-        objective, np.concatenate([y0, t0]), jac=gradient, constraints=constraints, bounds=bounds,
-        method="SLSQP", options={"ftol": 1e-12, "maxiter": 2000},
+        objective,
+        np.concatenate([y0, t0]),
+        jac=gradient,
+        constraints=constraints,
+        bounds=bounds,
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 2000},
     )
     assert result.success, result.message
     return result.x[:n]
@@ -134,7 +139,9 @@ def test_tv_prox_matches_dual_bounded_least_squares():
         np.testing.assert_allclose(got, expected, atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("name, fn, penalty", [("oscar", oscar_prox, "oscar"), ("ordered", oscar_ordered_prox, "ordered")])
+@pytest.mark.parametrize(
+    "name, fn, penalty", [("oscar", oscar_prox, "oscar"), ("ordered", oscar_ordered_prox, "ordered")]
+)
 def test_oscar_proxes_match_scipy_qp(name, fn, penalty):
     for x, lam, _ in random_rows(1, 25):
         expected = slsqp_solve(x, lam, 1.0, penalty, simplex=False)
@@ -168,9 +175,9 @@ def test_oscarmax_is_exact_where_sparsemax_of_the_oscar_prox_is_not():
     assert np.abs(naive - expected).max() > 0.05
 
 
-@pytest.mark.parametrize("kind, solver", [
-    ("tv", tv_prox_row), ("oscar", oscar_prox_row), ("oscar_ordered", oscar_ordered_prox_row)
-])
+@pytest.mark.parametrize(
+    "kind, solver", [("tv", tv_prox_row), ("oscar", oscar_prox_row), ("oscar_ordered", oscar_ordered_prox_row)]
+)
 def test_compiled_kernel_matches_per_row_python_oracle(kind, solver):
     rng = np.random.default_rng(4)
     for d in (1, 3, 8, 13, 64, 300):
@@ -344,10 +351,16 @@ def test_dim_and_batch_shapes(name):
 
 
 @pytest.mark.parametrize("name", NORMALIZERS)
-@pytest.mark.parametrize("kwargs, param", [
-    ({"lam": -0.1}, "lam"), ({"lam": float("nan")}, "lam"), ({"gamma": 0.0}, "gamma"),
-    ({"gamma": -1.0}, "gamma"), ({"lam": "1"}, "lam"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"lam": -0.1}, "lam"),
+        ({"lam": float("nan")}, "lam"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"gamma": -1.0}, "gamma"),
+        ({"lam": "1"}, "lam"),
+    ],
+)
 def test_bad_parameters_raise_value_error(name, kwargs, param):
     with pytest.raises(ValueError, match=param):
         NORMALIZERS[name](torch.randn(2, 4), **kwargs)
@@ -392,9 +405,7 @@ def _support_shares_a_group(x: torch.Tensor, name: str, lam: float, gamma: float
     _, groups = structured_prox("tv" if name == "fusedmax" else "oscar_ordered", z, allowed, lam)
     p = NORMALIZERS[name](x, lam=lam, gamma=gamma, mask=mask)
     support = p > 0
-    shared = any(
-        torch.unique(groups[r][support[r]]).numel() < int(support[r].sum()) for r in range(x.shape[0])
-    )
+    shared = any(torch.unique(groups[r][support[r]]).numel() < int(support[r].sum()) for r in range(x.shape[0]))
     partial = bool((allowed & ~support).any())
     return shared and partial
 

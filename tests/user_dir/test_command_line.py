@@ -28,8 +28,14 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def _run(tool: str, argv: list[str]) -> str:
     """Run .venv/bin/fairseq-<tool> as a user does; return its stdout."""
-    proc = subprocess.run([str(BIN / f"fairseq-{tool}"), *argv], check=False, capture_output=True, text=True,
-                          env=SUBPROCESS_ENV, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / f"fairseq-{tool}"), *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=SUBPROCESS_ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -44,11 +50,29 @@ def user_run(data_bin, tmp_path_factory):
     """fairseq-train as a subprocess: 3 updates of 2 batches each, validation with BLEU."""
     save = tmp_path_factory.mktemp("user-run")
     enc, dec, cross = USER_RUN
-    _run("train", train_argv(
-        data_bin, save, "--encoder-attn", enc, "--decoder-attn", dec, "--cross-attn", cross,
-        "--max-update", "3", "--update-freq", "2", "--eval-bleu", "--eval-bleu-args", '{"beam": 2}',
-        "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
-    ))
+    _run(
+        "train",
+        train_argv(
+            data_bin,
+            save,
+            "--encoder-attn",
+            enc,
+            "--decoder-attn",
+            dec,
+            "--cross-attn",
+            cross,
+            "--max-update",
+            "3",
+            "--update-freq",
+            "2",
+            "--eval-bleu",
+            "--eval-bleu-args",
+            '{"beam": 2}',
+            "--best-checkpoint-metric",
+            "bleu",
+            "--maximize-best-checkpoint-metric",
+        ),
+    )
     return save
 
 
@@ -78,8 +102,9 @@ def test_weights_only_load_of_fairseq_checkpoints(user_run):
 
     from user_dir.checkpoint_globals import fairseq_checkpoint_globals
 
-    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1]
-               for g in fairseq_checkpoint_globals()}
+    allowed = {
+        f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in fairseq_checkpoint_globals()
+    }
     paths = [str(user_run / name) for name in ("checkpoint_best.pt", "checkpoint_last.pt")]
     # the globals a checkpoint needs beyond torch's defaults (with our allow-list removed for a moment)
     ours = torch.serialization.get_safe_globals()
@@ -130,16 +155,32 @@ def test_requested_mechanisms_run_in_training_and_generation(specs, data_bin, tm
     enc, dec, cross = specs
     roles = dict(zip(("encoder", "decoder", "cross"), specs))
     with plugin.record_calls() as calls:
-        run_cli("train", train_argv(
-            data_bin, tmp_path, "--encoder-attn", enc, "--decoder-attn", dec, "--cross-attn", cross,
-            "--max-update", "2", "--disable-validation",
-        ))
+        run_cli(
+            "train",
+            train_argv(
+                data_bin,
+                tmp_path,
+                "--encoder-attn",
+                enc,
+                "--decoder-attn",
+                dec,
+                "--cross-attn",
+                cross,
+                "--max-update",
+                "2",
+                "--disable-validation",
+            ),
+        )
     assert {(c.role, c.spec, c.training) for c in calls} == {(r, s, True) for r, s in roles.items()}
 
     results = tmp_path / "results"
     with plugin.record_calls() as calls:
-        run_cli("generate", generate_argv(data_bin, tmp_path / "checkpoint_last.pt", "--results-path", str(results),
-                                          "--print-alignment", "soft"))
+        run_cli(
+            "generate",
+            generate_argv(
+                data_bin, tmp_path / "checkpoint_last.pt", "--results-path", str(results), "--print-alignment", "soft"
+            ),
+        )
     assert {(c.role, c.spec, c.training) for c in calls} == {(r, s, False) for r, s in roles.items()}
     assert {c.query_shape[2] for c in calls if c.role == "decoder"} == {1}  # incremental decoding
     lines = parse_generate_output((results / "generate-test.txt").read_text())
@@ -149,23 +190,69 @@ def test_requested_mechanisms_run_in_training_and_generation(specs, data_bin, tm
 def test_validate_and_interactive_use_the_mechanisms(data_bin, tmp_path, capsys):
     specs = ("entmax:alpha=1.3", "entmax15", "sparsemax")
     roles = dict(zip(("encoder", "decoder", "cross"), specs))
-    run_cli("train", train_argv(
-        data_bin, tmp_path, "--encoder-attn", specs[0], "--decoder-attn", specs[1], "--cross-attn", specs[2],
-        "--max-update", "1", "--disable-validation",
-    ))
+    run_cli(
+        "train",
+        train_argv(
+            data_bin,
+            tmp_path,
+            "--encoder-attn",
+            specs[0],
+            "--decoder-attn",
+            specs[1],
+            "--cross-attn",
+            specs[2],
+            "--max-update",
+            "1",
+            "--disable-validation",
+        ),
+    )
     checkpoint = str(tmp_path / "checkpoint_last.pt")
     with plugin.record_calls() as calls:
         # fairseq-validate needs --task and a batch size given explicitly (it re-parses without defaults)
-        run_cli("validate", [str(data_bin), "--user-dir", str(USER_DIR), "--path", checkpoint, "--cpu",
-                             "--task", "translation", "--valid-subset", "valid", "--max-tokens", "500"])
+        run_cli(
+            "validate",
+            [
+                str(data_bin),
+                "--user-dir",
+                str(USER_DIR),
+                "--path",
+                checkpoint,
+                "--cpu",
+                "--task",
+                "translation",
+                "--valid-subset",
+                "valid",
+                "--max-tokens",
+                "500",
+            ],
+        )
     assert {(c.role, c.spec, c.training) for c in calls} == {(r, s, False) for r, s in roles.items()}
 
     source = tmp_path / "input.txt"
     source.write_text("s1 s2 s3\ns4 s5\n")
     capsys.readouterr()
     with plugin.record_calls() as calls:
-        run_cli("interactive", [str(data_bin), "--user-dir", str(USER_DIR), "--path", checkpoint, "--cpu",
-                                "--input", str(source), "--beam", "2", "--max-len-b", "15", "--source-lang", "src", "--target-lang", "tgt"])
+        run_cli(
+            "interactive",
+            [
+                str(data_bin),
+                "--user-dir",
+                str(USER_DIR),
+                "--path",
+                checkpoint,
+                "--cpu",
+                "--input",
+                str(source),
+                "--beam",
+                "2",
+                "--max-len-b",
+                "15",
+                "--source-lang",
+                "src",
+                "--target-lang",
+                "tgt",
+            ],
+        )
     assert {(c.role, c.spec) for c in calls} == set(roles.items())
     out = capsys.readouterr().out
     assert sum(line.startswith("H-") for line in out.splitlines()) == 2
@@ -173,14 +260,29 @@ def test_validate_and_interactive_use_the_mechanisms(data_bin, tmp_path, capsys)
 
 def test_resume_continues_exactly(data_bin, tmp_path):
     """4 updates straight == 2 updates, then --restore-file and 2 more (dropout on, learned alpha)."""
-    common = ["--encoder-attn", "sparsemax", "--decoder-attn", "entmax:alpha=learned", "--cross-attn", "entmax15",
-              "--dropout", "0.1", "--attention-dropout", "0.1", "--disable-validation"]
+    common = [
+        "--encoder-attn",
+        "sparsemax",
+        "--decoder-attn",
+        "entmax:alpha=learned",
+        "--cross-attn",
+        "entmax15",
+        "--dropout",
+        "0.1",
+        "--attention-dropout",
+        "0.1",
+        "--disable-validation",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli("train", train_argv(data_bin, straight, *common, "--max-update", "4"))
     run_cli("train", train_argv(data_bin, resumed, *common, "--max-update", "2"))
     halfway = torch.load(resumed / "checkpoint_last.pt")["model"]
-    run_cli("train", train_argv(data_bin, resumed, *common, "--max-update", "4",
-                                "--restore-file", str(resumed / "checkpoint_last.pt")))
+    run_cli(
+        "train",
+        train_argv(
+            data_bin, resumed, *common, "--max-update", "4", "--restore-file", str(resumed / "checkpoint_last.pt")
+        ),
+    )
     a = torch.load(straight / "checkpoint_last.pt")
     b = torch.load(resumed / "checkpoint_last.pt")
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 4
@@ -198,20 +300,42 @@ def test_resume_continues_exactly(data_bin, tmp_path):
 def test_a_stock_checkpoint_is_fine_tuned_with_sparse_attention(data_bin, tmp_path):
     """Train fairseq's own transformer, then restore it into sparse_transformer (alpha starts at 1.5)."""
     stock, sparse = tmp_path / "stock", tmp_path / "sparse"
-    run_cli("train", train_argv(data_bin, stock, *TINY_DIMS, *NO_DROPOUT, "--max-update", "1",
-                                "--disable-validation", arch="transformer"))
+    run_cli(
+        "train",
+        train_argv(
+            data_bin, stock, *TINY_DIMS, *NO_DROPOUT, "--max-update", "1", "--disable-validation", arch="transformer"
+        ),
+    )
     with plugin.record_calls() as calls:
-        run_cli("train", train_argv(
-            data_bin, sparse, *NO_DROPOUT, "--cross-attn", "entmax:alpha=learned", "--max-update", "1",
-            "--disable-validation", "--restore-file", str(stock / "checkpoint_last.pt"), "--reset-optimizer",
-            "--reset-lr-scheduler", "--reset-dataloader", "--reset-meters",
-        ))
-    assert {(c.role, c.spec) for c in calls} == {("encoder", "softmax"), ("decoder", "softmax"),
-                                                  ("cross", "entmax:alpha=learned")}
+        run_cli(
+            "train",
+            train_argv(
+                data_bin,
+                sparse,
+                *NO_DROPOUT,
+                "--cross-attn",
+                "entmax:alpha=learned",
+                "--max-update",
+                "1",
+                "--disable-validation",
+                "--restore-file",
+                str(stock / "checkpoint_last.pt"),
+                "--reset-optimizer",
+                "--reset-lr-scheduler",
+                "--reset-dataloader",
+                "--reset-meters",
+            ),
+        )
+    assert {(c.role, c.spec) for c in calls} == {
+        ("encoder", "softmax"),
+        ("decoder", "softmax"),
+        ("cross", "entmax:alpha=learned"),
+    }
     before = torch.load(stock / "checkpoint_last.pt")["model"]
     after = torch.load(sparse / "checkpoint_last.pt")["model"]
-    assert set(after) - set(before) == {f"decoder.layers.{i}.encoder_attn.mechanism.normalizer.learned.weight"
-                                        for i in (0, 1)}
+    assert set(after) - set(before) == {
+        f"decoder.layers.{i}.encoder_attn.mechanism.normalizer.learned.weight" for i in (0, 1)
+    }
 
 
 # ----------------------------------------------------------------------------- argument errors
@@ -223,9 +347,18 @@ def test_unknown_spec_fails_at_argument_parsing(flag, data_bin, capsys):
 
     parser = options.get_training_parser()
     with pytest.raises(SystemExit) as exit_info:
-        options.parse_args_and_arch(parser, input_args=[
-            str(data_bin), "--user-dir", str(USER_DIR), "--arch", "sparse_transformer_tiny", flag, "nosuchmax",
-        ])
+        options.parse_args_and_arch(
+            parser,
+            input_args=[
+                str(data_bin),
+                "--user-dir",
+                str(USER_DIR),
+                "--arch",
+                "sparse_transformer_tiny",
+                flag,
+                "nosuchmax",
+            ],
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "'nosuchmax'" in err
@@ -238,10 +371,18 @@ def test_bad_parameter_fails_at_argument_parsing_with_its_range(data_bin, capsys
 
     parser = options.get_training_parser()
     with pytest.raises(SystemExit):
-        options.parse_args_and_arch(parser, input_args=[
-            str(data_bin), "--user-dir", str(USER_DIR), "--arch", "sparse_transformer_tiny",
-            "--decoder-attn", "entmax:alpha=3",
-        ])
+        options.parse_args_and_arch(
+            parser,
+            input_args=[
+                str(data_bin),
+                "--user-dir",
+                str(USER_DIR),
+                "--arch",
+                "sparse_transformer_tiny",
+                "--decoder-attn",
+                "entmax:alpha=3",
+            ],
+        )
     err = capsys.readouterr().err
     assert "argument --decoder-attn" in err and "alpha" in err and "(1, 2]" in err
 
@@ -251,16 +392,31 @@ def test_architectures_keep_fairseq_defaults(data_bin):
 
     def parsed(arch):
         parser = options.get_training_parser()
-        return vars(options.parse_args_and_arch(parser, input_args=[str(data_bin), "--user-dir", str(USER_DIR),
-                                                                    "--arch", arch]))
+        return vars(
+            options.parse_args_and_arch(parser, input_args=[str(data_bin), "--user-dir", str(USER_DIR), "--arch", arch])
+        )
 
-    for ours, stock in (("sparse_transformer", "transformer"), ("sparse_transformer_iwslt_de_en",
-                                                                "transformer_iwslt_de_en")):
+    for ours, stock in (
+        ("sparse_transformer", "transformer"),
+        ("sparse_transformer_iwslt_de_en", "transformer_iwslt_de_en"),
+    ):
         a, b = parsed(ours), parsed(stock)
         assert (a["encoder_attn"], a["decoder_attn"], a["cross_attn"]) == ("softmax",) * 3
-        for key in ("encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers", "encoder_attention_heads",
-                    "decoder_layers", "decoder_attention_heads", "dropout", "share_all_embeddings"):
+        for key in (
+            "encoder_embed_dim",
+            "encoder_ffn_embed_dim",
+            "encoder_layers",
+            "encoder_attention_heads",
+            "decoder_layers",
+            "decoder_attention_heads",
+            "dropout",
+            "share_all_embeddings",
+        ):
             assert a.get(key) == b.get(key), key
     tiny = parsed("sparse_transformer_tiny")
-    assert (tiny["encoder_embed_dim"], tiny["encoder_ffn_embed_dim"], tiny["encoder_layers"],
-            tiny["encoder_attention_heads"]) == (64, 128, 2, 4)
+    assert (
+        tiny["encoder_embed_dim"],
+        tiny["encoder_ffn_embed_dim"],
+        tiny["encoder_layers"],
+        tiny["encoder_attention_heads"],
+    ) == (64, 128, 2, 4)
