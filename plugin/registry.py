@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 __all__ = [
     "Param",
@@ -212,7 +213,7 @@ def register_normalizer(
 
         fn = function
 
-        def factory(num_heads: int | None = None, _spec: str = name, **kw: Any) -> Any:  # noqa: ARG001
+        def factory(num_heads: int | None = None, **kw: Any) -> Any:  # a plain function has no per-head state
             return Normalizer(fn, name=name, **kw)
 
     variant = Variant(name, "discrete", factory, tuple(params), formula, summary, function)
@@ -380,6 +381,7 @@ def _ensure_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        from . import normalizers  # noqa: F401  (registers the discrete variants)
-
-        from . import continuous  # noqa: F401  (registers the continuous variants)
+        from . import (
+            continuous,  # noqa: F401  (registers the continuous variants)
+            normalizers,  # noqa: F401  (registers the discrete variants)
+        )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import plugin  # noqa: E402
+import plugin
 
 BEGIN = "<!-- variants-table:begin -->"
 END = "<!-- variants-table:end -->"
