@@ -62,26 +62,30 @@ class AttentionMechanism(nn.Module):
         dropout_p: float = 0.0,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
-        q, k, v = _check_qkv(q, k, v)
+        q, k, v = _check_qkv(q, k, v, repeat_kv=False)
         B, H, Lq, D = q.shape
         Lk = k.shape[-2]
         if scale is None:
             scale = 1.0 / math.sqrt(D)
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"attention: dropout_p must lie in [0, 1), got {dropout_p!r}")
-        allowed, additive = _combine_masks(mask, causal, B, H, Lq, Lk, q.device)
+        allowed, additive = _combine_masks(mask, False, B, H, Lq, Lk, q.device)
 
         path = "reference"
         fast = None
-        if self.continuous is None and additive is None and dropout_p == 0.0:
-            fast = kernels.select_path(self, q, k, v, allowed, False, dropout_p, return_weights)
+        if self.continuous is None:
+            # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
+            fast = kernels.select_path(self, q, k, v, allowed, causal, dropout_p, return_weights, additive)
         if fast is not None:
             path, fn = fast
-            out, weights = fn(q, k, v, allowed, scale), None
+            out, weights = fn(q, k, v, allowed, additive, causal, scale), None
         else:
+            k, v = _repeat_kv(k, v, H)
+            if causal:
+                allowed = _with_causal(allowed, Lq, Lk, q.device)
             out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
         if _recording():
-            _notify(CallRecord(self.spec, self.role, tuple(q.shape), tuple(k.shape), path, self.training))
+            _notify(CallRecord(self.spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
         if return_weights:
             return out, weights
         return out
@@ -114,7 +118,7 @@ def _key_validity(allowed: Tensor | None, scores: Tensor) -> Tensor | None:
     return allowed & finite
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, repeat_kv: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -129,10 +133,25 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]
     Hkv = k.shape[1]
     if H % Hkv:
         raise ValueError(f"attention: query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if repeat_kv:
+        k, v = _repeat_kv(k, v, H)
+    return q, k, v
+
+
+def _repeat_kv(k: Tensor, v: Tensor, H: int) -> tuple[Tensor, Tensor]:
+    Hkv = k.shape[1]
     if Hkv != H:  # grouped-query attention: query head h reads key/value head h // (H // Hkv)
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    return q, k, v
+    return k, v
+
+
+def _with_causal(allowed: Tensor | None, Lq: int, Lk: int, device: torch.device) -> Tensor:
+    # aligned bottom-right: query i sees keys j <= i + (Lk - Lq), as in cached decoding
+    i = torch.arange(Lq, device=device).unsqueeze(-1)
+    j = torch.arange(Lk, device=device)
+    c = j <= i + (Lk - Lq)
+    return c if allowed is None else allowed & c
 
 
 def _combine_masks(mask, causal, B, H, Lq, Lk, device):
@@ -158,11 +177,7 @@ def _combine_masks(mask, causal, B, H, Lq, Lk, device):
         else:
             raise ValueError(f"attention: mask must be bool (True = attend) or float (additive), got {mask.dtype}")
     if causal:
-        # aligned bottom-right: query i sees keys j <= i + (Lk - Lq), as in cached decoding
-        i = torch.arange(Lq, device=device).unsqueeze(-1)
-        j = torch.arange(Lk, device=device)
-        c = j <= i + (Lk - Lq)
-        allowed = c if allowed is None else allowed & c
+        allowed = _with_causal(allowed, Lq, Lk, device)
     return allowed, additive
 
 

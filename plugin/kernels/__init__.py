@@ -1,41 +1,228 @@
 """Fast paths for plugin.attention: selected automatically, each tested against the reference path.
 
-``PLUGIN_ATTENTION_PATH=reference`` in the environment, or the :func:`reference_path`
-context manager, forces the plain PyTorch reference path everywhere.
+Paths (the name is what :func:`plugin.record_calls` reports as ``CallRecord.path``):
+
+``"reference"``
+    plain PyTorch: the full (Lq, Lk) score matrix, the normalizer, ``weights @ v``.
+``"cpu_chunked"``
+    CPU, sparsemax / entmax-1.5 / alpha-entmax (fixed or learned alpha): queries in chunks,
+    a compiled C row kernel (sort-free exact thresholds); chunks with few nonzeros are
+    multiplied sparsely and kept in sparse form for a backward pass without dense products,
+    the others are recomputed flash-style; no (Lq, Lk) matrix is kept
+    (:mod:`plugin.kernels.chunked`). Computed in float32.
+``"cpu_chunked_torch"``
+    the same chunking with the row work done by the PyTorch normalizers; chosen only when
+    no C compiler is available and the score matrix would be large (> 2^24 entries).
+``"triton"``
+    CUDA, sparsemax / alpha-entmax: Triton flash-style kernels (:mod:`plugin.kernels.triton_entmax`).
+
+Selection is automatic: the fast path for the tensors' device and dtype when the call is
+one it computes exactly (a supported normalizer, bool and/or additive masks, no dropout, no
+returned weights), else the reference. ``float64`` stays on the reference path.
+
+``PLUGIN_ATTENTION_PATH`` in the environment (or the :func:`use_path` / :func:`reference_path`
+context managers) forces a path: ``reference`` everywhere, or one of the fast paths for every
+call it implements (the other calls keep the reference); a forced path that cannot run here
+(no CUDA for ``triton``, no compiler for ``cpu_chunked``) raises ``ValueError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-_FORCE_REFERENCE = [False]
+import torch
+from torch import Tensor
+
+__all__ = ["PATHS", "entmax_config", "forced_path", "reference_forced", "reference_path", "select_path", "use_path"]
+
+PATHS = ("reference", "cpu_chunked", "cpu_chunked_torch", "triton")
+# the torch-only chunked path pays off (in memory) when the score matrix would be this large
+_TORCH_CHUNKED_MIN_SCORES = 1 << 24
+
+_FORCED: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def use_path(name: str | None) -> Iterator[None]:
+    """Force attention path ``name`` (one of :data:`PATHS`; None = automatic) inside the block."""
+    if name is not None and name not in PATHS:
+        raise ValueError(f"use_path: name must be one of {', '.join(PATHS)} or None, got {name!r}")
+    previous = _FORCED[0]
+    _FORCED[0] = name
+    try:
+        yield
+    finally:
+        _FORCED[0] = previous
 
 
 @contextlib.contextmanager
 def reference_path() -> Iterator[None]:
     """Force the reference (materialized scores, plain PyTorch) path inside the block."""
-    previous = _FORCE_REFERENCE[0]
-    _FORCE_REFERENCE[0] = True
-    try:
+    with use_path("reference"):
         yield
-    finally:
-        _FORCE_REFERENCE[0] = previous
+
+
+def forced_path() -> str | None:
+    """The forced path name (context manager first, then ``PLUGIN_ATTENTION_PATH``), or None."""
+    if _FORCED[0] is not None:
+        return _FORCED[0]
+    env = os.environ.get("PLUGIN_ATTENTION_PATH", "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env not in PATHS:
+        raise ValueError(f"PLUGIN_ATTENTION_PATH must be one of auto, {', '.join(PATHS)}; got {env!r}")
+    return env
 
 
 def reference_forced() -> bool:
-    return _FORCE_REFERENCE[0] or os.environ.get("PLUGIN_ATTENTION_PATH", "").lower() == "reference"
+    return forced_path() == "reference"
 
 
-def select_path(mechanism: Any, q: Any, k: Any, v: Any, mask: Any, causal: bool, dropout_p: float,
-                return_weights: bool) -> tuple[str, Callable[..., Any]] | None:
-    """Return ``(path_name, fn)`` of a fast path that computes exactly this call, or None.
+@dataclass(frozen=True)
+class EntmaxConfig:
+    """What a fast path needs to know about an entmax-family normalizer.
 
-    ``fn(q, k, v, mask, causal, scale)`` returns the attention output. ``k``/``v`` are
-    already expanded to the query heads; ``mask`` is None or a bool tensor broadcastable
-    to (B, H, Lq, Lk) (True = attend).
+    ``alpha`` is 2.0 (sparsemax), 1.5, another float in (1, 2), or None with ``learned``
+    the :class:`plugin.normalizers.LearnableAlpha` module (alpha per head, with gradient).
+    Scores are divided by ``gamma`` first (sparsemax's temperature).
     """
-    if reference_forced():
+
+    alpha: float | None
+    gamma: float = 1.0
+    learned: Any = None
+
+    def alpha_value(self) -> float | Tensor:
+        return self.learned() if self.learned is not None else float(self.alpha)  # type: ignore[arg-type]
+
+
+def entmax_config(normalizer: Any) -> EntmaxConfig | None:
+    """The :class:`EntmaxConfig` of a built-in sparsemax / entmax15 / entmax normalizer, else None."""
+    from ..normalizers.base import Normalizer
+    from ..normalizers.entmax import EntmaxNormalizer, entmax, entmax15
+    from ..normalizers.sparsemax import sparsemax
+
+    if isinstance(normalizer, EntmaxNormalizer):
+        if normalizer.learned is not None:
+            return EntmaxConfig(alpha=None, learned=normalizer.learned)
+        return EntmaxConfig(alpha=float(normalizer.alpha))
+    if isinstance(normalizer, Normalizer):
+        params = dict(normalizer.params)
+        if normalizer.function is sparsemax and set(params) <= {"gamma"}:
+            return EntmaxConfig(alpha=2.0, gamma=float(params.get("gamma", 1.0)))
+        if normalizer.function is entmax15 and not params:
+            return EntmaxConfig(alpha=1.5)
+        if normalizer.function is entmax and set(params) <= {"alpha"}:
+            alpha = params.get("alpha", 1.5)
+            if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 1 < alpha <= 2:
+                return EntmaxConfig(alpha=float(alpha))
+    return None
+
+
+def _run_chunked(config: EntmaxConfig, backend: str) -> Callable[..., Tensor]:
+    from .chunked import chunked_entmax_attention
+
+    def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
+            scale: float) -> Tensor:
+        if config.gamma != 1.0:
+            scale = scale / config.gamma
+            bias = bias / config.gamma if bias is not None else None
+        return chunked_entmax_attention(q, k, v, config.alpha_value(), mask=mask, bias=bias, causal=causal,
+                                        scale=scale, backend=backend)
+
+    return run
+
+
+def _run_triton(config: EntmaxConfig) -> Callable[..., Tensor]:
+    from .triton_entmax import triton_entmax_attention
+
+    def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
+            scale: float) -> Tensor:
+        if config.gamma != 1.0:
+            scale = scale / config.gamma
+            bias = bias / config.gamma if bias is not None else None
+        return triton_entmax_attention(q, k, v, config.alpha_value(), mask=mask, bias=bias, causal=causal,
+                                       scale=scale)
+
+    return run
+
+
+def _triton_unavailable_reason(q: Tensor, v: Tensor, bias: Tensor | None) -> str | None:
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}, the Triton kernels need CUDA"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (the Triton kernels take float16, bfloat16, float32)"
+    if q.shape[-1] > 256:
+        return f"head dimension {q.shape[-1]} > 256"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value dimension {v.shape[-1]} differs from the query/key dimension {q.shape[-1]}"
+    if bias is not None and bias.requires_grad:
+        return "an additive mask that requires a gradient"
+    from .triton_entmax import triton_available
+
+    if not triton_available():
+        return "triton is not installed"
+    return None
+
+
+def select_path(
+    mechanism: Any,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    return_weights: bool,
+    bias: Tensor | None = None,
+) -> tuple[str, Callable[..., Tensor]] | None:
+    """Return ``(path_name, fn)`` of a fast path that computes exactly this call, or None (reference).
+
+    Parameters
+    ----------
+    mechanism : the :class:`plugin.AttentionMechanism` (its ``normalizer`` decides).
+    q : (B, H, Lq, D); k, v : (B, Hkv, Lk, D), not repeated to H heads.
+    mask : None or a bool tensor broadcastable to (B, H, Lq, Lk), True = attend (without
+        causality, which ``causal`` carries).
+    bias : None or a float tensor broadcastable to (B, H, Lq, Lk) added to the scores.
+
+    ``fn(q, k, v, mask, bias, causal, scale)`` returns the (B, H, Lq, D) output.
+    """
+    forced = forced_path()
+    if forced == "reference" or return_weights or dropout_p > 0:
         return None
+    config = entmax_config(getattr(mechanism, "normalizer", None))
+    if config is None:
+        return None
+    if config.learned is not None and config.learned.num_heads != q.shape[1]:
+        return None  # the reference path raises the error about the head count
+    if forced == "triton" or (forced is None and q.device.type == "cuda"):
+        reason = _triton_unavailable_reason(q, v, bias)
+        if reason is None:
+            return "triton", _run_triton(config)
+        if forced == "triton":
+            raise ValueError(f"PLUGIN_ATTENTION_PATH / use_path: the 'triton' path cannot run this call: {reason}")
+        return None
+    if q.device.type != "cpu":
+        if forced is not None:
+            raise ValueError(f"the {forced!r} attention path runs on CPU tensors, got {q.device.type}")
+        return None
+    if forced == "cpu_chunked_torch":
+        return "cpu_chunked_torch", _run_chunked(config, "torch")
+    from .chunked import c_kernel_available
+
+    if forced == "cpu_chunked":
+        if not c_kernel_available():
+            raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its row kernel; none worked")
+        return "cpu_chunked", _run_chunked(config, "c")
+    if q.dtype == torch.float64:
+        return None
+    if c_kernel_available():
+        return "cpu_chunked", _run_chunked(config, "c")
+    B, H, Lq = q.shape[:3]
+    if B * H * Lq * k.shape[2] >= _TORCH_CHUNKED_MIN_SCORES:
+        return "cpu_chunked_torch", _run_chunked(config, "torch")
     return None

@@ -1,0 +1,563 @@
+/*
+ * Row kernels of the chunked CPU attention path (plugin/kernels/chunked.py): alpha-entmax
+ * (sparsemax = alpha 2, entmax-1.5, general alpha) of rows of attention scores, in place,
+ * and the matching backward. Built on first use by plugin/kernels/cbuild.py and called
+ * through ctypes.
+ *
+ * A row holds the scores z_j of one query against the keys of a chunk. With
+ * m = max_j z_j and x_j = a (z_j - m), a = alpha - 1 (so max x = 0), the output is
+ *
+ *     p_j = [x_j - t]_+ ^ e / norm,     e = 1 / a,
+ *
+ * where t solves f(t) = sum_j [x_j - t]_+^e = 1 (t lies in [-1, 0)) and norm = f(t)
+ * (1 up to rounding; it makes general-alpha rows sum to one). Per row the kernel stores
+ * stats = (m, t, 1 / norm); the backward recomputes p from the same scores and stats.
+ *
+ * Threshold (sort-free, exact for alpha = 2 and 1.5): Newton's method on the convex,
+ * decreasing phi(t) = f(t)^(1/e) - 1, started at the lower bound t = -1, increases t
+ * monotonically towards the root. Each step works on the entries above the current t only
+ * (the others can never re-enter the support) and, for alpha = 2 and 1.5, first tries the
+ * closed-form root on that set (y = x - t over its k entries):
+ *     alpha = 2:    t + d,  d = (sum y - 1) / k                  (Michelot's step)
+ *     alpha = 1.5:  t + d,  k d^2 - 2 d sum y + sum y^2 - 1 = 0   (smaller root)
+ * which is the exact threshold as soon as every entry of the set stays above it
+ * (d <= min y); otherwise the Newton step is taken. For other alpha, Newton stops when
+ * f(t) = 1 to 2e-6 or when a step no longer changes t in float32 (the final division by
+ * norm absorbs the rest).
+ *
+ * y^e for general alpha uses exp2(e log2 y) with short polynomials (relative error about
+ * 1e-7) written so that the compiler vectorizes the loops.
+ *
+ * Masks: scores of -inf are masked. With causal != 0, row r (query q_start + r % c) sees
+ * keys j <= q_start + r % c + causal_off only; the later ones are written as 0.
+ * alpha is given per head as am1[h] = alpha_h - 1, with h = (r / c) % heads: rows are laid
+ * out (batch, head, query) with c queries per head.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { KIND_SPARSEMAX = 0, KIND_ENTMAX15 = 1, KIND_GENERAL = 2 };
+
+#define MAX_NEWTON 100
+
+static int64_t row_limit(int64_t r, int64_t n, int causal, int64_t q_start, int64_t c, int64_t off)
+{
+    if (!causal)
+        return n;
+    int64_t lim = q_start + r % c + off + 1;
+    return lim < 0 ? 0 : (lim > n ? n : lim);
+}
+
+/* log2 of a positive normal float: exponent + 2 atanh series of the mantissa in [sqrt(1/2), sqrt(2)) */
+static inline float log2_pos(float x)
+{
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    int32_t ex = ((bits >> 23) & 0xff) - 127;
+    bits = (bits & 0x007fffff) | 0x3f800000;
+    float mant;
+    memcpy(&mant, &bits, sizeof mant);
+    int big = mant > 1.41421356f;
+    mant = big ? mant * 0.5f : mant;
+    ex += big;
+    float s = (mant - 1.0f) / (mant + 1.0f), s2 = s * s;
+    float ln = 2.0f * s * (1.0f + s2 * (0.33333333f + s2 * (0.2f + s2 * (0.14285714f + s2 * 0.11111111f))));
+    return (float)ex + ln * 1.44269504f;
+}
+
+/* 2^x: 2^round(x) from the exponent bits times a degree-7 Taylor polynomial of 2^f, |f| <= 1/2 */
+static inline float exp2_clamped(float x)
+{
+    x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
+    float n = floorf(x + 0.5f);
+    float f = (x - n) * 0.69314718f;
+    float poly = 1.0f + f * (1.0f + f * (0.5f + f * (0.16666667f + f * (0.041666668f +
+                 f * (0.0083333338f + f * (0.0013888889f + f * 0.00019841270f))))));
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return poly * scale;
+}
+
+static inline float pow_pos(float y, float e) { return exp2_clamped(e * log2_pos(y)); }
+
+static void zero_row(float *z, int64_t from, int64_t n)
+{
+    for (int64_t j = from; j < n; j++)
+        z[j] = 0.0f;
+}
+
+/* Threshold of one row: returns t, sets *norm. buf (room for lim floats) is scratch. */
+static float row_threshold(const float *z, int64_t lim, float m, float a, int kind, float *buf, float *norm)
+{
+    /* compaction of the entries above t = -1 (branch-free, skipping blocks with none) */
+    int64_t k = 0, j0 = 0;
+    for (; j0 + 32 <= lim; j0 += 32) {
+        int any = 0;
+#pragma omp simd reduction(| : any)
+        for (int64_t j = j0; j < j0 + 32; j++)
+            any |= a * (z[j] - m) > -1.0f;
+        if (!any)
+            continue;
+        for (int64_t j = j0; j < j0 + 32; j++) {
+            float x = a * (z[j] - m);
+            buf[k] = x;
+            k += x > -1.0f;
+        }
+    }
+    for (int64_t j = j0; j < lim; j++) {
+        float x = a * (z[j] - m);
+        buf[k] = x;
+        k += x > -1.0f;
+    }
+    const float e = 1.0f / a;
+    float t = -1.0f;
+    for (int it = 0; it < MAX_NEWTON && k > 0; it++) {
+        float d;
+        int exact = 0;
+        if (kind == KIND_SPARSEMAX) {
+            float s1 = 0.0f, ymin = INFINITY;
+#pragma omp simd reduction(+ : s1) reduction(min : ymin)
+            for (int64_t i = 0; i < k; i++) {
+                float y = buf[i] - t;
+                s1 += y;
+                ymin = y < ymin ? y : ymin;
+            }
+            d = (s1 - 1.0f) / (float)k;
+            exact = d <= ymin;
+        } else if (kind == KIND_ENTMAX15) {
+            float s1 = 0.0f, s2 = 0.0f, ymin = INFINITY;
+#pragma omp simd reduction(+ : s1, s2) reduction(min : ymin)
+            for (int64_t i = 0; i < k; i++) {
+                float y = buf[i] - t;
+                s1 += y;
+                s2 += y * y;
+                ymin = y < ymin ? y : ymin;
+            }
+            double disc = (double)s1 * s1 - (double)k * (s2 - 1.0);
+            d = (float)((s1 - sqrt(disc > 0.0 ? disc : 0.0)) / (double)k);
+            exact = d <= ymin;
+            if (!exact)
+                d = (s2 - sqrtf(s2)) / s1; /* Newton on phi = sqrt(f) - 1 */
+        } else {
+            float fsum = 0.0f, slope = 0.0f;
+            const float em1 = e - 1.0f;
+#pragma omp simd reduction(+ : fsum, slope)
+            for (int64_t i = 0; i < k; i++) {
+                float y = buf[i] - t;
+                float w = y > 0.0f ? pow_pos(y > 0.0f ? y : 1.0f, em1) : 0.0f;
+                slope += w;
+                fsum += y * w;
+            }
+            if (fabsf(fsum - 1.0f) <= 2e-6f)
+                break;
+            d = (fsum - powf(fsum, 1.0f - a)) / slope; /* Newton on phi = f^(1/e) - 1 */
+        }
+        if (!(d > 0.0f) || t + d == t) /* no progress left at this precision */
+            break;
+        t += d;
+        if (exact)
+            break;
+        int64_t k2 = 0;
+        for (int64_t i = 0; i < k; i++) {
+            float x = buf[i];
+            buf[k2] = x;
+            k2 += x > t;
+        }
+        k = k2;
+    }
+    /* buf still holds every entry above t: the normalizer is summed there */
+    float s = 0.0f;
+    if (kind == KIND_SPARSEMAX) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < k; i++) {
+            float y = buf[i] - t;
+            s += y > 0.0f ? y : 0.0f;
+        }
+    } else if (kind == KIND_ENTMAX15) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < k; i++) {
+            float y = buf[i] - t;
+            s += y > 0.0f ? y * y : 0.0f;
+        }
+    } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < k; i++) {
+            float y = buf[i] - t;
+            float w = pow_pos(y > 0.0f ? y : 1.0f, e);
+            s += y > 0.0f ? w : 0.0f;
+        }
+    }
+    *norm = s;
+    return t;
+}
+
+/* alpha-entmax of one row in place; returns the support size */
+static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, float *buf, float *st)
+{
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < lim; j++)
+        m = z[j] > m ? z[j] : m;
+    if (!(m > -INFINITY) || !(m < INFINITY)) { /* no allowed key (or overflowed scores): zeros */
+        st[0] = INFINITY;
+        st[1] = 0.0f;
+        st[2] = 0.0f;
+        zero_row(z, 0, n);
+        return 0;
+    }
+    float norm;
+    const float t = row_threshold(z, lim, m, a, kind, buf, &norm);
+    const float inv = norm > 0.0f ? 1.0f / norm : 0.0f, e = 1.0f / a;
+    st[0] = m;
+    st[1] = t;
+    st[2] = inv;
+    int32_t count = 0;
+    if (kind == KIND_SPARSEMAX) {
+#pragma omp simd reduction(+ : count)
+        for (int64_t j = 0; j < lim; j++) {
+            float y = (z[j] - m) - t;
+            z[j] = y > 0.0f ? y * inv : 0.0f;
+            count += y > 0.0f;
+        }
+    } else if (kind == KIND_ENTMAX15) {
+#pragma omp simd reduction(+ : count)
+        for (int64_t j = 0; j < lim; j++) {
+            float y = a * (z[j] - m) - t;
+            z[j] = y > 0.0f ? y * y * inv : 0.0f;
+            count += y > 0.0f;
+        }
+    } else {
+#pragma omp simd reduction(+ : count)
+        for (int64_t j = 0; j < lim; j++) {
+            float y = a * (z[j] - m) - t;
+            float w = pow_pos(y > 0.0f ? y : 1.0f, e);
+            z[j] = y > 0.0f ? w * inv : 0.0f;
+            count += y > 0.0f;
+        }
+    }
+    zero_row(z, lim, n);
+    return count;
+}
+
+/*
+ * Forward: S (rows, n) row-major scores -> probabilities, in place; stats (rows, 3);
+ * counts (rows,) the support sizes, or NULL.
+ * Returns 0, or 1 if scratch memory could not be allocated.
+ */
+int entmax_rows_forward(float *S, int64_t rows, int64_t n, const float *am1, int64_t heads, int kind, int causal,
+                        int64_t q_start, int64_t c, int64_t causal_off, float *stats, int32_t *counts, int nthreads)
+{
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+#endif
+    {
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+        if (buf == NULL) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            if (buf == NULL)
+                continue;
+            int64_t lim = row_limit(r, n, causal, q_start, c, causal_off);
+            int32_t count = row_forward(S + r * n, lim, n, am1[(r / c) % heads], kind, buf, stats + 3 * r);
+            if (counts != NULL)
+                counts[r] = count;
+        }
+        free(buf);
+    }
+    (void)nthreads;
+    return failed;
+}
+
+/* Backward of one row; see entmax_rows_backward. g (room for lim floats) is scratch. */
+static void row_backward(float *z, float *dp, int64_t lim, int64_t n, float a, int kind, const float *st, float *g,
+                         float *dalpha)
+{
+    const float m = st[0], t = st[1], inv = st[2];
+    if (!(m < INFINITY)) {
+        zero_row(z, 0, n);
+        zero_row(dp, 0, n);
+        if (dalpha != NULL)
+            *dalpha = 0.0f;
+        return;
+    }
+    float sg = 0.0f, sgd = 0.0f;
+    double s_plogp = 0.0, s_gz = 0.0, s_dplogp = 0.0, s_dgz = 0.0;
+    if (kind == KIND_SPARSEMAX) { /* g = 1 on the support */
+#pragma omp simd reduction(+ : sg, sgd)
+        for (int64_t j = 0; j < lim; j++) {
+            float y = (z[j] - m) - t;
+            int on = y > 0.0f;
+            z[j] = on ? y * inv : 0.0f;
+            g[j] = on ? 1.0f : 0.0f;
+            sg += on ? 1.0f : 0.0f;
+            sgd += on ? dp[j] : 0.0f;
+        }
+    } else if (kind == KIND_ENTMAX15) { /* p = y^2 / norm, g = sqrt(p) = y / sqrt(norm) */
+        const float ginv = sqrtf(inv);
+#pragma omp simd reduction(+ : sg, sgd)
+        for (int64_t j = 0; j < lim; j++) {
+            float y = a * (z[j] - m) - t;
+            int on = y > 0.0f;
+            float gj = on ? y * ginv : 0.0f;
+            z[j] = on ? y * y * inv : 0.0f;
+            g[j] = gj;
+            sg += gj;
+            sgd += gj * dp[j];
+        }
+    } else { /* w = y^(e-1): p = y w / norm, g = p^(2-alpha) = w norm^(alpha-2) */
+        const float e = 1.0f / a, em1 = e - 1.0f, ginv = powf(inv, 1.0f - a);
+        const float ln_inv = logf(inv > 0.0f ? inv : 1.0f), ln2 = 0.69314718f;
+        if (dalpha == NULL) {
+#pragma omp simd reduction(+ : sg, sgd)
+            for (int64_t j = 0; j < lim; j++) {
+                float y = a * (z[j] - m) - t;
+                int on = y > 0.0f;
+                float w = pow_pos(on ? y : 1.0f, em1);
+                w = on ? w : 0.0f;
+                float gj = w * ginv;
+                z[j] = on ? y * w * inv : 0.0f;
+                g[j] = gj;
+                sg += gj;
+                sgd += gj * dp[j];
+            }
+        } else {
+#pragma omp simd reduction(+ : sg, sgd, s_plogp, s_gz, s_dplogp, s_dgz)
+            for (int64_t j = 0; j < lim; j++) {
+                float zs = z[j] - m;
+                float y = a * zs - t;
+                int on = y > 0.0f;
+                float lg = log2_pos(on ? y : 1.0f);
+                float w = exp2_clamped(em1 * lg);
+                w = on ? w : 0.0f;
+                float gj = w * ginv, pj = on ? y * w * inv : 0.0f;
+                float plogp = on ? pj * (e * lg * ln2 + ln_inv) : 0.0f; /* log p = e log y + log(1/norm) */
+                float gz = on ? gj * zs : 0.0f;
+                z[j] = pj;
+                g[j] = gj;
+                sg += gj;
+                sgd += gj * dp[j];
+                s_plogp += plogp;
+                s_gz += gz;
+                s_dplogp += (double)dp[j] * plogp;
+                s_dgz += (double)dp[j] * gz;
+            }
+        }
+    }
+    const float delta = sg > 0.0f ? sgd / sg : 0.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < lim; j++)
+        dp[j] = g[j] * (dp[j] - delta);
+    zero_row(z, lim, n);
+    zero_row(dp, lim, n);
+    if (dalpha != NULL) {
+        /* Correia et al. 2019: dp_j/dalpha = (-p_j log p_j + g_j (zs_j - tau')) / (alpha - 1),
+           tau' = (sum g zs - sum p log p) / sum g, zs = z - m */
+        double tau_prime = sg > 0.0f ? (s_gz - s_plogp) / sg : 0.0;
+        *dalpha = (float)((-s_dplogp + s_dgz - tau_prime * sgd) / (double)a);
+    }
+}
+
+/*
+ * Backward: S (rows, n) the same scores as in the forward -> p, in place; dP (rows, n) the
+ * gradient with respect to p -> the gradient with respect to the scores, in place:
+ *     g = p^(2 - alpha) on the support, dz = g (dp - sum(g dp) / sum(g))
+ * If dalpha is not NULL it receives, per row, sum_j dp_j d p_j / d alpha.
+ * Returns 0, or 1 if scratch memory could not be allocated.
+ */
+int entmax_rows_backward(float *S, float *dP, int64_t rows, int64_t n, const float *am1, int64_t heads, int kind,
+                         int causal, int64_t q_start, int64_t c, int64_t causal_off, const float *stats,
+                         float *dalpha, int nthreads)
+{
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+#endif
+    {
+        float *g = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+        if (g == NULL) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            if (g == NULL)
+                continue;
+            int64_t lim = row_limit(r, n, causal, q_start, c, causal_off);
+            row_backward(S + r * n, dP + r * n, lim, n, am1[(r / c) % heads], kind, stats + 3 * r, g,
+                         dalpha != NULL ? dalpha + r : NULL);
+        }
+        free(g);
+    }
+    (void)nthreads;
+    return failed;
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* Sparse storage of the probabilities (rows whose support is small compared with n):
+ * row r's support entries are idx[offsets[r] : offsets[r + 1]] (key indices, increasing)
+ * with values val[...] (CSR). Rows are laid out (group, head-in-group, query) as above,
+ * and the keys / values of row r are those of group r / rows_per_group. */
+
+/* Copy the nonzero entries of P (rows, n) into (idx, val) at the given row offsets. */
+void entmax_rows_gather(const float *P, int64_t rows, int64_t n, const int64_t *offsets, int32_t *idx, float *val,
+                        int nthreads)
+{
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = P + r * n;
+        int64_t o = offsets[r];
+        for (int64_t j0 = 0; j0 < n; j0 += 32) {
+            const int64_t j1 = j0 + 32 < n ? j0 + 32 : n;
+            int any = 0;
+#pragma omp simd reduction(| : any)
+            for (int64_t j = j0; j < j1; j++)
+                any |= p[j] > 0.0f;
+            if (!any)
+                continue;
+            for (int64_t j = j0; j < j1; j++) {
+                if (p[j] > 0.0f) {
+                    idx[o] = (int32_t)j;
+                    val[o] = p[j];
+                    o++;
+                }
+            }
+        }
+    }
+    (void)nthreads;
+}
+
+/* out (rows, Dv) = P @ V with P in sparse storage and V (groups, Lk, Dv). */
+void entmax_sparse_matmul(const int64_t *offsets, const int32_t *idx, const float *val, const float *V, int64_t rows,
+                          int64_t rows_per_group, int64_t Lk, int64_t Dv, float *out, int nthreads)
+{
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads > 0 ? nthreads : 1)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const float *Vg = V + (r / rows_per_group) * Lk * Dv;
+        float *o = out + r * Dv;
+        for (int64_t d = 0; d < Dv; d++)
+            o[d] = 0.0f;
+        for (int64_t e = offsets[r]; e < offsets[r + 1]; e++) {
+            const float w = val[e], *vr = Vg + (int64_t)idx[e] * Dv;
+#pragma omp simd
+            for (int64_t d = 0; d < Dv; d++)
+                o[d] += w * vr[d];
+        }
+    }
+    (void)nthreads;
+}
+
+/*
+ * Backward from the sparse storage, without any dense (rows, Lk) product:
+ *     dp_e = dO_r . v_j,  g_e = p_e^(2 - alpha),  ds_e = g_e (dp_e - sum(g dp) / sum(g))
+ *     dQ_r = sum_e ds_e k_j            (rows, D), written
+ *     dK_j += ds_e Qs_r, dV_j += p_e dO_r   (groups, Lk, D / Dv), accumulated
+ * Qs holds the scaled queries of the chunk (rows, D); dO (rows, Dv). ds (nnz) is scratch.
+ * dalpha (rows) as in entmax_rows_backward, or NULL. Rows of one group are handled by one
+ * thread in the accumulation, so no two threads write the same dK / dV row.
+ */
+void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const float *val, const float *stats,
+                            const float *Qs, const float *K, const float *V, const float *dO, const float *am1,
+                            int64_t heads, int kind, int64_t c, int64_t rows, int64_t rows_per_group,
+                            int64_t Lk, int64_t D, int64_t Dv, float *dQ, float *dK, float *dV, float *dalpha,
+                            float *ds, int nthreads)
+{
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            const float a = am1[(r / c) % heads], t = stats[3 * r + 1], inv = stats[3 * r + 2];
+            const float *Kg = K + (r / rows_per_group) * Lk * D, *Vg = V + (r / rows_per_group) * Lk * Dv;
+            const float *dor = dO + r * Dv;
+            float *dq = dQ + r * D;
+            for (int64_t d = 0; d < D; d++)
+                dq[d] = 0.0f;
+            double sg = 0.0, sgd = 0.0, s_plogp = 0.0, s_gz = 0.0, s_dplogp = 0.0, s_dgz = 0.0;
+            for (int64_t e = offsets[r]; e < offsets[r + 1]; e++) {
+                const float *vr = Vg + (int64_t)idx[e] * Dv;
+                float dp = 0.0f;
+#pragma omp simd reduction(+ : dp)
+                for (int64_t d = 0; d < Dv; d++)
+                    dp += dor[d] * vr[d];
+                const float p = val[e];
+                const float g = kind == KIND_SPARSEMAX ? 1.0f : (kind == KIND_ENTMAX15 ? sqrtf(p) : powf(p, 1.0f - a));
+                sg += g;
+                sgd += (double)g * dp;
+                ds[e] = dp;
+                if (dalpha != NULL) {
+                    /* y = a (z - m) - t = (p / norm)^a, so z - m = (y + t) / a */
+                    const float y = powf(p / inv, a), zs = (y + t) / a;
+                    const double plogp = (double)p * log((double)p);
+                    s_plogp += plogp;
+                    s_gz += (double)g * zs;
+                    s_dplogp += dp * plogp;
+                    s_dgz += (double)dp * g * zs;
+                }
+            }
+            const double delta = sg > 0.0 ? sgd / sg : 0.0;
+            for (int64_t e = offsets[r]; e < offsets[r + 1]; e++) {
+                const float p = val[e];
+                const float g = kind == KIND_SPARSEMAX ? 1.0f : (kind == KIND_ENTMAX15 ? sqrtf(p) : powf(p, 1.0f - a));
+                const float s = (float)(g * ((double)ds[e] - delta));
+                const float *kr = Kg + (int64_t)idx[e] * D;
+                ds[e] = s;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++)
+                    dq[d] += s * kr[d];
+            }
+            if (dalpha != NULL) {
+                double tau_prime = sg > 0.0 ? (s_gz - s_plogp) / sg : 0.0;
+                dalpha[r] = (float)((-s_dplogp + s_dgz - tau_prime * sgd) / (double)a);
+            }
+        }
+        /* the implicit barrier of the loop above makes every ds final */
+        const int64_t groups = rows_per_group > 0 ? (rows + rows_per_group - 1) / rows_per_group : 0;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t grp = 0; grp < groups; grp++) {
+            float *dKg = dK + grp * Lk * D, *dVg = dV + grp * Lk * Dv;
+            const int64_t r1 = (grp + 1) * rows_per_group < rows ? (grp + 1) * rows_per_group : rows;
+            for (int64_t r = grp * rows_per_group; r < r1; r++) {
+                const float *qr = Qs + r * D, *dor = dO + r * Dv;
+                for (int64_t e = offsets[r]; e < offsets[r + 1]; e++) {
+                    float *dkr = dKg + (int64_t)idx[e] * D, *dvr = dVg + (int64_t)idx[e] * Dv;
+                    const float s = ds[e], p = val[e];
+#pragma omp simd
+                    for (int64_t d = 0; d < D; d++)
+                        dkr[d] += s * qr[d];
+#pragma omp simd
+                    for (int64_t d = 0; d < Dv; d++)
+                        dvr[d] += p * dor[d];
+                }
+            }
+        }
+    }
+    (void)nthreads;
+}
