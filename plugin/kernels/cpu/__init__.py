@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..cbuild import cache_dir
+
 __all__ = ["cache_dir", "group_mean_cpu", "load_library", "structured_prox"]
 
 SOURCE = Path(__file__).with_name("structured.c")
@@ -38,15 +40,6 @@ _KINDS = ("tv", "oscar", "oscar_ordered")
 
 _LIB: list[ctypes.CDLL] = []
 _LOCK = threading.Lock()
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept (created on first use)."""
-    explicit = os.environ.get("SPARSE_ATTENTION_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "sparse_attention"
 
 
 def _compiler() -> str:
