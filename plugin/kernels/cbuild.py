@@ -1,7 +1,7 @@
 """Build a small C source into a shared library on first use and load it with :mod:`ctypes`.
 
-The library is compiled once with the system C compiler (``$CC``, else ``gcc``, else
-``cc``) into a cache directory: ``$SPARSE_ATTENTION_CACHE``, else
+The library is compiled once with the system C compiler (``$CC`` when set, else ``gcc``,
+else ``cc``) into a cache directory: ``$SPARSE_ATTENTION_CACHE``, else
 ``$XDG_CACHE_HOME/sparse_attention``, else ``~/.cache/sparse_attention`` (the temporary
 directory when that is not writable). The file name holds a hash of the source, the
 compiler, the flags and, for ``-march=native`` builds, the CPU's feature flags, so an edited
@@ -45,13 +45,19 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "sparse_attention"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "gcc", "cc"):
-        if name:
-            path = shutil.which(name)
-            if path:
-                return path
-    return None
+def _compiler() -> str:
+    """``$CC`` when set (an error when it is not found: it was asked for), else gcc, else cc."""
+    explicit = os.environ.get("CC")
+    if explicit:
+        path = shutil.which(explicit)
+        if path is None:
+            raise CompileError(f"the C compiler CC={explicit!r} was not found on PATH")
+        return path
+    for name in ("gcc", "cc"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise CompileError("no C compiler found (tried gcc and cc; set CC to choose one)")
 
 
 def _cpu_signature() -> str:
@@ -107,9 +113,7 @@ def load_c_library(source: Path, flag_sets: Sequence[Sequence[str]]) -> ctypes.C
         If no C compiler is found or no flag set compiles.
     """
     compiler = _compiler()
-    if compiler is None:
-        raise CompileError(f"no C compiler found (tried $CC, gcc, cc) to build {source.name}")
-    key = (str(source), compiler)
+    key = (str(source), compiler, str(cache_dir()))
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]

@@ -1,87 +1,38 @@
-"""Compiled CPU kernels: small C sources built on first use with the system C compiler.
+"""Compiled CPU kernels of the structured normalizers (``structured.c``).
 
-The exact proximal operators behind fusedmax and oscarmax (``structured.c``: Condat's
-direct algorithm for 1-D total variation, sort + pool-adjacent-violators for OSCAR and for
-the ordered weighted sum that equals OSCAR on the simplex) are
-sequential per row, so they are written in plain C, one row per loop iteration (OpenMP
-over rows when the compiler supports it), and called through :mod:`ctypes`.
+The exact proximal operators behind fusedmax and oscarmax (Condat's direct algorithm for
+1-D total variation, sort + pool-adjacent-violators for OSCAR and for the ordered weighted
+sum that equals OSCAR on the simplex) are sequential per row, so they are written in plain
+C, one row per loop iteration (OpenMP over rows when the compiler supports it), and called
+through :mod:`ctypes`.
 
-The shared library is compiled once with ``gcc -O3 -shared -fPIC`` (the compiler can be
-changed with the ``CC`` environment variable) into a cache directory:
-``$SPARSE_ATTENTION_CACHE``, else ``$XDG_CACHE_HOME/sparse_attention``, else
-``~/.cache/sparse_attention``. The file name holds a hash of the source, the compiler and
-the flags, so an edited source is rebuilt; concurrent first uses are safe (each compiles to
-a temporary file and renames it into place). Without a C compiler these kernels raise a
-:class:`RuntimeError`; nothing falls back to another algorithm.
+The library is built on first use by :func:`plugin.kernels.cbuild.load_c_library` (the
+system C compiler, ``$CC`` to choose one; a cache directory, ``$SPARSE_ATTENTION_CACHE`` to
+choose it). Without a C compiler these kernels raise a :class:`RuntimeError`; nothing falls
+back to another algorithm.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..cbuild import cache_dir
+from ..cbuild import CompileError, cache_dir, load_c_library
 
 __all__ = ["cache_dir", "group_mean_cpu", "load_library", "structured_prox"]
 
 SOURCE = Path(__file__).with_name("structured.c")
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
-_OPENMP_FLAGS = ("-fopenmp",)
+# OpenMP when the compiler has it; the same C code runs single-threaded without it
+_FLAG_SETS = (_BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS)
 _KINDS = ("tv", "oscar", "oscar_ordered")
 
 _LIB: list[ctypes.CDLL] = []
 _LOCK = threading.Lock()
-
-
-def _compiler() -> str:
-    name = os.environ.get("CC") or "gcc"
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(
-            f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, but the C compiler "
-            f"{name!r} was not found on PATH. Install gcc (for example `apt-get install gcc`) or set "
-            f"CC to a C compiler; these normalizers have no other implementation."
-        )
-    return path
-
-
-def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> tuple[bool, str]:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    except OSError as error:
-        raise RuntimeError(
-            f"cannot write the compiled fusedmax/oscarmax kernels to {target.parent} ({error}); "
-            f"set SPARSE_ATTENTION_CACHE to a writable directory"
-        ) from error
-    os.close(fd)
-    try:
-        result = subprocess.run(
-            [compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            return False, result.stderr
-        os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
-        return True, ""
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
-    digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
-    digest.update("\0".join((compiler, *flags)).encode())
-    return cache_dir() / f"structured-{digest.hexdigest()[:20]}.so"
 
 
 def load_library() -> ctypes.CDLL:
@@ -97,24 +48,14 @@ def load_library() -> ctypes.CDLL:
     with _LOCK:
         if _LIB:
             return _LIB[0]
-        compiler = _compiler()
-        errors = []
-        lib = None
-        # OpenMP when the compiler has it; the same C code runs single-threaded without it
-        for flags in (_BASE_FLAGS + _OPENMP_FLAGS, _BASE_FLAGS):
-            target = _library_path(compiler, flags)
-            if not target.exists():
-                ok, err = _compile(compiler, flags, target)
-                if not ok:
-                    errors.append(f"{compiler} {' '.join(flags)}:\n{err}")
-                    continue
-            lib = ctypes.CDLL(str(target))
-            break
-        if lib is None:
+        try:
+            lib = load_c_library(SOURCE, _FLAG_SETS)
+        except CompileError as error:
             raise RuntimeError(
-                f"could not compile the fusedmax/oscarmax CPU kernels ({SOURCE}) with {compiler}:\n"
-                + "\n".join(errors)
-            )
+                f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, and no C compiler "
+                f"could build them ({error}). Install gcc (for example `apt-get install gcc`) or set CC to a "
+                f"C compiler; these normalizers have no other implementation."
+            ) from error
         for kind in _KINDS:
             for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
                 fn = getattr(lib, f"{kind}_prox_{suffix}")
