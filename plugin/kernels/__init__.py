@@ -4,6 +4,11 @@ Paths (the name is what :func:`plugin.record_calls` reports as ``CallRecord.path
 
 ``"reference"``
     plain PyTorch: the full (Lq, Lk) score matrix, the normalizer, ``weights @ v``.
+``"sdpa"``
+    softmax (with or without a temperature), any device and dtype:
+    ``torch.nn.functional.scaled_dot_product_attention`` (its fused kernels), with the
+    masks combined into one, bottom-right causality, grouped-query attention, dropout, and
+    rows without an allowed key set to zeros.
 ``"cpu_chunked"``
     CPU, sparsemax / entmax-1.5 / alpha-entmax (fixed or learned alpha): queries in chunks,
     a compiled C row kernel (sort-free exact thresholds); chunks with few nonzeros are
@@ -17,8 +22,9 @@ Paths (the name is what :func:`plugin.record_calls` reports as ``CallRecord.path
     CUDA, sparsemax / alpha-entmax: Triton flash-style kernels (:mod:`plugin.kernels.triton_entmax`).
 
 Selection is automatic: the fast path for the tensors' device and dtype when the call is
-one it computes exactly (a supported normalizer, bool and/or additive masks, no dropout, no
-returned weights), else the reference. ``float64`` stays on the reference path.
+one it computes exactly (a supported normalizer, bool and/or additive masks, no dropout
+except for softmax, no returned weights), else the reference. For the sparse normalizers
+``float64`` stays on the reference path.
 
 ``PLUGIN_ATTENTION_PATH`` in the environment (or the :func:`use_path` / :func:`reference_path`
 context managers) forces a path: ``reference`` everywhere, or one of the fast paths for every
@@ -37,9 +43,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PATHS", "entmax_config", "forced_path", "reference_forced", "reference_path", "select_path", "use_path"]
+__all__ = [
+    "PATHS",
+    "entmax_config",
+    "forced_path",
+    "reference_forced",
+    "reference_path",
+    "select_path",
+    "softmax_gamma",
+    "use_path",
+]
 
-PATHS = ("reference", "cpu_chunked", "cpu_chunked_torch", "triton")
+PATHS = ("reference", "sdpa", "cpu_chunked", "cpu_chunked_torch", "triton")
 # the torch-only chunked path pays off (in memory) when the score matrix would be this large
 _TORCH_CHUNKED_MIN_SCORES = 1 << 24
 
@@ -122,6 +137,51 @@ def entmax_config(normalizer: Any) -> EntmaxConfig | None:
     return None
 
 
+def softmax_gamma(normalizer: Any) -> float | None:
+    """The temperature of a built-in softmax normalizer, else None."""
+    from ..normalizers.base import Normalizer
+    from ..normalizers.softmax import softmax
+
+    if isinstance(normalizer, Normalizer) and normalizer.function is softmax and set(normalizer.params) <= {"gamma"}:
+        return float(normalizer.params.get("gamma", 1.0))
+    return None
+
+
+def _run_sdpa(gamma: float, dropout_p: float) -> Callable[..., Tensor]:
+    import torch.nn.functional as F
+
+    def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
+            scale: float) -> Tensor:
+        Lq, Lk = q.shape[2], k.shape[2]
+        is_causal = causal and mask is None and bias is None and Lq == Lk
+        if causal and not is_causal:  # SDPA's is_causal is aligned top-left; ours bottom-right
+            i = torch.arange(Lq, device=q.device).unsqueeze(-1)
+            allowed_causal = torch.arange(Lk, device=q.device) <= i + (Lk - Lq)
+            mask = allowed_causal if mask is None else mask & allowed_causal
+        attn_mask = mask
+        if bias is not None:  # softmax((q.k scale + bias) / gamma)
+            bias = (bias if gamma == 1.0 else bias / gamma).to(q.dtype)
+            attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        valid = None
+        if attn_mask is not None:
+            # rows without an allowed key: attend everywhere (finite), then give zeros
+            valid = attn_mask.any(-1, keepdim=True) if attn_mask.dtype == torch.bool else (
+                attn_mask > float("-inf")).any(-1, keepdim=True)
+            if bool(valid.all()):
+                valid = None
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask | ~valid
+            else:
+                attn_mask = attn_mask.masked_fill(~valid, 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale / gamma,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        return out if valid is None else out * valid.to(out.dtype)
+
+    return run
+
+
 def _run_chunked(config: EntmaxConfig, backend: str) -> Callable[..., Tensor]:
     from .chunked import chunked_entmax_attention
 
@@ -192,7 +252,14 @@ def select_path(
     ``fn(q, k, v, mask, bias, causal, scale)`` returns the (B, H, Lq, D) output.
     """
     forced = forced_path()
-    if forced == "reference" or return_weights or dropout_p > 0:
+    if forced == "reference" or return_weights:
+        return None
+    gamma = softmax_gamma(getattr(mechanism, "normalizer", None))
+    if gamma is not None:
+        if forced in (None, "sdpa"):
+            return "sdpa", _run_sdpa(gamma, dropout_p)
+        return None
+    if dropout_p > 0 or forced == "sdpa":
         return None
     config = entmax_config(getattr(mechanism, "normalizer", None))
     if config is None:

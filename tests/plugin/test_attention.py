@@ -19,6 +19,14 @@ def _qkv(B=2, H=4, Lq=6, Lk=9, D=8, Hkv=None, dtype=torch.float32, seed=0):
     return q, k, v
 
 
+@pytest.fixture(autouse=True)
+def _reference_path():
+    # the softmax checks against SDPA are meaningful only on the reference path (softmax's
+    # fast path is SDPA itself; tests/plugin/test_sdpa_path.py compares it with the reference)
+    with plugin.reference_path():
+        yield
+
+
 def test_softmax_attention_equals_sdpa():
     q, k, v = _qkv()
     torch.testing.assert_close(plugin.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
