@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .continuous.modules import ContinuousContext
 from .normalizers.base import Normalizer
 from .registry import CallRecord, _notify, _recording, canonical_spec, parse_spec
 
@@ -76,6 +77,8 @@ class AttentionMechanism(nn.Module):
         if self.continuous is None:
             # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
             fast = kernels.select_path(self, q, k, v, allowed, causal, dropout_p, return_weights, additive)
+        elif not (return_weights or dropout_p > 0 or causal or additive is not None):
+            fast = self._continuous_fast_path(q, k, v, allowed)
         if fast is not None:
             path, fn = fast
             out, weights = fn(q, k, v, allowed, additive, causal, scale), None
@@ -89,6 +92,47 @@ class AttentionMechanism(nn.Module):
         if return_weights:
             return out, weights
         return out
+
+    def _continuous_fast_path(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None):
+        """A fast path for a continuous spec with a per-key mask, or None.
+
+        The density is placed by the mean and variance of the key positions under the
+        discrete attention. Appending the positions ``t - 1/2`` and ``(t - 1/2)^2`` to the
+        values as two more columns, the discrete attention's fast path (SDPA for softmax, the
+        chunked kernels for sparsemax/entmax) returns both moments along with the discrete
+        context, and no (Lq, Lk) matrix is formed; the continuous context then needs only the
+        (J, Lk) regression operators. Masks that vary per query (causal, arbitrary) keep the
+        reference path.
+        """
+        if not isinstance(self.continuous, ContinuousContext) or kernels.reference_forced():
+            return None
+        B, H, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        keys = self.continuous._reduce_mask(allowed, (B, H, Lq, Lk), q.device)
+        if keys.shape[2] != 1 or keys.shape[1] not in (1, Hkv):
+            return None
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        counts = keys.sum(-1, keepdim=True).clamp(min=1).to(work)
+        t = ((keys.cumsum(-1) - 1).to(work) + 0.5) / counts - 0.5  # centred positions: less cancellation
+        t = torch.where(keys, t, 0.0).squeeze(2).expand(B, Hkv, Lk).unsqueeze(-1)
+        probe = torch.empty(B, Hkv, Lk, v.shape[-1] + 2, dtype=work, device=v.device)
+        fast = kernels.select_path(self, q.to(work), k.to(work), probe, allowed, False, 0.0, False, None)
+        if fast is None:
+            return None
+        name, discrete = fast
+
+        def run(q, k, v, allowed, additive, causal, scale):
+            Dv = v.shape[-1]
+            values = v.to(work)
+            out = discrete(q.to(work), k.to(work), torch.cat([values, t, t * t], -1), allowed, None, False, scale)
+            mean = out[..., Dv]
+            var = out[..., Dv + 1] - mean * mean
+            context = self.continuous.context_from_moments(mean + 0.5, var, values, keys)
+            if self.discrete_context:
+                context = context + out[..., :Dv]
+            return context.to(q.dtype)
+
+        return f"{name}+continuous", run
 
     def _reference(self, q, k, v, allowed, additive, scale, dropout_p):
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype

@@ -154,6 +154,36 @@ class ContinuousContext(nn.Module):
         dtype = v.dtype
         return ContinuousOutput(context.to(dtype), weights.to(dtype), mu, sigma_sq, probs)
 
+    def context_from_moments(self, mean: Tensor, var: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        """The continuous context from the moments of the key positions, for a per-key mask.
+
+        This is what :meth:`forward` computes after the moments, for callers that computed
+        the moments themselves (the fast attention paths take them from one fused attention
+        call with the positions appended to the values).
+
+        Parameters
+        ----------
+        mean, var : (B, H, Lq) mean and variance of the position ``t`` under the discrete
+            attention (``t = (rank + 1/2) / n`` over the allowed keys; see the class docstring).
+        v : (B, Hkv, Lk, D) values; ``Hkv`` divides ``H`` (query head ``h`` reads value head
+            ``h // (H // Hkv)``).
+        allowed : bool (b, h, 1, Lk) with b in (1, B) and h in (1, Hkv): the existing keys,
+            the same for every query.
+
+        Returns the (B, H, Lq, D) context (zeros for rows without an allowed key).
+        """
+        B, H, Lq = mean.shape
+        Hkv = v.shape[1]
+        if allowed.dim() != 4 or allowed.shape[2] != 1 or allowed.shape[1] not in (1, Hkv):
+            raise ValueError(f"{self._name()}: allowed must be (b, 1 or Hkv, 1, Lk), got {tuple(allowed.shape)}")
+        counts = allowed.sum(-1)
+        rank = allowed.cumsum(-1) - 1
+        sigma_sq = scale_from_variance(var.clamp(min=self.min_var), self.alpha)
+        e = expected_basis(mean, sigma_sq, self.basis_mu, self.basis_sigma, self.alpha, validate=False)
+        coef = self.operators(counts, rank, allowed, v.dtype) @ v  # (B, Hkv, J, D)
+        J = e.shape[-1]
+        return (e.reshape(B, Hkv, H // Hkv, Lq, J) @ coef.unsqueeze(2)).reshape(B, H, Lq, -1)
+
     def _name(self) -> str:
         return {1.0: "continuous_softmax", 1.5: "continuous_entmax15", 2.0: "continuous_sparsemax"}[self.alpha]
 

@@ -173,10 +173,16 @@ def _run_sdpa(gamma: float, dropout_p: float) -> Callable[..., Tensor]:
                 attn_mask = attn_mask | ~valid
             else:
                 attn_mask = attn_mask.masked_fill(~valid, 0.0)
+        # the fused kernels want one head size for q, k and v: zero columns change nothing
+        Dq, Dv = q.shape[-1], v.shape[-1]
+        if Dq < Dv:
+            q, k = F.pad(q, (0, Dv - Dq)), F.pad(k, (0, Dv - Dq))
+        elif Dv < Dq:
+            v = F.pad(v, (0, Dq - Dv))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale / gamma,
             enable_gqa=k.shape[1] != q.shape[1],
-        )
+        )[..., :Dv]
         return out if valid is None else out * valid.to(out.dtype)
 
     return run
