@@ -427,7 +427,7 @@ class _ChunkedEntmaxAttention(torch.autograd.Function):
             dP = chunks.buffer("grad", S.shape)
             torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
             if backend == "c":
-                st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3)
+                st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()
                 da = rows_backward(S.view(-1, ch.kend), dP.view(-1, ch.kend), st, am1_chunk, kind, causal, ch.i0, c,
                                    chunks.off, need_alpha)
                 P, dS = S, dP
