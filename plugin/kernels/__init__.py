@@ -15,6 +15,8 @@ Paths (the name is what :func:`plugin.record_calls` reports as ``CallRecord.path
     multiplied sparsely and kept in sparse form for a backward pass without dense products,
     the others are recomputed flash-style; no (Lq, Lk) matrix is kept
     (:mod:`plugin.kernels.chunked`). Computed in float32.
+    fusedmax / oscarmax: the same chunking with the exact C prox before the sparsemax rows
+    and a closed-form backward (:mod:`plugin.kernels.structured_chunked`).
 ``"cpu_chunked_torch"``
     the same chunking with the row work done by the PyTorch normalizers; chosen only when
     no C compiler is available and the score matrix would be large (> 2^24 entries).
@@ -216,6 +218,34 @@ def _run_triton(config: EntmaxConfig) -> Callable[..., Tensor]:
     return run
 
 
+_NO_PATH: Any = object()
+_STRUCTURED_BUILT: list[bool] = []
+
+
+def _structured_path(mechanism: Any, q: Tensor, forced: str | None) -> Any:
+    """fusedmax / oscarmax: ``(name, fn)``, ``_NO_PATH`` (keep the reference), or None (not structured)."""
+    from .structured_chunked import structured_chunked_attention, structured_chunked_available, structured_config
+
+    config = structured_config(getattr(mechanism, "normalizer", None))
+    if config is None:
+        return None
+    if forced not in (None, "cpu_chunked") or q.device.type != "cpu" or (forced is None and q.dtype == torch.float64):
+        return _NO_PATH
+    if not _STRUCTURED_BUILT:
+        if not structured_chunked_available():
+            if forced == "cpu_chunked":
+                raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its kernels: none works")
+            return _NO_PATH
+        _STRUCTURED_BUILT.append(True)
+
+    def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
+            scale: float) -> Tensor:
+        return structured_chunked_attention(q, k, v, config.kind, config.lam, mask=mask, bias=bias, causal=causal,
+                                            scale=scale, gamma=config.gamma)
+
+    return "cpu_chunked", run
+
+
 def _triton_unavailable_reason(q: Tensor, v: Tensor, bias: Tensor | None) -> str | None:
     if q.device.type != "cuda":
         return f"tensors are on {q.device.type}, the Triton kernels need CUDA"
@@ -267,6 +297,9 @@ def select_path(
         return None
     if dropout_p > 0 or forced == "sdpa":
         return None
+    structured = _structured_path(mechanism, q, forced)
+    if structured is not None:
+        return None if structured is _NO_PATH else structured
     config = entmax_config(getattr(mechanism, "normalizer", None))
     if config is None:
         return None

@@ -333,7 +333,7 @@ def test_reference_is_kept_where_the_fast_path_does_not_apply():
     qf, kf, vf = q.float(), k.float(), v.float()
     assert _path_of("sparsemax", q, k, v)[0] == "reference"  # float64
     assert _path_of("softmax", qf, kf, vf)[0] == "sdpa"
-    assert _path_of("fusedmax", qf, kf, vf)[0] == "reference"
+    assert _path_of("fusedmax", q, k, v)[0] == "reference"  # float64
     assert _path_of("sparsemax", qf, kf, vf, dropout_p=0.1)[0] == "reference"
     path, (_, weights) = _path_of("sparsemax", qf, kf, vf, return_weights=True)
     assert path == "reference" and weights.shape == (2, 4, 11, 13)
