@@ -278,6 +278,9 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     if args.methods:
         wanted = [m.lower() for m in args.methods]
         names = [n for n in names if any(w in n.lower() for w in wanted)]
+    if args.exclude:
+        unwanted = [m.lower() for m in args.exclude]
+        names = [n for n in names if not any(w in n.lower() for w in unwanted)]
     if args.device == "cpu":
         from plugin.kernels.chunked import c_kernel_available
 
@@ -443,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="skip a configuration predicted to take longer than this (all its runs)")
     parser.add_argument("--methods", nargs="+", help="only methods whose name contains one of these")
+    parser.add_argument("--exclude", nargs="+", help="leave out methods whose name contains one of these")
     parser.add_argument("--quick", action="store_true", help="L = 256, 512, 1024 and 3 repeats")
     parser.add_argument("--markdown", help="write the tables to this file")
     parser.add_argument("--json", help="write the raw results to this file")
