@@ -329,6 +329,26 @@ class _Chunks:
         return torch.arange(ch.kend, device=device) > i + self.off
 
 
+def _dense_chunk_grads(chunks: _Chunks, ch: _Chunk, P: Tensor, dS: Tensor, dO: Tensor, kr: Tensor, qs: Tensor,
+                       scale: float, grads: tuple, needed: tuple) -> None:
+    """Add one chunk's share to ``grads = (dq, dk, dv, dbias)`` (those flagged in ``needed``).
+
+    ``P`` and ``dS`` are the chunk's probabilities and score gradients as (kv heads, G * c, kend).
+    """
+    dq, dk, dv, dbias = grads
+    need_q, need_k, need_v, need_bias = needed
+    nh, c, D = ch.h1 - ch.h0, ch.c, kr.shape[-1]
+    if need_bias:
+        target = _slice4(dbias, ch.b, ch.h0, ch.h1, ch.i0, ch.i1, ch.kend)
+        target += _reduce_to(dS.reshape(nh, c, ch.kend), target.shape)
+    if need_v:
+        dv[ch.bk0:ch.bk1, :ch.kend].baddbmm_(P.transpose(1, 2), dO)
+    if need_q:
+        dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(dS, kr[ch.bk0:ch.bk1, :ch.kend]).view(nh, c, D) * scale
+    if need_k:
+        dk[ch.bk0:ch.bk1, :ch.kend].baddbmm_(dS.transpose(1, 2), chunks.rows_of(qs, ch))
+
+
 class _ChunkedEntmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, bias, allowed, kind, causal, scale, chunk_rows, backend, keep_sparse):  # type: ignore[override]
@@ -440,15 +460,8 @@ class _ChunkedEntmaxAttention(torch.autograd.Function):
                 P, dS = P3.reshape_as(S), dS3.reshape_as(S)
             if need_alpha:
                 dalpha[ch.h0:ch.h1] += da.view(nh, c).sum(1).to(torch.float32)
-            if need_bias:
-                target = _slice4(dbias, ch.b, ch.h0, ch.h1, ch.i0, ch.i1, ch.kend)
-                target += _reduce_to(dS.view(nh, c, ch.kend), target.shape)
-            if need_v:
-                dv[ch.bk0:ch.bk1, :ch.kend].baddbmm_(P.transpose(1, 2), dO)
-            if need_q:
-                dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(dS, kr[ch.bk0:ch.bk1, :ch.kend]).view(nh, c, D) * scale
-            if need_k:
-                dk[ch.bk0:ch.bk1, :ch.kend].baddbmm_(dS.transpose(1, 2), chunks.rows_of(qs, ch))
+            _dense_chunk_grads(chunks, ch, P, dS, dO, kr, qs, scale, (dq, dk, dv, dbias),
+                               (need_q, need_k, need_v, need_bias))
         return (
             dq,
             dk.view(k.shape) if need_k else None,

@@ -55,8 +55,7 @@ from .chunked import (
     SPARSEMAX,
     _Chunk,
     _Chunks,
-    _reduce_to,
-    _slice4,
+    _dense_chunk_grads,
     rows_backward,
     rows_forward,
     sparse_matmul,
@@ -373,7 +372,7 @@ class _StructuredChunkedAttention(torch.autograd.Function):
         for ch in chunks:
             if ch.kend == 0:
                 continue
-            nh, c, nkv = ch.h1 - ch.h0, ch.c, ch.hk1 - ch.hk0
+            c, nkv = ch.c, ch.hk1 - ch.hk0
             dO = chunks.rows_of(dout, ch)
             entry = kept.get((ch.b, ch.hk0, ch.i0))
             if entry is not None:
@@ -404,15 +403,8 @@ class _StructuredChunkedAttention(torch.autograd.Function):
                 dP2.sub_(mean).mul_(support)
             # prox backward: the group mean (masked keys have group -1 and get 0)
             dS = group_mean_cpu(dP2, groups).view(nkv, chunks.G * c, ch.kend)
-            if need_bias:
-                target = _slice4(dbias, ch.b, ch.h0, ch.h1, ch.i0, ch.i1, ch.kend)
-                target += _reduce_to(dS.view(nh, c, ch.kend), target.shape)
-            if need_v:
-                dv[ch.bk0:ch.bk1, :ch.kend].baddbmm_(P.view(nkv, chunks.G * c, ch.kend).transpose(1, 2), dO)
-            if need_q:
-                dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(dS, kr[ch.bk0:ch.bk1, :ch.kend]).view(nh, c, D) * scale
-            if need_k:
-                dk[ch.bk0:ch.bk1, :ch.kend].baddbmm_(dS.transpose(1, 2), chunks.rows_of(qs, ch))
+            _dense_chunk_grads(chunks, ch, P.view(nkv, chunks.G * c, ch.kend), dS, dO, kr, qs, scale,
+                               (dq, dk, dv, dbias), (need_q, need_k, need_v, need_bias))
         return (
             dq,
             dk.view(k.shape) if need_k else None,
