@@ -15,12 +15,13 @@ the docs table and the tests all enumerate this registry.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .recording import CallRecord, record_calls  # noqa: F401  (re-exported: the public names)
 
 __all__ = [
     "Param",
@@ -326,52 +327,6 @@ def _parse_component(part: str, spec: str) -> ParsedSpec:
 def canonical_spec(spec: str) -> str:
     """The normalized form of a spec (validates it)."""
     return "+".join(str(p) for p in parse_spec(spec))
-
-
-# ----------------------------------------------------------------------------- call recording
-
-
-@dataclass
-class CallRecord:
-    """One call of an attention mechanism, seen by :func:`record_calls`."""
-
-    spec: str
-    role: str | None
-    query_shape: tuple[int, ...]
-    key_shape: tuple[int, ...]
-    path: str
-    training: bool
-
-
-_RECORDERS: list[list[CallRecord]] = []
-
-
-@contextlib.contextmanager
-def record_calls() -> Iterator[list[CallRecord]]:
-    """Record every attention-mechanism call made inside the block.
-
-    Adapters label their mechanisms with a ``role`` ("encoder", "decoder", "cross", ...),
-    so tests and users can check which mechanism ran where::
-
-        with plugin.record_calls() as calls:
-            model(**batch)
-        assert {(c.role, c.spec) for c in calls} == {...}
-    """
-    calls: list[CallRecord] = []
-    _RECORDERS.append(calls)
-    try:
-        yield calls
-    finally:
-        _RECORDERS.remove(calls)
-
-
-def _notify(record: CallRecord) -> None:
-    for calls in _RECORDERS:
-        calls.append(record)
-
-
-def _recording() -> bool:
-    return bool(_RECORDERS)
 
 
 _BUILTINS_LOADED = False
