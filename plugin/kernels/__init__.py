@@ -255,7 +255,10 @@ def _structured_path(mechanism: Any, q: Tensor, forced: str | None) -> Any:
     if not _STRUCTURED_BUILT:
         if not structured_chunked_available():
             if forced == "cpu_chunked":
-                raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its kernels: none works")
+                from .chunked import c_kernel_error
+
+                raise ValueError(f"the 'cpu_chunked' attention path needs its C kernels, which could not be built: "
+                                 f"{c_kernel_error() or 'the structured-prox library did not build'}")
             return _NO_PATH
         _STRUCTURED_BUILT.append(True)
 
@@ -343,7 +346,10 @@ def select_path(
 
     if forced == "cpu_chunked":
         if not c_kernel_available():
-            raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its row kernel; none worked")
+            from .chunked import c_kernel_error
+
+            raise ValueError(f"the 'cpu_chunked' attention path needs its C row kernel, which could not be built: "
+                             f"{c_kernel_error() or 'no C compiler built it'}")
         return "cpu_chunked", _run_chunked(config, "c")
     if q.dtype == torch.float64:
         return None

@@ -8,8 +8,9 @@ through :mod:`ctypes`.
 
 The library is built on first use by :func:`plugin.kernels.cbuild.load_c_library` (the
 system C compiler, ``$CC`` to choose one; a cache directory, ``$SPARSE_ATTENTION_CACHE`` to
-choose it). Without a C compiler these kernels raise a :class:`RuntimeError`; nothing falls
-back to another algorithm.
+choose it). When they cannot be built (no C compiler, an unusable cache directory, ...)
+these kernels raise a :class:`RuntimeError` that names the cause; nothing falls back to
+another algorithm.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def load_library() -> ctypes.CDLL:
     Raises
     ------
     RuntimeError
-        If no C compiler is found or the source does not compile.
+        If the library cannot be built (the message says why: no C compiler, a compiler
+        that wrote no library, a cache directory that cannot be used).
     """
     if _LIB:
         return _LIB[0]
@@ -52,9 +54,8 @@ def load_library() -> ctypes.CDLL:
             lib = load_c_library(SOURCE, _FLAG_SETS)
         except CompileError as error:
             raise RuntimeError(
-                f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, and no C compiler "
-                f"could build them ({error}). Install gcc (for example `apt-get install gcc`) or set CC to a "
-                f"C compiler; these normalizers have no other implementation."
+                f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, and they could not be "
+                f"built: {error}\nThese normalizers have no other implementation."
             ) from error
         for kind in _KINDS:
             for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
