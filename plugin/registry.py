@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .recording import CallRecord, record_calls  # noqa: F401  (re-exported: the public names)
+from .recording import CallRecord, record_calls
 
 __all__ = [
     "Param",

@@ -115,7 +115,9 @@ def _private_dir(directory: Path) -> Path:
         try:  # the user's own directory: close it to others (the files in it are checked one by one)
             os.chmod(directory, 0o700)
         except OSError as exc:
-            raise CacheError(f"the kernel cache directory {directory} cannot be made private ({exc}); {_HINT}") from None
+            raise CacheError(
+                f"the kernel cache directory {directory} cannot be made private ({exc}); {_HINT}"
+            ) from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise CacheError(f"the kernel cache directory {directory} is not writable; {_HINT}")
     return directory
