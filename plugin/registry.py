@@ -59,8 +59,14 @@ class Param:
     high_inclusive: bool = True
     choices: tuple[str, ...] = ()
     doc: str = ""
+    # for string parameters: a function that raises ValueError on an invalid value, and the
+    # description of the valid values shown in errors and in the docs table
+    check: Callable[[str], Any] | None = field(default=None, compare=False)
+    expected: str = ""
 
     def valid_range(self) -> str:
+        if self.expected:
+            return self.expected
         parts = []
         if self.kind in (float, int):
             if self.low is not None and self.high is not None:
@@ -87,6 +93,13 @@ class Param:
             if text in self.choices:
                 return text
             if self.kind is str:
+                if self.check is not None:
+                    try:
+                        self.check(text)
+                    except ValueError:
+                        raise ValueError(
+                            f"{where}: {value!r} is not valid; expected {self.valid_range()}"
+                        ) from None
                 return text
             try:
                 number = float(text)
@@ -136,6 +149,8 @@ class Variant:
     formula: str = ""
     summary: str = ""
     function: Callable[..., Any] | None = field(default=None, compare=False)
+    # checks the parameters together (for example basis against widths); raises ValueError
+    check: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -230,6 +245,7 @@ def register_continuous(
     formula: str = "",
     summary: str = "",
     replace: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Variant:
     """Register a continuous-attention context.
 
@@ -240,7 +256,7 @@ def register_continuous(
     None; ``context`` is (B, H, Lq, D) and ``weights`` (B, H, Lq, Lk) or None.
     """
     _check_name(name)
-    variant = Variant(name, "continuous", factory, tuple(params), formula, summary)
+    variant = Variant(name, "continuous", factory, tuple(params), formula, summary, check=check)
     _add(variant, replace)
     return variant
 
@@ -321,6 +337,11 @@ def _parse_component(part: str, spec: str) -> ParsedSpec:
                 raise ValueError(f"attention spec {spec!r}: parameter {key!r} given twice")
             params[key] = p.validate(value, variant.name)
             given.append(key)
+    if variant.check is not None:
+        try:
+            variant.check(params)
+        except ValueError as exc:
+            raise ValueError(f"attention spec {spec!r}: {exc}") from None
     return ParsedSpec(variant, params, tuple(given))
 
 
