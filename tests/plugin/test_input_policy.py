@@ -225,3 +225,28 @@ def test_the_triton_path_follows_the_same_policy():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--triton-worker"]:
     _triton_worker()
+
+
+# ----------------------------------------------------------------------------- the normalizers
+
+
+NORMALIZER_SPECS = ("softmax", "sparsemax", "sparsemax:gamma=0.5", "entmax15", "entmax:alpha=1.3", "fusedmax:lam=0.3",
+                    "oscarmax:lam=0.1")
+
+
+@pytest.mark.parametrize("spec", NORMALIZER_SPECS)
+def test_every_normalizer_follows_the_same_row_policy(spec):
+    f = plugin.get_normalizer(spec)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    x[0, 1] = NAN  # NaN among the allowed scores: NaN row
+    x[1, 2] = INF  # +inf: NaN row
+    x[2, 3] = -INF  # -inf: masked
+    x[3] = -INF  # nothing allowed: zeros
+    mask = torch.ones(5, 6, dtype=torch.bool)
+    mask[4, 0] = False
+    x[4, 0] = NAN  # a NaN at a masked position is never read
+    p = f(x, mask=mask)
+    assert torch.isnan(p[:2]).all()
+    assert torch.isfinite(p[2:]).all() and p[2, 3] == 0 and (p[3] == 0).all() and p[4, 0] == 0
+    torch.testing.assert_close(p[[2, 4]].sum(-1), torch.ones(2))
+    assert f(torch.randn(3, 0)).shape == (3, 0) and f(torch.randn(0, 4)).shape == (0, 4)
