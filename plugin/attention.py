@@ -107,7 +107,7 @@ class AttentionMechanism(nn.Module):
             qmax, kmax, vmax = input_magnitudes(q, k, v)
         path = "reference"
         fast = None
-        if scores_may_overflow(qmax, kmax, D, scale, q.dtype):
+        if scores_may_overflow(qmax, kmax, D, scale):
             pass  # the reference path computes the scores and applies the rules for +-inf scores
         elif self.continuous is None:
             # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
@@ -253,7 +253,8 @@ def attention(
         ``"sparsemax+continuous_softmax"``...), an :class:`AttentionMechanism`, or a
         normalizer callable ``f(scores, dim=-1, mask=None)``.
     mask : bool tensor broadcastable to (B, H, Lq, Lk), True where attending is allowed;
-        or a float tensor added to the scores (``-inf`` = masked).
+        or a float tensor added to the scores (``-inf`` = masked). A 2-D ``(B, Lk)`` mask is a
+        key-padding mask (read as ``(B, 1, 1, Lk)``); 0-D and ``(Lk,)`` masks broadcast.
     causal : mask keys after the query, aligned bottom-right (query ``i`` sees keys
         ``j <= i + Lk - Lq``): with ``Lq == Lk`` this is the usual causal mask, with
         ``Lq < Lk`` the queries are the last ones (cached decoding).
@@ -263,7 +264,8 @@ def attention(
 
     Returns ``out`` (B, H, Lq, D) in q's dtype, or ``(out, weights)``. A query row with no
     allowed key gives zeros. With ``normalizer="softmax"`` this equals
-    ``torch.nn.functional.scaled_dot_product_attention``.
+    ``torch.nn.functional.scaled_dot_product_attention``. NaN and infinities, empty inputs
+    and the errors raised follow one policy on every path: see :mod:`plugin.inputs`.
     """
     if isinstance(normalizer, AttentionMechanism):
         mech = normalizer
