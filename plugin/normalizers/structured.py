@@ -41,10 +41,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernels.cpu import group_mean_cpu, structured_prox
+from ..kernels.cpu import effective_lam, group_mean_cpu, structured_prox
 from ..registry import Param, register_normalizer
-from .base import check_nonnegative, check_positive, finish, prepare, shift_by_max
+from .base import GAMMA, check_param, finish, prepare, scaled_by_gamma, shift_by_max
 from .sparsemax import SparsemaxFunction
+
+# any finite lam >= 0 computes exactly: beyond the value at which a row is one group, the
+# kernels use that value (see plugin.kernels.cpu.structured_prox)
+LAM = Param("lam", 1.0, float, low=0, doc="strength of the structure penalty (a finite number >= 0)")
 
 __all__ = [
     "GroupedProxFunction",
@@ -145,10 +149,10 @@ class OscarProxFunction(torch.autograd.Function):
         return s * group_mean(s * grad, groups), None, None
 
 
-def _prox_input(x: Tensor, lam: float, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor, float]:
-    lam = check_nonnegative("lam", lam, name)
-    z, allowed, _ = prepare(x, -1, mask, name)
-    return torch.where(allowed, z, torch.zeros_like(z)), allowed, lam
+def _prox_input(x: Tensor, lam: float, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor, float, Tensor]:
+    lam = check_param(LAM, lam, name)
+    z, allowed, _, invalid = prepare(x, -1, mask, name)
+    return torch.where(allowed, z, torch.zeros_like(z)), allowed, lam, invalid
 
 
 def tv_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
@@ -170,8 +174,8 @@ def tv_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
     -------
     Tensor (..., d) in the dtype of ``x``: piecewise constant along allowed positions.
     """
-    z, allowed, lam = _prox_input(x, lam, mask, "tv_prox")
-    return GroupedProxFunction.apply(z, allowed, lam, "tv").to(x.dtype)
+    z, allowed, lam, invalid = _prox_input(x, lam, mask, "tv_prox")
+    return finish(GroupedProxFunction.apply(z, allowed, lam, "tv"), -1, x.dtype, invalid)
 
 
 def oscar_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
@@ -193,8 +197,8 @@ def oscar_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
     -------
     Tensor (..., d) in the dtype of ``x``: entries of similar magnitude share one magnitude.
     """
-    z, allowed, lam = _prox_input(x, lam, mask, "oscar_prox")
-    return OscarProxFunction.apply(z, allowed, lam).to(x.dtype)
+    z, allowed, lam, invalid = _prox_input(x, lam, mask, "oscar_prox")
+    return finish(OscarProxFunction.apply(z, allowed, lam), -1, x.dtype, invalid)
 
 
 def oscar_ordered_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
@@ -215,8 +219,8 @@ def oscar_ordered_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Ten
     -------
     Tensor (..., d) in the dtype of ``x``; 0 at masked entries.
     """
-    z, allowed, lam = _prox_input(x, lam, mask, "oscar_ordered_prox")
-    return GroupedProxFunction.apply(z, allowed, lam, "oscar_ordered").to(x.dtype)
+    z, allowed, lam, invalid = _prox_input(x, lam, mask, "oscar_ordered_prox")
+    return finish(GroupedProxFunction.apply(z, allowed, lam, "oscar_ordered"), -1, x.dtype, invalid)
 
 
 def fused_groups(y: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -273,16 +277,16 @@ def fusedmax(
     -------
     Tensor of the shape and dtype of ``scores``; rows sum to 1 over allowed entries.
     """
-    lam = check_nonnegative("lam", lam, "fusedmax")
-    gamma = check_positive("gamma", gamma, "fusedmax")
-    z, allowed, dim = prepare(scores, dim, mask, "fusedmax")
+    lam = check_param(LAM, lam, "fusedmax")
+    gamma = check_param(GAMMA, gamma, "fusedmax")
+    z, allowed, dim, invalid = prepare(scores, dim, mask, "fusedmax")
     # prox_TV(x + c) = prox_TV(x) + c: subtracting the row maximum changes nothing but the
     # size of the numbers the prox works with (large scores in half precision).
-    x, _ = shift_by_max(z / gamma, allowed)
+    x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
     x = torch.where(allowed, x, torch.zeros_like(x))
     y = GroupedProxFunction.apply(x, allowed, lam, "tv")
     p = SparsemaxFunction.apply(y, allowed)
-    return finish(p, dim, scores.dtype)
+    return finish(p, dim, scores.dtype, invalid)
 
 
 def oscarmax(
@@ -312,25 +316,25 @@ def oscarmax(
     -------
     Tensor of the shape and dtype of ``scores``; rows sum to 1 over allowed entries.
     """
-    lam = check_nonnegative("lam", lam, "oscarmax")
-    gamma = check_positive("gamma", gamma, "oscarmax")
-    z, allowed, dim = prepare(scores, dim, mask, "oscarmax")
+    lam = check_param(LAM, lam, "oscarmax")
+    gamma = check_param(GAMMA, gamma, "oscarmax")
+    z, allowed, dim, invalid = prepare(scores, dim, mask, "oscarmax")
     # the ordered prox commutes with shifts: work with the row maximum at 0
-    x, _ = shift_by_max(z / gamma, allowed)
+    x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
     x = torch.where(allowed, x, torch.zeros_like(x))
-    y = GroupedProxFunction.apply(x, allowed, lam, "oscar_ordered")
+    # sparsemax ignores the per-row shift of the ordered prox beyond the pooling point
+    y = GroupedProxFunction.apply(x, allowed, effective_lam("oscar_ordered", x.detach(), allowed, lam), "oscar_ordered")
     p = SparsemaxFunction.apply(y, allowed)
-    return finish(p, dim, scores.dtype)
+    return finish(p, dim, scores.dtype, invalid)
 
 
-_GAMMA_DOC = "temperature (> 0): the scores are divided by gamma"
 
 register_normalizer(
     "fusedmax",
     fusedmax,
     params=(
         Param("lam", 1.0, float, low=0, doc="fusion strength (>= 0): 0 gives sparsemax, large values uniform segments"),
-        Param("gamma", 1.0, float, low=0, low_inclusive=False, doc=_GAMMA_DOC),
+        GAMMA,
     ),
     formula="sparsemax(prox_{lam TV}(x / gamma)), TV = sum_i |y_{i+1} - y_i| over consecutive allowed keys",
     summary="sparse and structured: equal weights on contiguous segments (fused lasso)",
@@ -340,7 +344,7 @@ register_normalizer(
     oscarmax,
     params=(
         Param("lam", 1.0, float, low=0, doc="clustering strength (>= 0): 0 gives sparsemax, large values one cluster"),
-        Param("gamma", 1.0, float, low=0, low_inclusive=False, doc=_GAMMA_DOC),
+        GAMMA,
     ),
     formula="argmax_{y in simplex} y.x - gamma (||y||^2 / 2 + lam sum_{i<j} max(|y_i|, |y_j|)) (exact, sort + PAV)",
     summary="sparse and structured: equal weights on clusters of similar scores (OSCAR)",
