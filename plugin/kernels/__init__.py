@@ -123,9 +123,10 @@ def entmax_config(normalizer: Any) -> EntmaxConfig | None:
     from ..normalizers.sparsemax import sparsemax
 
     if isinstance(normalizer, EntmaxNormalizer):
-        if normalizer.learned is not None:
+        alpha = normalizer.fixed_alpha()
+        if alpha is None:
             return EntmaxConfig(alpha=None, learned=normalizer.learned)
-        return EntmaxConfig(alpha=float(normalizer.alpha))
+        return EntmaxConfig(alpha=alpha) if 1 < alpha <= 2 else None
     if isinstance(normalizer, Normalizer):
         params = dict(normalizer.params)
         if normalizer.function is sparsemax and set(params) <= {"gamma"}:
@@ -140,12 +141,19 @@ def entmax_config(normalizer: Any) -> EntmaxConfig | None:
 
 
 def softmax_gamma(normalizer: Any) -> float | None:
-    """The temperature of a built-in softmax normalizer, else None."""
+    """The temperature of a built-in softmax normalizer (entmax with alpha = 1 included), else None."""
     from ..normalizers.base import Normalizer
+    from ..normalizers.entmax import EntmaxNormalizer, entmax
     from ..normalizers.softmax import softmax
 
     if isinstance(normalizer, Normalizer) and normalizer.function is softmax and set(normalizer.params) <= {"gamma"}:
         return float(normalizer.params.get("gamma", 1.0))
+    # alpha-entmax at alpha = 1 is softmax: it takes softmax's fast path (a schedule that starts
+    # at softmax never drops to the reference path)
+    if isinstance(normalizer, EntmaxNormalizer) and normalizer.fixed_alpha() == 1:
+        return 1.0
+    if isinstance(normalizer, Normalizer) and normalizer.function is entmax and normalizer.params == {"alpha": 1}:
+        return 1.0
     return None
 
 
