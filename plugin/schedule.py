@@ -33,7 +33,7 @@ over, starting from ``end``.
 
 Where the step comes from: every scheduled :class:`plugin.AttentionMechanism` holds it in
 its buffer ``schedule_step`` (saved in ``state_dict``, so a resumed model continues from the
-same value). The training loop sets it with :func:`set_schedule_step` (fairseq's
+XX
 ``set_num_updates`` hook, a transformers ``TrainerCallback`` or a hand-written loop do).
 :func:`finish_schedules` moves every schedule to its end (inference).
 """
@@ -52,6 +52,7 @@ from .registry import LEARNED, ParsedSpec, parse_spec
 __all__ = [
     "STRATEGIES",
     "Schedule",
+    "check_schedule_syntax",
     "finish_schedules",
     "parse_schedule",
     "schedule_state",
@@ -98,7 +99,8 @@ class Schedule:
         else:  # step
             hold = self.hold or max(1, self.steps // 4)
             f = hold * (t // hold) / self.steps
-        return self.start + (self.end - self.start) * f
+        # rounded to 12 decimals: clean values in specs and logs (1.1, not 1.0999999999999999)
+        return round(self.start + (self.end - self.start) * f, 12)
 
     def __str__(self) -> str:
         items = [f"param={self.param}", f"start={_num(self.start)}", f"end={_num(self.end)}",
@@ -135,11 +137,11 @@ def _integer(name: str, key: str, text: str) -> int:
     return int(value)
 
 
-def parse_schedule(text: str, spec: str, name: str = "schedule") -> Schedule:
-    """Parse and validate schedule string ``text`` for the mechanism ``spec``.
+def check_schedule_syntax(text: str, name: str = "schedule") -> tuple[str, dict[str, str]]:
+    """The checks of a schedule string that need no spec: strategy, keys, step counts.
 
-    ``name`` (a flag or config field, e.g. ``"--cross-attn-schedule"``) starts every error
-    message. Raises ``ValueError`` naming the bad key and its valid choices or range.
+    Returns ``(strategy, {key: value text})``. Command-line parsers use it as the flag's
+    ``type`` (the rest is checked against the spec by :func:`parse_schedule`).
     """
     if isinstance(text, Schedule):
         text = str(text)
@@ -158,6 +160,30 @@ def parse_schedule(text: str, spec: str, name: str = "schedule") -> Schedule:
         if key in items:
             raise ValueError(f"{name}: {key!r} given twice")
         items[key] = value
+    for key in ("steps", "warmup", "hold"):
+        if key in items:
+            _integer(name, key, items[key])
+    if "hold" in items:
+        if strategy != "step":
+            raise ValueError(f"{name}: hold=... applies to the 'step' strategy only (got {strategy!r}); "
+                             f"valid choices: step")
+        if _integer(name, "hold", items["hold"]) < 1:
+            raise ValueError(f"{name}: hold={items['hold']!r} is not valid; expected an integer >= 1")
+    if "start" not in items:
+        raise ValueError(f"{name}: start=... is required (the value the schedule starts from, e.g. start=1 "
+                         f"for entmax's alpha, which is softmax)")
+    if "steps" not in items:
+        raise ValueError(f"{name}: steps=... is required (an integer >= 0: how many steps from start to end)")
+    return strategy, items
+
+
+def parse_schedule(text: str, spec: str, name: str = "schedule") -> Schedule:
+    """Parse and validate schedule string ``text`` for the mechanism ``spec``.
+
+    ``name`` (a flag or config field, e.g. ``"--cross-attn-schedule"``) starts every error
+    message. Raises ``ValueError`` naming the bad key and its valid choices or range.
+    """
+    strategy, items = check_schedule_syntax(text, name)
     part = _discrete(spec, name)
     numeric = _numeric_params(part)
     param = items.get("param")
@@ -181,9 +207,6 @@ def parse_schedule(text: str, spec: str, name: str = "schedule") -> Schedule:
             raise ValueError(f"{name}: {key}={value!r} is not a number; expected {declared.valid_range()}")
         return float(value)
 
-    if "start" not in items:
-        raise ValueError(f"{name}: start=... is required (the value the schedule starts from, e.g. start=1 "
-                         f"for entmax's alpha, which is softmax)")
     start = number("start")
     if target == LEARNED:
         end = number("end") if "end" in items else 1.5
@@ -196,18 +219,9 @@ def parse_schedule(text: str, spec: str, name: str = "schedule") -> Schedule:
         if end != float(target):
             raise ValueError(f"{name}: end={_num(end)} differs from {param}={_num(target)} of {spec!r}: the "
                              f"spec names the mechanism the schedule ends at; leave end out or make them equal")
-    if "steps" not in items:
-        raise ValueError(f"{name}: steps=... is required (an integer >= 0: how many steps from start to end)")
     steps = _integer(name, "steps", items["steps"])
-    warmup = _integer(name, "warmup", items["warmup"]) if "warmup" in items else 0
-    hold = 0
-    if "hold" in items:
-        if strategy != "step":
-            raise ValueError(f"{name}: hold=... applies to the 'step' strategy only (got {strategy!r}); "
-                             f"valid choices: step")
-        hold = _integer(name, "hold", items["hold"])
-        if hold < 1:
-            raise ValueError(f"{name}: hold={items['hold']!r} is not valid; expected an integer >= 1")
+    warmup = _integer(name, "warmup", items.get("warmup", "0"))
+    hold = _integer(name, "hold", items.get("hold", "0"))
     return Schedule(param, strategy, start, end, steps, warmup, hold)
 
 
