@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import continuous
+from . import continuous, recording
 from .attention import AttentionMechanism, attention
 from .continuous import ContinuousAttention
-from .kernels import reference_path
+from .kernels import reference_path, use_path
 from .normalizers import (
     LearnableAlpha,
     Normalizer,
@@ -24,13 +24,12 @@ from .normalizers import (
     sparsemax,
 )
 from .normalizers.structured import fusedmax, oscarmax
+from .recording import CallRecord, record_calls
 from .registry import (
-    CallRecord,
     Param,
     available_normalizers,
     canonical_spec,
     parse_spec,
-    record_calls,
     register_continuous,
     register_normalizer,
     variants,
@@ -95,6 +94,7 @@ __all__ = [
     "parse_schedule",
     "parse_spec",
     "record_calls",
+    "recording",
     "reference_path",
     "register_continuous",
     "register_normalizer",
@@ -102,5 +102,6 @@ __all__ = [
     "set_schedule_step",
     "softmax",
     "sparsemax",
+    "use_path",
     "variants",
 ]

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from . import kernels
 from .continuous.modules import ContinuousContext
 from .normalizers.base import Normalizer
-from .registry import CallRecord, ParsedSpec, _notify, _recording, canonical_spec, parse_spec
+from .recording import CallRecord, notify, recording
+from .registry import ParsedSpec, canonical_spec, parse_spec
 from .schedule import Schedule, parse_schedule
 
 
@@ -157,9 +158,9 @@ class AttentionMechanism(nn.Module):
             if causal:
                 allowed = _with_causal(allowed, Lq, Lk, q.device)
             out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
-        if _recording():
+        if recording():
             spec = self.current_spec()
-            _notify(CallRecord(spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
+            notify(CallRecord(spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
         if return_weights:
             return out, weights
         return out
