@@ -11,17 +11,11 @@ from transformers import Trainer, TrainingArguments
 import hf_models
 import plugin
 
+from ..recorded_specs import training_specs
 from .tiny import SEQ2SEQ, config_kwargs, model_inputs, output_of, stock_model, token_batch
 
 CROSS = {"cross_attn": "entmax:alpha=2", "cross_attn_schedule": "linear:start=1,steps=4"}
 
-
-def _training_specs(calls, role="cross"):
-    specs = []
-    for c in calls:
-        if c.role == role and c.training and (not specs or specs[-1] != c.spec):
-            specs.append(c.spec)
-    return specs
 
 
 @pytest.mark.parametrize("family", SEQ2SEQ)
@@ -117,7 +111,7 @@ def test_trainer_callback_moves_the_parameter_with_the_update_count(tmp_path):
     model = _model(**CROSS)
     with plugin.record_calls() as calls:
         _trainer(model, tmp_path / "run", max_steps=6).train()
-    assert _training_specs(calls) == [
+    assert training_specs(calls) == [
         "entmax:alpha=1", "entmax:alpha=1.25", "entmax:alpha=1.5", "entmax:alpha=1.75", "entmax:alpha=2"
     ]
     paths = {(c.spec, c.path) for c in calls if c.role == "cross" and c.training}
@@ -136,8 +130,8 @@ def test_trainer_resume_in_the_middle_of_a_schedule_continues_from_the_same_valu
         _trainer(_model(seed=1, **CROSS), tmp_path / "resumed", max_steps=4).train(
             resume_from_checkpoint=str(checkpoint)
         )
-    assert _training_specs(resumed) == ["entmax:alpha=1.5", "entmax:alpha=1.75"]
-    assert _training_specs(straight)[2:] == _training_specs(resumed)
+    assert training_specs(resumed) == ["entmax:alpha=1.5", "entmax:alpha=1.75"]
+    assert training_specs(straight)[2:] == training_specs(resumed)
 
 
 def test_a_hand_written_loop_drives_the_schedule():

@@ -7,6 +7,7 @@ import torch
 
 import plugin
 
+from ..recorded_specs import training_specs
 from .helpers import USER_DIR, generate_argv, run_cli, train_argv
 
 CROSS = ["--cross-attn", "entmax:alpha=2", "--cross-attn-schedule", "linear:start=1,steps=4"]
@@ -21,14 +22,6 @@ def _parse(data_bin, *extra):
         parser, input_args=[str(data_bin), "--user-dir", str(USER_DIR), "--arch", "sparse_transformer_tiny", *extra]
     )
 
-
-def _training_specs(calls, role="cross"):
-    """The spec of ``role`` at each training forward, consecutive repeats collapsed."""
-    specs = []
-    for c in calls:
-        if c.role == role and c.training and (not specs or specs[-1] != c.spec):
-            specs.append(c.spec)
-    return specs
 
 
 @pytest.mark.parametrize(
@@ -98,7 +91,7 @@ def scheduled_run(data_bin, tmp_path_factory):
 
 def test_the_parameter_moves_with_the_update_count_during_training(scheduled_run):
     _, calls = scheduled_run
-    assert _training_specs(calls) == [
+    assert training_specs(calls) == [
         "entmax:alpha=1", "entmax:alpha=1.25", "entmax:alpha=1.5", "entmax:alpha=1.75", "entmax:alpha=2"
     ]
     # alpha = 1 is softmax and takes its fused path; the others the chunked entmax path (fairseq
@@ -139,10 +132,10 @@ def test_resume_in_the_middle_of_a_schedule_continues_from_the_same_value(data_b
     with plugin.record_calls() as resumed_calls:
         run_cli("train", train_argv(data_bin, resumed, *common, "--max-update", "4",
                                     "--restore-file", str(resumed / "checkpoint_last.pt")))
-    assert _training_specs(resumed_calls) == ["entmax:alpha=1.5", "entmax:alpha=1.75"]
-    assert _training_specs(straight_calls)[2:] == _training_specs(resumed_calls)
+    assert training_specs(resumed_calls) == ["entmax:alpha=1.5", "entmax:alpha=1.75"]
+    assert training_specs(straight_calls)[2:] == training_specs(resumed_calls)
     # the learned decoder alpha: scheduled warm-up (cosine 1 -> 1.4 over 3 updates), then learned
-    assert _training_specs(straight_calls, "decoder") == [
+    assert training_specs(straight_calls, "decoder") == [
         "entmax:alpha=1", "entmax:alpha=1.1", "entmax:alpha=1.3", "entmax:alpha=learned"
     ]
     a = torch.load(straight / "checkpoint_last.pt")["model"]
