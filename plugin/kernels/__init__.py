@@ -5,7 +5,8 @@ Paths (the name is what :func:`plugin.record_calls` reports as ``CallRecord.path
 ``"reference"``
     plain PyTorch: the full (Lq, Lk) score matrix, the normalizer, ``weights @ v``.
 ``"sdpa"``
-    softmax (with or without a temperature), any device and dtype:
+    softmax (with or without a temperature; also alpha-entmax at alpha = 1, which is softmax,
+    so a schedule starting at softmax never takes the reference path), any device and dtype:
     ``torch.nn.functional.scaled_dot_product_attention`` (its fused kernels), with the
     masks combined into one, bottom-right causality, grouped-query attention, dropout, and
     rows without an allowed key set to zeros.
