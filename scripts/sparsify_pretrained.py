@@ -54,7 +54,7 @@ SIZES = {
     # sentences (numbers up to max_number), pretraining epochs, fine-tuning updates, evaluations along the way
     "tiny": {"train": 300, "valid": 60, "test": 60, "max_number": 9999, "pre_epochs": 3, "hf_pre_epochs": 3,
              "updates": 8, "evals": 2},
-    "default": {"train": 2000, "valid": 200, "test": 200, "max_number": 99999, "pre_epochs": 8, "hf_pre_epochs": 8,
+    "default": {"train": 2000, "valid": 200, "test": 200, "max_number": 99999, "pre_epochs": 8, "hf_pre_epochs": 14,
                 "updates": 60, "evals": 6},
 }
 
@@ -340,7 +340,7 @@ def hf_experiment(out: Path, data: dict[str, list[tuple[str, str]]], size: dict[
     torch.manual_seed(seed)
     model = hf_models.SparseBartForConditionalGeneration(config)
     start = time.time()
-    _hf_train(model, data["train"], vocab, epochs=size["hf_pre_epochs"], lr=3e-3, seed=seed, warmup=100)
+    _hf_train(model, data["train"], vocab, epochs=size["hf_pre_epochs"], lr=1e-3, seed=seed)
     pretrain_seconds = time.time() - start
     pretrained = out / "hf" / f"pretrained-seed{seed}"
     model.save_pretrained(pretrained)
