@@ -6,8 +6,8 @@
 For each ecosystem (fairseq through ``fairseq-train``'s own flags, in this process; transformers
 through ``SparseBartForConditionalGeneration`` and a hand-written loop) the script
 
-1. trains a small softmax translation model on the number-words corpus (scripts/number_corpus.py,
-   English -> German morphemes, disjoint numbers in train/valid/test);
+1. trains a small softmax translation model on number words (cardinals up to 99,999 written by
+   scripts/number_corpus.py, English -> German morphemes, disjoint numbers in train/valid/test);
 2. fine-tunes it, every attention role at once, to 1.5-entmax (``entmax:alpha=1.5``) and to
    sparsemax (``entmax:alpha=2``), once **abruptly** (the target mechanism from the first step)
    and once **annealed** (``linear:start=1,steps=N``: alpha from 1 = softmax to the target
@@ -520,6 +520,24 @@ def plot(out: Path, results: dict[str, Any]) -> Path | None:
     return path
 
 
+def make_pairs(out: Path, n_train: int, n_valid: int, n_test: int, max_number: int, seed: int = 1) -> None:
+    """``{train,valid,test}.{en,de}``: cardinal numbers 1..max_number in words, disjoint across splits.
+
+    The words come from scripts/number_corpus.py (German split into morphemes, so the word order
+    differs from English: "twenty three" -> "drei und zwanzig").
+    """
+    from number_corpus import words
+
+    rng = random.Random(seed)
+    numbers = rng.sample(range(1, max_number + 1), n_train + n_valid + n_test)
+    splits = {"train": numbers[:n_train], "valid": numbers[n_train:n_train + n_valid],
+              "test": numbers[n_train + n_valid:]}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, nums in splits.items():
+        for lang in ("en", "de"):
+            (out / f"{split}.{lang}").write_text("".join(words(n, lang) + "\n" for n in nums), encoding="utf-8")
+
+
 def _read_pairs(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
     return {split: list(zip((data_dir / f"{split}.en").read_text().splitlines(),
                             (data_dir / f"{split}.de").read_text().splitlines()))
@@ -536,13 +554,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
     torch.set_num_threads(1)
-    from number_corpus import make_corpus
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES[args.size]
     data_dir = out / "corpus"
-    make_corpus(data_dir, size["train"], size["valid"], size["test"], max_number=size["max_number"])
+    make_pairs(data_dir, size["train"], size["valid"], size["test"], size["max_number"])
     pairs = _read_pairs(data_dir)
     start = time.time()
     results: dict[str, Any] = {"command": "scripts/sparsify_pretrained.py " + " ".join(argv or sys.argv[1:]),
