@@ -83,8 +83,14 @@ def reference_path() -> Iterator[None]:
         yield
 
 
+@torch.compiler.assume_constant_result
 def forced_path() -> str | None:
-    """The forced path name (context manager first, then ``PLUGIN_ATTENTION_PATH``), or None."""
+    """The forced path name (context manager first, then ``PLUGIN_ATTENTION_PATH``), or None.
+
+    Under ``torch.compile`` it is read once, when a call is traced, and the path chosen then is
+    compiled into the graph (a later :func:`use_path` block does not change a compiled function;
+    compile it again, e.g. after ``torch._dynamo.reset()``).
+    """
     if _FORCED[0] is not None:
         return _FORCED[0]
     env = os.environ.get("PLUGIN_ATTENTION_PATH", "").strip().lower()
@@ -226,21 +232,29 @@ _NO_PATH: Any = object()
 _STRUCTURED_BUILT: list[bool] = []
 
 
+@torch.compiler.assume_constant_result
+def _structured_kernels_built() -> bool:
+    """True when the fusedmax / oscarmax kernels build here (checked once; a constant when compiling)."""
+    from .structured_chunked import structured_chunked_available
+
+    if not _STRUCTURED_BUILT:
+        _STRUCTURED_BUILT.append(structured_chunked_available())
+    return _STRUCTURED_BUILT[0]
+
+
 def _structured_path(mechanism: Any, q: Tensor, forced: str | None) -> Any:
     """fusedmax / oscarmax: ``(name, fn)``, ``_NO_PATH`` (keep the reference), or None (not structured)."""
-    from .structured_chunked import structured_chunked_attention, structured_chunked_available, structured_config
+    from .structured_chunked import structured_chunked_attention, structured_config
 
     config = structured_config(getattr(mechanism, "normalizer", None))
     if config is None:
         return None
     if forced not in (None, "cpu_chunked") or q.device.type != "cpu" or (forced is None and q.dtype == torch.float64):
         return _NO_PATH
-    if not _STRUCTURED_BUILT:
-        if not structured_chunked_available():
-            if forced == "cpu_chunked":
-                raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its kernels: none works")
-            return _NO_PATH
-        _STRUCTURED_BUILT.append(True)
+    if not _structured_kernels_built():
+        if forced == "cpu_chunked":
+            raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its kernels: none works")
+        return _NO_PATH
 
     def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
             scale: float) -> Tensor:

@@ -58,6 +58,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Triton is importable and there is a CUDA device (or the Triton interpreter is on)."""
     return triton is not None and (_interpreting() or torch.cuda.is_available())
@@ -373,70 +374,86 @@ def _blocks(D: int, Lq: int, Lk: int, dtype: torch.dtype, block_m: int | None, b
     return block_m, block_n, block_d
 
 
+def triton_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None, bias: Tensor | None,
+                   kind: int, causal: bool, scale: float, block_m: int | None, block_n: int | None
+                   ) -> tuple[Tensor, Tensor]:
+    """The forward kernel launch: ``(out, stats)``, stats (B, H, Lq, 3) float32 per query ``(m, t, 1 / norm)``."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
+    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    out = torch.empty_like(q)
+    stats = torch.empty(B, H, Lq, 3, dtype=torch.float32, device=q.device)
+    shape = (B, H, Lq, Lk)
+    mask_arg = mask.view(torch.uint8) if mask is not None else q
+    bias_arg = bias if bias is not None else q
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(Lq, BM), B * H)
+    _entmax_fwd[grid](
+        q, k, v, am1, mask_arg, bias_arg, out, stats,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *_strides4(mask, shape), *_strides4(bias, shape),
+        H, G, Lq, Lk, D, scale, Lk - Lq,
+        KIND=kind, CAUSAL=causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, MAX_ITERS=MAX_NEWTON, TOL=GENERAL_TOL, **_LAUNCH,
+    )
+    return out, stats
+
+
+def triton_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None,
+                    bias: Tensor | None, stats: Tensor, kind: int, causal: bool, scale: float, block_m: int | None,
+                    block_n: int | None, want_dalpha: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The backward kernel launches: ``(dq, dk, dv, dalpha)`` (dalpha None unless ``want_dalpha``)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dout = dout.contiguous()
+    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    dalpha_rows = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if want_dalpha else delta
+    shape = (B, H, Lq, Lk)
+    mask_arg = mask.view(torch.uint8) if mask is not None else q
+    bias_arg = bias if bias is not None else q
+    common = (
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *_strides4(mask, shape), *_strides4(bias, shape),
+        H, G, Lq, Lk, D, scale, Lk - Lq,
+    )
+    flags = {"KIND": kind, "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
+             "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": BD, "PREC": prec, **_LAUNCH}
+    _entmax_bwd_dq[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, dout, am1, mask_arg, bias_arg, stats, dq, delta, dalpha_rows, *common,
+        WANT_DALPHA=want_dalpha, **flags,
+    )
+    _entmax_bwd_dkdv[(triton.cdiv(Lk, BN), B * Hkv)](
+        q, k, v, dout, am1, mask_arg, bias_arg, stats, delta, dk, dv, *common, **flags,
+    )
+    dalpha = None
+    if want_dalpha:
+        dalpha = dalpha_rows.sum((0, 2)).to(alpha.dtype).view(alpha.shape)
+    return dq, dk, dv, dalpha
+
+
 class _TritonEntmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n):  # type: ignore[override]
-        B, H, Lq, D = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        G = H // Hkv
-        BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
-        am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
-        out = torch.empty_like(q)
-        stats = torch.empty(B, H, Lq, 3, dtype=torch.float32, device=q.device)
-        shape = (B, H, Lq, Lk)
-        mask_arg = mask.view(torch.uint8) if mask is not None else q
-        bias_arg = bias if bias is not None else q
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        grid = (triton.cdiv(Lq, BM), B * H)
-        _entmax_fwd[grid](
-            q, k, v, am1, mask_arg, bias_arg, out, stats,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *_strides4(mask, shape), *_strides4(bias, shape),
-            H, G, Lq, Lk, D, scale, Lk - Lq,
-            KIND=kind, CAUSAL=causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, MAX_ITERS=MAX_NEWTON, TOL=GENERAL_TOL, **_LAUNCH,
-        )
+        out, stats = triton_forward(q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n)
         ctx.save_for_backward(q, k, v, alpha, mask, bias, stats)
-        ctx.config = (kind, causal, scale, BM, BN, BD, prec)
+        ctx.config = (kind, causal, scale, block_m, block_n)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, alpha, mask, bias, stats = ctx.saved_tensors
-        kind, causal, scale, BM, BN, BD, prec = ctx.config
-        B, H, Lq, D = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        G = H // Hkv
-        dout = dout.contiguous()
-        am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
-        want_dalpha = bool(ctx.needs_input_grad[3])
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-        dalpha_rows = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if want_dalpha else delta
-        shape = (B, H, Lq, Lk)
-        mask_arg = mask.view(torch.uint8) if mask is not None else q
-        bias_arg = bias if bias is not None else q
-        common = (
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *_strides4(mask, shape), *_strides4(bias, shape),
-            H, G, Lq, Lk, D, scale, Lk - Lq,
-        )
-        flags = {"KIND": kind, "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
-                 "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": BD, "PREC": prec, **_LAUNCH}
-        _entmax_bwd_dq[(triton.cdiv(Lq, BM), B * H)](
-            q, k, v, dout, am1, mask_arg, bias_arg, stats, dq, delta, dalpha_rows, *common,
-            WANT_DALPHA=want_dalpha, **flags,
-        )
-        _entmax_bwd_dkdv[(triton.cdiv(Lk, BN), B * Hkv)](
-            q, k, v, dout, am1, mask_arg, bias_arg, stats, delta, dk, dv, *common, **flags,
-        )
-        dalpha = None
-        if want_dalpha:
-            dalpha = dalpha_rows.sum((0, 2)).to(alpha.dtype).view(alpha.shape)
-        return dq, dk, dv, dalpha, None, None, None, None, None, None, None
+        grads = triton_backward(dout, q, k, v, alpha, mask, bias, stats, *ctx.config, bool(ctx.needs_input_grad[3]))
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def triton_entmax_attention(

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernels.cpu import group_mean_cpu, structured_prox
+from ..kernels.ops import group_mean as group_mean_op
+from ..kernels.ops import structured_prox
 from ..registry import Param, register_normalizer
 from .base import check_nonnegative, check_positive, finish, prepare, shift_by_max
 from .sparsemax import SparsemaxFunction
@@ -74,7 +75,7 @@ def group_mean(values: Tensor, groups: Tensor) -> Tensor:
     kernel (one pass per row); others through a vectorized ``index_add_``.
     """
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        return group_mean_cpu(values, groups)
+        return group_mean_op(values, groups.to(torch.int32))
     return _group_mean_torch(values, groups)
 
 
