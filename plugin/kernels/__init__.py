@@ -179,7 +179,8 @@ def _run_sdpa(gamma: float, dropout_p: float) -> Callable[..., Tensor]:
             # rows without an allowed key: attend everywhere (finite), then give zeros
             valid = attn_mask.any(-1, keepdim=True) if attn_mask.dtype == torch.bool else (
                 attn_mask > float("-inf")).any(-1, keepdim=True)
-            if bool(valid.all()):
+            # compiled, rows are fixed up unconditionally (no host sync in the graph)
+            if not torch.compiler.is_compiling() and bool(valid.all()):
                 valid = None
             elif attn_mask.dtype == torch.bool:
                 attn_mask = attn_mask | ~valid

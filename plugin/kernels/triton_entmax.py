@@ -520,6 +520,81 @@ def triton_entmax_attention(
     biasc = None
     if bias is not None:
         biasc = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind, bool(causal),
-                                       float(scale), block_m, block_n)
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.sparse_attention.triton_entmax_fwd(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind,
+                                                              bool(causal), float(scale), block_m, block_n)
+    else:
+        out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind, bool(causal),
+                                           float(scale), block_m, block_n)
     return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+
+
+def _check_launch(op: str, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None,
+                  bias: Tensor | None) -> None:
+    """What the kernels read through raw pointers: one device, float dtypes, contiguous q/k/v/alpha."""
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not t.is_contiguous():
+            raise ValueError(f"{op}: {label} must be a contiguous 4-D float16/bfloat16/float32 tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ValueError(f"{op}: q, k, v must share device and dtype")
+    if alpha.dtype != torch.float32 or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
+        raise ValueError(f"{op}: alpha must be a float32 (H,) tensor on q's device, got {alpha.dtype} "
+                         f"{tuple(alpha.shape)} on {alpha.device}")
+    for label, t in (("mask", mask), ("bias", bias)):
+        if t is not None and (t.dim() != 4 or t.device != q.device):
+            raise ValueError(f"{op}: {label} must be a 4-D tensor on q's device")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"{op}: mask must be a bool tensor, got {mask.dtype}")
+
+
+@torch.library.custom_op("sparse_attention::triton_entmax_fwd", mutates_args=())
+def _triton_entmax_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None, bias: Tensor | None,
+                       kind: int, causal: bool, scale: float, block_m: int | None,
+                       block_n: int | None) -> tuple[Tensor, Tensor]:
+    """:func:`triton_forward` as an op: ``(out, stats)``."""
+    _check_launch("triton_entmax_fwd", q, k, v, alpha, mask, bias)
+    return triton_forward(q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n)
+
+
+@_triton_entmax_fwd.register_fake
+def _(q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n):
+    return torch.empty_like(q), q.new_empty(*q.shape[:3], 3, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_attention::triton_entmax_bwd", mutates_args=())
+def _triton_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None,
+                       bias: Tensor | None, stats: Tensor, kind: int, causal: bool, scale: float, block_m: int | None,
+                       block_n: int | None, want_dalpha: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`triton_backward` as an op: ``(dq, dk, dv, dalpha)``, dalpha empty unless ``want_dalpha``."""
+    _check_launch("triton_entmax_bwd", q, k, v, alpha, mask, bias)
+    if stats.dtype != torch.float32 or stats.shape != (*q.shape[:3], 3) or not stats.is_contiguous():
+        raise ValueError("triton_entmax_bwd: stats must be a contiguous float32 (B, H, Lq, 3) tensor")
+    dq, dk, dv, dalpha = triton_backward(dout.to(q.dtype), q, k, v, alpha, mask, bias, stats, kind, causal, scale,
+                                         block_m, block_n, want_dalpha)
+    return dq, dk, dv, dalpha if dalpha is not None else alpha.new_empty(0)
+
+
+@_triton_entmax_bwd.register_fake
+def _(dout, q, k, v, alpha, mask, bias, stats, kind, causal, scale, block_m, block_n, want_dalpha):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(alpha) if want_dalpha else alpha.new_empty(0))
+
+
+def _triton_setup(ctx, inputs, output):
+    q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n = inputs
+    ctx.save_for_backward(q, k, v, alpha, mask, bias, output[1])
+    ctx.config = (kind, causal, scale, block_m, block_n)
+
+
+def _triton_backward_op(ctx, dout, _dstats):
+    q, k, v, alpha, mask, bias, stats = ctx.saved_tensors
+    want_dalpha = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dalpha = _triton_entmax_bwd(dout, q, k, v, alpha, mask, bias, stats, *ctx.config, want_dalpha)
+    return dq, dk, dv, dalpha if want_dalpha else None, None, None, None, None, None, None, None
+
+
+_triton_entmax_fwd.register_autograd(_triton_backward_op, setup_context=_triton_setup)
