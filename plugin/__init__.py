@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import continuous
+from . import continuous, recording
 from .attention import AttentionMechanism, attention
 from .continuous import ContinuousAttention
-from .kernels import reference_path
+from .kernels import reference_path, use_path
 from .normalizers import (
     LearnableAlpha,
     Normalizer,
@@ -24,13 +24,12 @@ from .normalizers import (
     sparsemax,
 )
 from .normalizers.structured import fusedmax, oscarmax
+from .recording import CallRecord, record_calls
 from .registry import (
-    CallRecord,
     Param,
     available_normalizers,
     canonical_spec,
     parse_spec,
-    record_calls,
     register_continuous,
     register_normalizer,
     variants,
@@ -81,10 +80,12 @@ __all__ = [
     "oscarmax",
     "parse_spec",
     "record_calls",
+    "recording",
     "reference_path",
     "register_continuous",
     "register_normalizer",
     "softmax",
     "sparsemax",
+    "use_path",
     "variants",
 ]

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from . import kernels
 from .continuous.modules import ContinuousContext
 from .normalizers.base import Normalizer
-from .registry import CallRecord, _notify, _recording, canonical_spec, parse_spec
+from .recording import CallRecord, notify, recording
+from .registry import canonical_spec, parse_spec
 
 
 class AttentionMechanism(nn.Module):
@@ -88,8 +89,8 @@ class AttentionMechanism(nn.Module):
             out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
         if torch.compiler.is_compiling():
             _record_traced_call(self.spec, self.role, path, self.training)
-        elif _recording():
-            _notify(CallRecord(self.spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
+        elif recording():
+            notify(CallRecord(self.spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
         if return_weights:
             return out, weights
         return out
@@ -259,8 +260,8 @@ def _mechanism_key(normalizer: Any) -> Any:
 @torch.compiler.assume_constant_result
 def _record_traced_call(spec: str, role: str | None, path: str, training: bool) -> bool:
     """Under ``torch.compile``: record a call once, when it is traced (shapes are left empty)."""
-    if _recording():
-        _notify(CallRecord(spec, role, (), (), path, training))
+    if recording():
+        notify(CallRecord(spec, role, (), (), path, training))
     return True
 
 

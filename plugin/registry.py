@@ -15,12 +15,13 @@ the docs table and the tests all enumerate this registry.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .recording import CallRecord, record_calls
 
 __all__ = [
     "Param",
@@ -58,8 +59,14 @@ class Param:
     high_inclusive: bool = True
     choices: tuple[str, ...] = ()
     doc: str = ""
+    # for string parameters: a function that raises ValueError on an invalid value, and the
+    # description of the valid values shown in errors and in the docs table
+    check: Callable[[str], Any] | None = field(default=None, compare=False)
+    expected: str = ""
 
     def valid_range(self) -> str:
+        if self.expected:
+            return self.expected
         parts = []
         if self.kind in (float, int):
             if self.low is not None and self.high is not None:
@@ -86,6 +93,13 @@ class Param:
             if text in self.choices:
                 return text
             if self.kind is str:
+                if self.check is not None:
+                    try:
+                        self.check(text)
+                    except ValueError:
+                        raise ValueError(
+                            f"{where}: {value!r} is not valid; expected {self.valid_range()}"
+                        ) from None
                 return text
             try:
                 number = float(text)
@@ -135,6 +149,8 @@ class Variant:
     formula: str = ""
     summary: str = ""
     function: Callable[..., Any] | None = field(default=None, compare=False)
+    # checks the parameters together (for example basis against widths); raises ValueError
+    check: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -229,6 +245,7 @@ def register_continuous(
     formula: str = "",
     summary: str = "",
     replace: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Variant:
     """Register a continuous-attention context.
 
@@ -239,7 +256,7 @@ def register_continuous(
     None; ``context`` is (B, H, Lq, D) and ``weights`` (B, H, Lq, Lk) or None.
     """
     _check_name(name)
-    variant = Variant(name, "continuous", factory, tuple(params), formula, summary)
+    variant = Variant(name, "continuous", factory, tuple(params), formula, summary, check=check)
     _add(variant, replace)
     return variant
 
@@ -320,58 +337,17 @@ def _parse_component(part: str, spec: str) -> ParsedSpec:
                 raise ValueError(f"attention spec {spec!r}: parameter {key!r} given twice")
             params[key] = p.validate(value, variant.name)
             given.append(key)
+    if variant.check is not None:
+        try:
+            variant.check(params)
+        except ValueError as exc:
+            raise ValueError(f"attention spec {spec!r}: {exc}") from None
     return ParsedSpec(variant, params, tuple(given))
 
 
 def canonical_spec(spec: str) -> str:
     """The normalized form of a spec (validates it)."""
     return "+".join(str(p) for p in parse_spec(spec))
-
-
-# ----------------------------------------------------------------------------- call recording
-
-
-@dataclass
-class CallRecord:
-    """One call of an attention mechanism, seen by :func:`record_calls`."""
-
-    spec: str
-    role: str | None
-    query_shape: tuple[int, ...]
-    key_shape: tuple[int, ...]
-    path: str
-    training: bool
-
-
-_RECORDERS: list[list[CallRecord]] = []
-
-
-@contextlib.contextmanager
-def record_calls() -> Iterator[list[CallRecord]]:
-    """Record every attention-mechanism call made inside the block.
-
-    Adapters label their mechanisms with a ``role`` ("encoder", "decoder", "cross", ...),
-    so tests and users can check which mechanism ran where::
-
-        with plugin.record_calls() as calls:
-            model(**batch)
-        assert {(c.role, c.spec) for c in calls} == {...}
-    """
-    calls: list[CallRecord] = []
-    _RECORDERS.append(calls)
-    try:
-        yield calls
-    finally:
-        _RECORDERS.remove(calls)
-
-
-def _notify(record: CallRecord) -> None:
-    for calls in _RECORDERS:
-        calls.append(record)
-
-
-def _recording() -> bool:
-    return bool(_RECORDERS)
 
 
 _BUILTINS_LOADED = False

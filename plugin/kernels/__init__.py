@@ -37,6 +37,7 @@ call it implements (the other calls keep the reference); a forced path that cann
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from torch import Tensor
 
 __all__ = [
     "PATHS",
+    "current_path_override",
     "entmax_config",
     "forced_path",
     "reference_forced",
@@ -60,27 +62,41 @@ PATHS = ("reference", "sdpa", "cpu_chunked", "cpu_chunked_torch", "triton")
 # the torch-only chunked path pays off (in memory) when the score matrix would be this large
 _TORCH_CHUNKED_MIN_SCORES = 1 << 24
 
-_FORCED: list[str | None] = [None]
+# The forced path is context-local (a thread or asyncio task sees only its own): a stack of
+# (entry, name) pairs, each entry removed by identity when its block ends, so blocks that end
+# in any order leave nothing behind.
+_FORCED: contextvars.ContextVar[tuple[tuple[object, str | None], ...]] = contextvars.ContextVar(
+    "plugin_forced_attention_path", default=()
+)
 
 
 @contextlib.contextmanager
 def use_path(name: str | None) -> Iterator[None]:
-    """Force attention path ``name`` (one of :data:`PATHS`; None = automatic) inside the block."""
+    """Force attention path ``name`` (one of :data:`PATHS`; None = automatic) inside the block.
+
+    The choice holds in the current thread (context) only, and blocks nest.
+    """
     if name is not None and name not in PATHS:
         raise ValueError(f"use_path: name must be one of {', '.join(PATHS)} or None, got {name!r}")
-    previous = _FORCED[0]
-    _FORCED[0] = name
+    entry = object()
+    _FORCED.set((*_FORCED.get(), (entry, name)))
     try:
         yield
     finally:
-        _FORCED[0] = previous
+        _FORCED.set(tuple(e for e in _FORCED.get() if e[0] is not entry))
 
 
 @contextlib.contextmanager
 def reference_path() -> Iterator[None]:
-    """Force the reference (materialized scores, plain PyTorch) path inside the block."""
+    """Force the reference (materialized scores, plain PyTorch) path inside the block (this thread only)."""
     with use_path("reference"):
         yield
+
+
+def current_path_override() -> str | None:
+    """The path forced by the innermost open :func:`use_path` block of this context, or None."""
+    stack = _FORCED.get()
+    return stack[-1][1] if stack else None
 
 
 @torch.compiler.assume_constant_result
@@ -91,8 +107,9 @@ def forced_path() -> str | None:
     compiled into the graph (a later :func:`use_path` block does not change a compiled function;
     compile it again, e.g. after ``torch._dynamo.reset()``).
     """
-    if _FORCED[0] is not None:
-        return _FORCED[0]
+    override = current_path_override()
+    if override is not None:
+        return override
     env = os.environ.get("PLUGIN_ATTENTION_PATH", "").strip().lower()
     if env in ("", "auto"):
         return None
@@ -254,7 +271,10 @@ def _structured_path(mechanism: Any, q: Tensor, forced: str | None) -> Any:
         return _NO_PATH
     if not _structured_kernels_built():
         if forced == "cpu_chunked":
-            raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its kernels: none works")
+            from .chunked import c_kernel_error
+
+            raise ValueError(f"the 'cpu_chunked' attention path needs its C kernels, which could not be built: "
+                             f"{c_kernel_error() or 'the structured-prox library did not build'}")
         return _NO_PATH
 
     def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
@@ -341,7 +361,10 @@ def select_path(
 
     if forced == "cpu_chunked":
         if not c_kernel_available():
-            raise ValueError("the 'cpu_chunked' attention path needs a C compiler to build its row kernel; none worked")
+            from .chunked import c_kernel_error
+
+            raise ValueError(f"the 'cpu_chunked' attention path needs its C row kernel, which could not be built: "
+                             f"{c_kernel_error() or 'no C compiler built it'}")
         return "cpu_chunked", _run_chunked(config, "c")
     if q.dtype == torch.float64:
         return None

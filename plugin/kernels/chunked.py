@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .cbuild import CompileError, load_c_library
 
-__all__ = ["c_kernel_available", "chunked_entmax_attention", "rows_backward", "rows_forward"]
+__all__ = ["c_kernel_available", "c_kernel_error", "chunked_entmax_attention", "rows_backward", "rows_forward"]
 
 SPARSEMAX, ENTMAX15, GENERAL = 0, 1, 2
 # score elements per chunk (float32): 2^21 = 8 MiB, a few of them live at once
@@ -93,6 +93,11 @@ def _library() -> ctypes.CDLL:
         lib.entmax_sparse_backward.argtypes = [ptr] * 9 + [i64, cint, i64, i64, i64, i64, i64, i64] + [ptr] * 5 + [cint]
         _LIB.append(lib)
         return lib
+
+
+def c_kernel_error() -> str:
+    """Why the C row kernel could not be built (empty when it was built or not tried yet)."""
+    return _LIB_ERROR[0] if _LIB_ERROR else ""
 
 
 @torch.compiler.assume_constant_result

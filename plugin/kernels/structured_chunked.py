@@ -159,7 +159,7 @@ def _prox_chunk(
     masked: bool,
 ) -> tuple[Tensor, Tensor]:
     """The chunk's prox ``y`` (rows, kend), ``-inf`` at masked keys, and its groups (int32, -1 at masked keys)."""
-    from .cpu import structured_prox
+    from .cpu import effective_lam, structured_prox
 
     S = chunks.scores(qs, kT, bias, allowed, ch)
     if chunks.causal:
@@ -167,6 +167,8 @@ def _prox_chunk(
     S2 = S.view(ch.rows, ch.kend)
     # masked keys: a bool mask, causality, or -inf in the bias (as the reference's `scores != -inf`)
     keep = S2 != float("-inf") if masked else None
+    if kind == "oscar_ordered":  # sparsemax follows: the per-row shift beyond the pooling point is irrelevant
+        lam = effective_lam(kind, S2, keep, lam)
     y, groups = structured_prox(kind, S2, keep, lam)
     if keep is not None:
         y.masked_fill_(~keep, float("-inf"))

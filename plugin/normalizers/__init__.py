@@ -1,14 +1,12 @@
 """Discrete normalizers: scores -> probabilities over keys. Importing this registers them."""
 
 from ..registry import Param, register_normalizer
-from .base import Normalizer
+from .base import GAMMA, Normalizer
 from .entmax import EntmaxNormalizer, LearnableAlpha, entmax, entmax15, entmax_factory
 from .softmax import softmax
 from .sparsemax import sparsemax
 
 __all__ = ["EntmaxNormalizer", "LearnableAlpha", "Normalizer", "entmax", "entmax15", "softmax", "sparsemax"]
-
-GAMMA = Param("gamma", 1.0, float, low=0, low_inclusive=False, doc="temperature: the input is divided by gamma")
 
 register_normalizer(
     "softmax",

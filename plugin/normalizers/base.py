@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..registry import Param
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -16,16 +18,31 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def check_positive(name: str, value: Any, variant: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{variant}: {name} must be a number > 0, got {value!r}")
-    return float(value)
+# gamma divides the scores, so the gradient grows as 1 / gamma: below this it overflows
+# float32 for ordinary scores (fairseq then stops with "gradients are Nan/Inf")
+GAMMA_MIN = 1e-6
+GAMMA = Param("gamma", 1.0, float, low=GAMMA_MIN,
+              doc=f"temperature (>= {GAMMA_MIN:g}): the scores are divided by gamma")
 
 
-def check_nonnegative(name: str, value: Any, variant: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{variant}: {name} must be a number >= 0, got {value!r}")
-    return float(value)
+def check_param(param: Param, value: Any, variant: str) -> float:
+    """``value`` (a number) checked against a registered parameter: finite and in range, else ValueError."""
+    if isinstance(value, str):
+        raise ValueError(f"{variant}: {param.name} must be a number, got {value!r}; expected {param.valid_range()}")
+    return param.validate(value, variant)
+
+
+def scaled_by_gamma(z: Tensor, allowed: Tensor, gamma: float) -> Tensor:
+    """``(z - max(z over allowed)) / gamma``: the row maximum is subtracted *before* dividing.
+
+    All these normalizers are shift invariant, and shifting first keeps the rounding of the
+    division at the size of the differences (float32 scores near 1e4 with gamma = 3: 3e-8 from
+    float64, against 1.3e-4 when dividing first).
+    """
+    if gamma == 1.0:
+        return z
+    x, _ = shift_by_max(z, allowed)
+    return x / gamma
 
 
 def prepare(scores: Tensor, dim: int, mask: Tensor | None, variant: str) -> tuple[Tensor, Tensor, int]:
@@ -41,6 +58,8 @@ def prepare(scores: Tensor, dim: int, mask: Tensor | None, variant: str) -> tupl
         raise ValueError(f"{variant}: scores must be a floating-point tensor, got dtype {scores.dtype}")
     if scores.dim() == 0:
         raise ValueError(f"{variant}: scores must have at least one dimension")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"{variant}: dim must be an integer, got {dim!r}")
     if not -scores.dim() <= dim < scores.dim():
         raise ValueError(f"{variant}: dim={dim} is out of range for scores with {scores.dim()} dimensions")
     dim = dim % scores.dim()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import check_positive, finish, prepare, shift_by_max
+from .base import GAMMA, check_param, finish, prepare, scaled_by_gamma, shift_by_max
 
 
 def simplex_threshold(x: Tensor) -> Tensor:
@@ -77,7 +77,7 @@ def sparsemax(scores: Tensor, dim: int = -1, mask: Tensor | None = None, gamma: 
 
     Same arguments and mask semantics as :func:`plugin.softmax`; the output has exact zeros.
     """
-    gamma = check_positive("gamma", gamma, "sparsemax")
+    gamma = check_param(GAMMA, gamma, "sparsemax")
     z, allowed, dim = prepare(scores, dim, mask, "sparsemax")
-    p = SparsemaxFunction.apply(z / gamma, allowed)
+    p = SparsemaxFunction.apply(scaled_by_gamma(z, allowed, gamma), allowed)
     return finish(p, dim, scores.dtype)

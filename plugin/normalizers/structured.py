@@ -44,8 +44,12 @@ from torch.autograd.function import once_differentiable
 from ..kernels.ops import group_mean as group_mean_op
 from ..kernels.ops import structured_prox
 from ..registry import Param, register_normalizer
-from .base import check_nonnegative, check_positive, finish, prepare, shift_by_max
+from .base import GAMMA, check_param, finish, prepare, scaled_by_gamma, shift_by_max
 from .sparsemax import SparsemaxFunction
+
+# any finite lam >= 0 computes exactly: beyond the value at which a row is one group, the
+# kernels use that value (see plugin.kernels.cpu.structured_prox)
+LAM = Param("lam", 1.0, float, low=0, doc="strength of the structure penalty (a finite number >= 0)")
 
 __all__ = [
     "GroupedProxFunction",
@@ -106,20 +110,22 @@ class GroupedProxFunction(torch.autograd.Function):
     mean weight of G's ranks). So ``dy_i / dx_j = 1 / |G|`` for i, j in the same group and 0
     otherwise: the projection that averages inside groups. It is symmetric, so the backward
     pass replaces the incoming gradient by its group mean. Masked positions get zero
-    gradient.
+    gradient. With ``drop_row_shift`` the prox beyond a row's pooling point is returned without
+    its per-row shift (see :func:`plugin.kernels.ops.structured_prox`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str) -> Tensor:  # type: ignore[override]
-        y, groups = structured_prox(kind, x, allowed, lam)
+    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str,  # type: ignore[override]
+                drop_row_shift: bool = False) -> Tensor:
+        y, groups = structured_prox(kind, x, allowed, lam, drop_row_shift)
         ctx.save_for_backward(groups)
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
         (groups,) = ctx.saved_tensors
-        return group_mean(grad, groups), None, None, None
+        return group_mean(grad, groups), None, None, None, None
 
 
 class OscarProxFunction(torch.autograd.Function):
@@ -147,7 +153,7 @@ class OscarProxFunction(torch.autograd.Function):
 
 
 def _prox_input(x: Tensor, lam: float, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor, float]:
-    lam = check_nonnegative("lam", lam, name)
+    lam = check_param(LAM, lam, name)
     z, allowed, _ = prepare(x, -1, mask, name)
     return torch.where(allowed, z, torch.zeros_like(z)), allowed, lam
 
@@ -274,12 +280,12 @@ def fusedmax(
     -------
     Tensor of the shape and dtype of ``scores``; rows sum to 1 over allowed entries.
     """
-    lam = check_nonnegative("lam", lam, "fusedmax")
-    gamma = check_positive("gamma", gamma, "fusedmax")
+    lam = check_param(LAM, lam, "fusedmax")
+    gamma = check_param(GAMMA, gamma, "fusedmax")
     z, allowed, dim = prepare(scores, dim, mask, "fusedmax")
     # prox_TV(x + c) = prox_TV(x) + c: subtracting the row maximum changes nothing but the
     # size of the numbers the prox works with (large scores in half precision).
-    x, _ = shift_by_max(z / gamma, allowed)
+    x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
     x = torch.where(allowed, x, torch.zeros_like(x))
     y = GroupedProxFunction.apply(x, allowed, lam, "tv")
     p = SparsemaxFunction.apply(y, allowed)
@@ -313,25 +319,25 @@ def oscarmax(
     -------
     Tensor of the shape and dtype of ``scores``; rows sum to 1 over allowed entries.
     """
-    lam = check_nonnegative("lam", lam, "oscarmax")
-    gamma = check_positive("gamma", gamma, "oscarmax")
+    lam = check_param(LAM, lam, "oscarmax")
+    gamma = check_param(GAMMA, gamma, "oscarmax")
     z, allowed, dim = prepare(scores, dim, mask, "oscarmax")
     # the ordered prox commutes with shifts: work with the row maximum at 0
-    x, _ = shift_by_max(z / gamma, allowed)
+    x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
     x = torch.where(allowed, x, torch.zeros_like(x))
-    y = GroupedProxFunction.apply(x, allowed, lam, "oscar_ordered")
+    # sparsemax ignores the per-row shift of the ordered prox beyond the pooling point
+    y = GroupedProxFunction.apply(x, allowed, lam, "oscar_ordered", True)
     p = SparsemaxFunction.apply(y, allowed)
     return finish(p, dim, scores.dtype)
 
 
-_GAMMA_DOC = "temperature (> 0): the scores are divided by gamma"
 
 register_normalizer(
     "fusedmax",
     fusedmax,
     params=(
         Param("lam", 1.0, float, low=0, doc="fusion strength (>= 0): 0 gives sparsemax, large values uniform segments"),
-        Param("gamma", 1.0, float, low=0, low_inclusive=False, doc=_GAMMA_DOC),
+        GAMMA,
     ),
     formula="sparsemax(prox_{lam TV}(x / gamma)), TV = sum_i |y_{i+1} - y_i| over consecutive allowed keys",
     summary="sparse and structured: equal weights on contiguous segments (fused lasso)",
@@ -341,7 +347,7 @@ register_normalizer(
     oscarmax,
     params=(
         Param("lam", 1.0, float, low=0, doc="clustering strength (>= 0): 0 gives sparsemax, large values one cluster"),
-        Param("gamma", 1.0, float, low=0, low_inclusive=False, doc=_GAMMA_DOC),
+        GAMMA,
     ),
     formula="argmax_{y in simplex} y.x - gamma (||y||^2 / 2 + lam sum_{i<j} max(|y_i|, |y_j|)) (exact, sort + PAV)",
     summary="sparse and structured: equal weights on clusters of similar scores (OSCAR)",

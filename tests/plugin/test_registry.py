@@ -41,7 +41,7 @@ def test_canonical_spec_normalizes_spacing_and_numbers():
         ("entmax:alpha=0.5", ["alpha"]),
         ("entmax:alpha=abc", ["alpha", "learned"]),
         ("fusedmax:lam=-1", ["lam", ">= 0"]),
-        ("sparsemax:gamma=0", ["gamma", "> 0"]),
+        ("sparsemax:gamma=0", ["gamma", ">= 1e-06"]),
         ("sparsemax:gamma=inf", ["gamma"]),
         ("sparsemax:gamma", ["key=value"]),
         ("sparsemax:gamma=1,gamma=2", ["twice"]),

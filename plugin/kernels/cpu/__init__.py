@@ -8,8 +8,9 @@ through :mod:`ctypes`.
 
 The library is built on first use by :func:`plugin.kernels.cbuild.load_c_library` (the
 system C compiler, ``$CC`` to choose one; a cache directory, ``$SPARSE_ATTENTION_CACHE`` to
-choose it). Without a C compiler these kernels raise a :class:`RuntimeError`; nothing falls
-back to another algorithm.
+choose it). When they cannot be built (no C compiler, an unusable cache directory, ...)
+these kernels raise a :class:`RuntimeError` that names the cause; nothing falls back to
+another algorithm.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from ..cbuild import CompileError, cache_dir, load_c_library
 
-__all__ = ["cache_dir", "group_mean_cpu", "load_library", "structured_prox"]
+__all__ = ["cache_dir", "effective_lam", "group_mean_cpu", "load_library", "structured_prox"]
 
 SOURCE = Path(__file__).with_name("structured.c")
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
@@ -41,7 +42,8 @@ def load_library() -> ctypes.CDLL:
     Raises
     ------
     RuntimeError
-        If no C compiler is found or the source does not compile.
+        If the library cannot be built (the message says why: no C compiler, a compiler
+        that wrote no library, a cache directory that cannot be used).
     """
     if _LIB:
         return _LIB[0]
@@ -52,9 +54,8 @@ def load_library() -> ctypes.CDLL:
             lib = load_c_library(SOURCE, _FLAG_SETS)
         except CompileError as error:
             raise RuntimeError(
-                f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, and no C compiler "
-                f"could build them ({error}). Install gcc (for example `apt-get install gcc`) or set CC to a "
-                f"C compiler; these normalizers have no other implementation."
+                f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, and they could not be "
+                f"built: {error}\nThese normalizers have no other implementation."
             ) from error
         for kind in _KINDS:
             for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
@@ -85,6 +86,30 @@ def load_library() -> ctypes.CDLL:
         return lib
 
 
+def effective_lam(kind: str, x: Tensor, allowed: Tensor | None, lam: float) -> float:
+    """The smallest ``lam' <= lam`` with the same groups as ``lam`` in every row of ``x``.
+
+    Beyond a point each row is one group: for TV when ``lam >= max_k |sum_{i<=k} (x_i - mean)|``
+    (at most ``d (max - min)``), for the ordered sum when ``lam`` exceeds every gap between
+    sorted values (at most ``max - min``), for OSCAR when also every magnitude is shrunk to 0
+    (at most ``2 max |x|``). There the TV and OSCAR proxes no longer change with ``lam``, and
+    the ordered prox only moves by ``-(lam' - lam) (d - 1) / 2``. Working with ``lam'`` (twice
+    the bound, over the allowed finite entries) keeps ``x +- lam`` from cancelling: with
+    ``lam = 1e16`` the float64 TV prox was off by 0.45, and huge values overflowed float32.
+    """
+    values = x if allowed is None else x[allowed.expand(x.shape)]
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0 or lam == 0:
+        return lam
+    if kind == "oscar":
+        bound = 2 * float(values.abs().max())
+    else:
+        bound = float(values.max() - values.min()) * (x.shape[-1] if kind == "tv" else 1)
+        if bound == 0:
+            bound = float(values.abs().max()) or 1.0
+    return min(lam, 2 * bound)
+
+
 def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) -> tuple[Tensor, Tensor]:
     """Exact prox of a structure penalty over the last dim, row by row.
 
@@ -113,6 +138,8 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"structured_prox: x must be float32 or float64, got {x.dtype}")
     lib = load_library()
+    exact_lam = lam
+    lam = effective_lam(kind, x.detach(), allowed, lam)
     device = x.device
     d = x.shape[-1] if x.dim() else 1
     xc = x.detach().to("cpu").contiguous()
@@ -137,6 +164,14 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
     )
     if failed:
         raise MemoryError(f"structured_prox: could not allocate scratch memory for rows of length {d}")
+    if kind == "oscar_ordered" and lam != exact_lam:
+        # every row is one group: the ordered prox moves by -(lam - lam') (d - 1) / 2
+        count = torch.full(y.shape[:-1] + (1,), float(d), dtype=torch.float64) if ac is None else (
+            ac.view(torch.bool).sum(-1, keepdim=True).to(torch.float64))
+        shift = (exact_lam - lam) * (count - 1).clamp(min=0) / 2
+        y = (y.to(torch.float64) - shift).to(y.dtype)
+        if ac is not None:
+            y = y.masked_fill(~ac.view(torch.bool), 0.0)
     if device.type != "cpu":
         return y.to(device), groups.to(device)
     return y, groups
