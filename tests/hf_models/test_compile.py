@@ -12,13 +12,7 @@ import plugin
 
 from .tiny import config_kwargs, model_inputs, stock_model
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("spec", ["sparsemax", "entmax:alpha=1.3"])

@@ -35,12 +35,7 @@ SPECS = [
 H = 2
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _qkv(L: int, seed: int = 0, B: int = 2, D: int = 8):

@@ -11,7 +11,7 @@ from .helpers import NO_DROPOUT, PAIRS, TINY_DIMS, build_model, make_batch, shar
 ROLES = ["--encoder-attn", "sparsemax", "--decoder-attn", "entmax:alpha=learned", "--cross-attn", "fusedmax:lam=0.5"]
 
 
-def test_compiled_forward_equals_eager_and_breaks_only_in_fairseq(data_bin):
+def test_compiled_forward_equals_eager_and_breaks_only_in_fairseq(data_bin, fresh_dynamo):
     import fairseq
 
     model, task = build_model(data_bin, "sparse_transformer", *TINY_DIMS, *NO_DROPOUT, *ROLES)
@@ -19,14 +19,10 @@ def test_compiled_forward_equals_eager_and_breaks_only_in_fairseq(data_bin):
     model.eval()
     batch = make_batch(task, PAIRS)
     args = (batch.src_tokens, batch.src_lengths, batch.prev_output_tokens)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            eager_logits, eager_extra = model(*args)
-            logits, extra = torch.compile(model, backend="aot_eager")(*args)
-            explained = torch._dynamo.explain(model)(*args)
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad():
+        eager_logits, eager_extra = model(*args)
+        logits, extra = torch.compile(model, backend="aot_eager")(*args)
+        explained = torch._dynamo.explain(model)(*args)
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(extra["attn"][0], eager_extra["attn"][0], atol=1e-6, rtol=1e-5)
     # fairseq's own encoder and decoder branch on tensor values (`if has_pads`, ...); nothing in
