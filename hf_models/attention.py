@@ -385,17 +385,41 @@ _ORIGINAL_GET_CORRECT = PreTrainedModel.get_correct_attn_implementation
 
 def _get_correct_attn_implementation(self: PreTrainedModel, requested_attention: str | None,
                                      is_init_check: bool = False) -> str:
-    if requested_attention is None:  # nothing requested: the spec a saved config.json carries, if any
-        requested_attention = getattr(self.config, CONFIG_FIELD, None) or None
-    requested_attention = resolve_implementation(requested_attention, type(self))
+    from_config = requested_attention is None
+    if from_config:  # nothing requested: the spec a saved config.json carries, if any
+        requested_attention = saved_spec(self.config)
+    try:
+        requested_attention = resolve_implementation(requested_attention, type(self))
+    except ValueError as err:
+        if not from_config or requested_attention is None:
+            raise
+        raise ValueError(f"config field {CONFIG_FIELD!r}={requested_attention!r}: {err}") from None
     chosen = _ORIGINAL_GET_CORRECT(self, requested_attention, is_init_check)
     if chosen == PER_MODULE:  # Sparse* configs persist their per-role fields instead
         return chosen
     if is_sparse_implementation(chosen):
         setattr(self.config, CONFIG_FIELD, chosen)
-    elif isinstance(getattr(self.config, CONFIG_FIELD, None), str):
+    elif getattr(self.config, CONFIG_FIELD, None) is not None:
         setattr(self.config, CONFIG_FIELD, None)
     return chosen
+
+
+def saved_spec(config: Any) -> str | None:
+    """The spec in ``config.attention_spec`` (:data:`CONFIG_FIELD`), None when the field is absent or null.
+
+    An empty or non-string value raises ValueError naming the field and the valid choices
+    (it would otherwise load transformers' default attention, softmax, without a word).
+    """
+    value = getattr(config, CONFIG_FIELD, None)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"config field {CONFIG_FIELD!r}={value!r} is not an attention spec; valid choices: "
+            f"{', '.join(sorted(plugin.variants()))} (with parameters, e.g. 'entmax:alpha=1.3'), or null / no field "
+            f"for transformers' default attention"
+        )
+    return value
 
 
 def install_implementation_check() -> None:

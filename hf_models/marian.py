@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import MarianConfig, MarianModel, MarianMTModel
 from transformers.models.marian.modeling_marian import MarianAttention
 
+from .positions import FixedPositionTablesMixin
 from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
 
 
@@ -20,15 +21,21 @@ class SparseMarianConfig(SparseAttentionConfigMixin, MarianConfig):
     cross_attn: str = "softmax"
 
 
-class SparseMarianModel(SparseAttentionModelMixin, MarianModel):
-    """:class:`transformers.MarianModel` whose attention runs ``config.<role>_attn``."""
+class SparseMarianModel(FixedPositionTablesMixin, SparseAttentionModelMixin, MarianModel):
+    """:class:`transformers.MarianModel` whose attention runs ``config.<role>_attn``.
+
+    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
+    """
 
     config_class = SparseMarianConfig
     _attention_module_classes = (MarianAttention,)
 
 
-class SparseMarianMTModel(SparseAttentionModelMixin, MarianMTModel):
-    """:class:`transformers.MarianMTModel` whose attention runs ``config.<role>_attn``."""
+class SparseMarianMTModel(FixedPositionTablesMixin, SparseAttentionModelMixin, MarianMTModel):
+    """:class:`transformers.MarianMTModel` whose attention runs ``config.<role>_attn``.
+
+    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
+    """
 
     config_class = SparseMarianConfig
     _attention_module_classes = (MarianAttention,)

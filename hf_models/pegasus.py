@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PegasusConfig, PegasusForConditionalGeneration, PegasusModel
 from transformers.models.pegasus.modeling_pegasus import PegasusAttention
 
+from .positions import FixedPositionTablesMixin
 from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
 
 
@@ -20,15 +21,23 @@ class SparsePegasusConfig(SparseAttentionConfigMixin, PegasusConfig):
     cross_attn: str = "softmax"
 
 
-class SparsePegasusModel(SparseAttentionModelMixin, PegasusModel):
-    """:class:`transformers.PegasusModel` whose attention runs ``config.<role>_attn``."""
+class SparsePegasusModel(FixedPositionTablesMixin, SparseAttentionModelMixin, PegasusModel):
+    """:class:`transformers.PegasusModel` whose attention runs ``config.<role>_attn``.
+
+    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
+    """
 
     config_class = SparsePegasusConfig
     _attention_module_classes = (PegasusAttention,)
 
 
-class SparsePegasusForConditionalGeneration(SparseAttentionModelMixin, PegasusForConditionalGeneration):
-    """:class:`transformers.PegasusForConditionalGeneration` whose attention runs ``config.<role>_attn``."""
+class SparsePegasusForConditionalGeneration(
+    FixedPositionTablesMixin, SparseAttentionModelMixin, PegasusForConditionalGeneration
+):
+    """:class:`transformers.PegasusForConditionalGeneration` whose attention runs ``config.<role>_attn``.
+
+    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
+    """
 
     config_class = SparsePegasusConfig
     _attention_module_classes = (PegasusAttention,)

@@ -10,6 +10,16 @@ from torch import Tensor, nn
 
 from . import kernels
 from .continuous.modules import ContinuousContext
+from .inputs import (
+    check_flag,
+    check_qkv,
+    check_scalars,
+    input_magnitudes,
+    mark_invalid,
+    nonfinite_slices,
+    scores_may_overflow,
+    split_mask,
+)
 from .normalizers.base import Normalizer
 from .recording import CallRecord, notify, recording
 from .registry import canonical_spec, parse_spec
@@ -63,30 +73,22 @@ class AttentionMechanism(nn.Module):
         dropout_p: float = 0.0,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
-        q, k, v = _check_qkv(q, k, v, repeat_kv=False)
+        q, k, v, allowed, additive, causal, scale, dropout_p, return_weights, invalid_rows = _checked_call(
+            q, k, v, mask, causal, scale, dropout_p, return_weights
+        )
         B, H, Lq, D = q.shape
         Lk = k.shape[-2]
-        if scale is None:
-            scale = 1.0 / math.sqrt(D)
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"attention: dropout_p must lie in [0, 1), got {dropout_p!r}")
-        allowed, additive = _combine_masks(mask, False, B, H, Lq, Lk, q.device)
 
-        path = "reference"
-        fast = None
-        if self.continuous is None:
-            # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
-            fast = kernels.select_path(self, q, k, v, allowed, causal, dropout_p, return_weights, additive)
-        elif not (return_weights or dropout_p > 0 or causal or additive is not None):
-            fast = self._continuous_fast_path(q, k, v, allowed)
-        if fast is not None:
-            path, fn = fast
-            out, weights = fn(q, k, v, allowed, additive, causal, scale), None
+        if B == 0 or Lq == 0 or Lk == 0:
+            path = "empty"
+            weights = q.new_zeros(B, H, Lq, Lk)  # no allowed key: zero weights
+            out = torch.matmul(weights, _repeat_kv(k, v, H)[1])
+            bad = None
         else:
-            k, v = _repeat_kv(k, v, H)
-            if causal:
-                allowed = _with_causal(allowed, Lq, Lk, q.device)
-            out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
+            path, out, weights, bad = self._compute(q, k, v, allowed, additive, causal, scale, dropout_p,
+                                                    return_weights)
+        out = mark_invalid(out, bad, invalid_rows)
+        weights = mark_invalid(weights, bad, invalid_rows)
         if torch.compiler.is_compiling():
             _record_traced_call(self.spec, self.role, path, self.training)
         elif recording():
@@ -94,6 +96,40 @@ class AttentionMechanism(nn.Module):
         if return_weights:
             return out, weights
         return out
+
+    def _compute(self, q, k, v, allowed, additive, causal, scale, dropout_p, return_weights):
+        """``(path, out, weights, bad_slices)`` for a non-empty call that passed the checks."""
+        B, H, Lq, D = q.shape
+        Lk = k.shape[-2]
+        path = "reference"
+        fast = None
+        if torch.compiler.is_compiling():
+            # no host sync in a graph: the non-finite slices are found and cleared unconditionally,
+            # and the magnitudes are not read (the bound for score overflow is not checked)
+            bad, q, k, v = nonfinite_slices(q, k, v)
+            overflow = False
+        else:
+            qmax, kmax, vmax = input_magnitudes(q, k, v)
+            bad = None
+            if not math.isfinite(qmax + kmax + vmax):  # NaN or inf: the (b, h) slices become NaN
+                bad, q, k, v = nonfinite_slices(q, k, v)
+                qmax, kmax, vmax = input_magnitudes(q, k, v)
+            overflow = scores_may_overflow(qmax, kmax, D, scale, q.dtype)
+        if overflow:
+            pass  # the reference path computes the scores and applies the rules for +-inf scores
+        elif self.continuous is None:
+            # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
+            fast = kernels.select_path(self, q, k, v, allowed, causal, dropout_p, return_weights, additive)
+        elif not (return_weights or dropout_p > 0 or causal or additive is not None):
+            fast = self._continuous_fast_path(q, k, v, allowed)
+        if fast is not None:
+            path, fn = fast
+            return path, fn(q, k, v, allowed, additive, causal, scale), None, bad
+        k, v = _repeat_kv(k, v, H)
+        if causal:
+            allowed = _with_causal(allowed, Lq, Lk, q.device)
+        out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
+        return path, out, weights, bad
 
     def _continuous_fast_path(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None):
         """A fast path for a continuous spec with a per-key mask, or None.
@@ -166,24 +202,16 @@ def _key_validity(allowed: Tensor | None, scores: Tensor) -> Tensor | None:
     return allowed & finite
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, repeat_kv: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"attention: {name} must be a 4-D floating tensor (B, H, L, D), got {shape}")
+def _checked_call(q, k, v, mask, causal, scale, dropout_p, return_weights):
+    """Every argument checked once, by the rules of :mod:`plugin.inputs`; the mask split into its parts."""
+    check_qkv(q, k, v)
     B, H, Lq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(
-            f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, Hkv, Lk, D) with the same Hkv and Lk"
-        )
-    if k.shape[3] != D:
-        raise ValueError(f"attention: k's last dimension {k.shape[3]} must equal q's {D}")
-    Hkv = k.shape[1]
-    if H % Hkv:
-        raise ValueError(f"attention: query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
-    if repeat_kv:
-        k, v = _repeat_kv(k, v, H)
-    return q, k, v
+    Lk = k.shape[-2]
+    scale, dropout_p = check_scalars(scale, dropout_p, D)
+    causal = check_flag("causal", causal)
+    return_weights = check_flag("return_weights", return_weights)
+    allowed, additive, invalid_rows = split_mask(mask, B, H, Lq, Lk)
+    return q, k, v, allowed, additive, causal, scale, dropout_p, return_weights, invalid_rows
 
 
 def _repeat_kv(k: Tensor, v: Tensor, H: int) -> tuple[Tensor, Tensor]:
@@ -200,33 +228,6 @@ def _with_causal(allowed: Tensor | None, Lq: int, Lk: int, device: torch.device)
     j = torch.arange(Lk, device=device)
     c = j <= i + (Lk - Lq)
     return c if allowed is None else allowed & c
-
-
-def _combine_masks(mask, causal, B, H, Lq, Lk, device):
-    """Split ``mask`` into a bool ``allowed`` part and an additive float part, and add causality."""
-    allowed = None
-    additive = None
-    target = (B, H, Lq, Lk)
-    if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise ValueError(f"attention: mask must be a tensor, got {type(mask).__name__}")
-        try:
-            ok = len(mask.shape) <= 4 and torch.broadcast_shapes(mask.shape, target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"attention: mask of shape {tuple(mask.shape)} is not broadcastable to (B, H, Lq, Lk) = {target}"
-            )
-        if mask.dtype == torch.bool:
-            allowed = mask
-        elif mask.is_floating_point():
-            additive = mask
-        else:
-            raise ValueError(f"attention: mask must be bool (True = attend) or float (additive), got {mask.dtype}")
-    if causal:
-        allowed = _with_causal(allowed, Lq, Lk, device)
-    return allowed, additive
 
 
 _MECHANISMS: dict[Any, AttentionMechanism] = {}  # spec string or id of a callable -> its mechanism

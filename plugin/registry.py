@@ -300,7 +300,10 @@ def parse_spec(spec: str) -> list[ParsedSpec]:
     A combination holds at most one discrete and at most one continuous component.
     """
     if not isinstance(spec, str):
-        raise ValueError(f"attention spec must be a string, got {type(spec).__name__}")
+        raise ValueError(
+            f"attention spec must be a string such as 'sparsemax' or 'entmax:alpha=1.3', got "
+            f"{type(spec).__name__} {spec!r}; valid choices: {', '.join(sorted(variants()))}"
+        )
     text = spec.strip()
     if not text:
         raise ValueError(f"attention spec is empty; valid choices: {', '.join(sorted(variants()))}")

@@ -1,12 +1,17 @@
-"""The tasks of scripts/demo.py: data, fairseq translation, HF translation, 2-D digits, the report."""
+"""The jobs of scripts/demo.py (fairseq and HF translation), seed aggregation, plots and the report.
+
+Each job trains one model for one (mechanism, seed) and returns a dict of plain numbers; jobs
+run in worker processes (scripts/demo.py), one torch thread each.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
+import math
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -14,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "user_dir"
 PY = sys.executable
 
-# fairseq configures the root logger on import; keep plotting libraries quiet
+#: decoding of every translation model: greedy and beam 5, outputs at most 1 * source + 10 tokens
+BEAM = 5
+MAX_LEN_A, MAX_LEN_B = 1, 10
+
 logging.getLogger("matplotlib").setLevel(logging.WARNING)
 logging.getLogger("PIL").setLevel(logging.WARNING)
 
@@ -29,13 +36,11 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
-def run(cmd: list[str], log: Path, cwd: Path | None = None) -> float:
+def run(cmd: list[str], log: Path) -> float:
     """Run ``cmd`` with its output in ``log``; return seconds; raise with the log's tail on failure."""
     t0 = time.time()
-    # tiny models run faster on one thread than on two contended ones
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
@@ -45,74 +50,131 @@ def run(cmd: list[str], log: Path, cwd: Path | None = None) -> float:
 # ----------------------------------------------------------------------------- data
 
 
-def make_data(data_dir: Path, size: dict[str, Any], seed: int) -> None:
+def make_data(data_dir: Path, size: dict[str, Any], seed: int) -> dict[str, int]:
+    """The number corpus, fairseq's binarized copy, and jsonl files for the HF route."""
     from number_corpus import make_corpus
 
-    make_corpus(data_dir, size["train"], size["valid"], size["test"], target_lang="de", seed=seed)
-    for split in ("train", "valid", "test"):  # jsonl for the HF route
+    sizes = make_corpus(data_dir, size["train"], size["valid"], size["test"], target_lang="de", seed=seed)
+    for split in ("train", "valid", "test"):
         src = (data_dir / f"{split}.en").read_text(encoding="utf-8").splitlines()
         tgt = (data_dir / f"{split}.de").read_text(encoding="utf-8").splitlines()
         with open(data_dir / f"{split}.jsonl", "w", encoding="utf-8") as fh:
             for s, t in zip(src, tgt):
                 fh.write(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n")
+    bin_dir = data_dir / "data-bin"
+    run(
+        [PY, "-m", "fairseq_cli.preprocess", "--source-lang", "en", "--target-lang", "de",
+         "--trainpref", str(data_dir / "train"), "--validpref", str(data_dir / "valid"),
+         "--testpref", str(data_dir / "test"), "--destdir", str(bin_dir), "--workers", "1"],
+        data_dir / "preprocess.log",
+    )
+    return sizes
 
 
-# ----------------------------------------------------------------------------- fairseq
+# ----------------------------------------------------------------------------- seeds
 
 
-def _fairseq_train_args(bin_dir: Path, save_dir: Path, spec: str, epochs: int, seed: int) -> list[str]:
-    return [
-        PY,
-        "-m",
-        "fairseq_cli.train",
-        str(bin_dir),
-        "--user-dir",
-        str(USER_DIR),
-        "--arch",
-        "sparse_transformer_tiny",
-        "--cross-attn",
-        spec,
-        "--optimizer",
-        "adam",
-        "--adam-betas",
-        "(0.9, 0.98)",
-        "--lr",
-        "0.003",
-        "--lr-scheduler",
-        "inverse_sqrt",
-        "--warmup-updates",
-        "100",
-        "--clip-norm",
-        "1.0",
-        "--dropout",
-        "0.1",
-        "--criterion",
-        "label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        "--max-tokens",
-        "2048",
-        "--max-epoch",
-        str(epochs),
-        "--save-dir",
-        str(save_dir),
-        "--no-epoch-checkpoints",
-        "--log-format",
-        "json",
-        "--log-interval",
-        "50",
-        "--seed",
-        str(seed),
-        "--cpu",
-        "--num-workers",
-        "0",
-        "--required-batch-size-multiple",
-        "1",
+def aggregate(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min, max and count of per-seed values."""
+    if not values:
+        raise ValueError("aggregate: no values")
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def exceeds_noise(a: dict[str, float], b: dict[str, float]) -> bool:
+    """True when two aggregated results differ by more than their spreads: |mean_a - mean_b| > std_a + std_b.
+
+    With a single seed on either side the spread is unknown and nothing counts as a difference.
+    """
+    if a["n"] < 2 or b["n"] < 2:
+        return False
+    return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
+
+
+def fmt(agg: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± std`` (or just the value for one seed)."""
+    if agg["n"] < 2:
+        return f"{scale * agg['mean']:.{digits}f}"
+    return f"{scale * agg['mean']:.{digits}f} ± {scale * agg['std']:.{digits}f}"
+
+
+def group_by_mechanism(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Per mechanism (in first-seen order): the seeds and an aggregate of each key present in every row."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["mechanism"], []).append(r)
+    out = []
+    for label, runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        agg = {k: aggregate([float(r[k]) for r in runs]) for k in keys if all(k in r for r in runs)}
+        out.append({"mechanism": label, "spec": runs[0].get("spec", ""), "seeds": [r["seed"] for r in runs],
+                    "runs": runs, **agg})
+    return out
+
+
+def beam_vs_greedy(runs: list[dict[str, Any]], beam_key: str = "beam_bleu") -> dict[str, float]:
+    """Paired per-seed differences beam - greedy BLEU, aggregated; ``below`` is True when beam is
+    below greedy by more than the spread of the differences (or by more than 0.5 BLEU with one seed)."""
+    diffs = [float(r[beam_key]) - float(r["greedy_bleu"]) for r in runs]
+    agg = aggregate(diffs)
+    agg["below"] = agg["mean"] < -max(agg["std"], 0.5)
+    return agg
+
+
+# ----------------------------------------------------------------------------- fairseq jobs
+
+
+def fairseq_train_argv(
+    bin_dir: Path, save_dir: Path, spec: str, epochs: int, seed: int, epoch_checkpoints: bool
+) -> list[str]:
+    argv = [
+        str(bin_dir), "--user-dir", str(USER_DIR), "--arch", "sparse_transformer_tiny", "--cross-attn", spec,
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.003", "--lr-scheduler", "inverse_sqrt",
+        "--warmup-updates", "100", "--clip-norm", "1.0", "--dropout", "0.1",
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--max-tokens", "1024", "--max-epoch", str(epochs), "--save-dir", str(save_dir),
+        "--no-save-optimizer-state", "--log-format", "json", "--log-interval", "20", "--seed", str(seed),
+        "--cpu", "--num-workers", "0", "--required-batch-size-multiple", "1",
     ]
+    if not epoch_checkpoints:
+        argv.append("--no-epoch-checkpoints")
+    return argv
 
 
-def _parse_fairseq_log(log: Path) -> list[dict[str, float]]:
-    """Per-epoch train/valid losses from a fairseq json log."""
+def _train_fairseq_in_process(argv: list[str], log: Path) -> float:
+    """fairseq-train in this process (saves the interpreter start and imports per job), logging to ``log``."""
+    from fairseq import checkpoint_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train as fairseq_train
+
+    # fairseq keeps the best validation loss seen so far on a function attribute: reset it per job
+    if hasattr(checkpoint_utils.save_checkpoint, "best"):
+        del checkpoint_utils.save_checkpoint.best
+    handler = logging.FileHandler(log, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    t0 = time.time()
+    try:
+        parser = options.get_training_parser()
+        args = options.parse_args_and_arch(parser, input_args=argv)
+        fairseq_train.main(convert_namespace_to_omegaconf(args))
+    finally:
+        root.handlers = saved
+        handler.close()
+    return time.time() - t0
+
+
+def parse_fairseq_log(log: Path) -> list[dict[str, float]]:
+    """Per-epoch train/valid losses and update counts from a fairseq json log."""
     epochs: dict[int, dict[str, float]] = {}
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         start = line.find("{")
@@ -123,121 +185,82 @@ def _parse_fairseq_log(log: Path) -> list[dict[str, float]]:
         except json.JSONDecodeError:
             continue
         ep = int(rec["epoch"])
-        for key in ("train_loss", "valid_loss"):
+        for key in ("train_loss", "valid_loss", "train_num_updates"):
             if key in rec:
                 epochs.setdefault(ep, {"epoch": ep})[key] = float(rec[key])
     return [epochs[e] for e in sorted(epochs)]
 
 
-def _parse_generate(path: Path) -> tuple[list[str], list[str], dict[int, str]]:
-    hyps: dict[int, str] = {}
-    refs: dict[int, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("H-"):
-            idx, _, text = line[2:].split("\t", 2)
-            hyps[int(idx)] = text
-        elif line.startswith("T-"):
-            idx, text = line[2:].split("\t", 1)
-            refs[int(idx)] = text
-    ids = sorted(refs)
-    return [hyps.get(i, "") for i in ids], [refs[i] for i in ids], hyps
+def alpha_trajectory(save_dir: Path) -> list[dict[str, Any]]:
+    """Learned alpha per cross-attention layer and head after every epoch (from the epoch checkpoints,
+    which are deleted afterwards), starting from the initial value at update 0."""
+    from fairseq import checkpoint_utils
+
+    from plugin.normalizers.entmax import ALPHA_MIN
+
+    points = []
+    for path in sorted(save_dir.glob("checkpoint[0-9]*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[0])):
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
+        weights = sorted(
+            (k, v) for k, v in state["model"].items() if "encoder_attn" in k and k.endswith("learned.weight")
+        )
+        alphas = [(ALPHA_MIN + (2 - ALPHA_MIN) * torch.sigmoid(v.float())).tolist() for _, v in weights]
+        updates = int(state["optimizer_history"][-1]["num_updates"])
+        points.append({"updates": updates, "alpha": alphas})
+        path.unlink()
+    if points:
+        init = 1.5  # LearnableAlpha's default start
+        points.insert(0, {"updates": 0, "alpha": [[init] * len(layer) for layer in points[0]["alpha"]]})
+    return points
 
 
-def run_fairseq(
-    out: Path, data_dir: Path, size: dict[str, Any], mechanisms: list[tuple[str, str]], seed: int
-) -> dict[str, Any]:
+def decode_fairseq(models, task, data_dir: Path) -> dict[str, Any]:
+    """Greedy, beam 5 with fairseq's stopping rule, and beam 5 with the optimal stopping rule, on the test set."""
     import sacrebleu
+    from fairseq.sequence_generator import SequenceGenerator
 
-    work = out / "fairseq"
-    work.mkdir(parents=True, exist_ok=True)
-    bin_dir = work / "data-bin"
-    if not (bin_dir / "dict.en.txt").exists():
-        run(
-            [
-                PY,
-                "-m",
-                "fairseq_cli.preprocess",
-                "--source-lang",
-                "en",
-                "--target-lang",
-                "de",
-                "--trainpref",
-                str(data_dir / "train"),
-                "--validpref",
-                str(data_dir / "valid"),
-                "--testpref",
-                str(data_dir / "test"),
-                "--destdir",
-                str(bin_dir),
-                "--workers",
-                "1",
-            ],
-            work / "preprocess.log",
-        )
-    rows = []
-    for label, spec in tqdm(mechanisms, desc="fairseq: one model per cross-attention", unit="model"):
-        save = work / slug(label)
-        save.mkdir(exist_ok=True)
-        train_s = run(_fairseq_train_args(bin_dir, save, spec, size["fairseq_epochs"], seed), save / "train.log")
-        gen_log = save / "generate.txt"
-        run(
-            [
-                PY,
-                "-m",
-                "fairseq_cli.generate",
-                str(bin_dir),
-                "--user-dir",
-                str(USER_DIR),
-                "--path",
-                str(save / "checkpoint_best.pt"),
-                "--gen-subset",
-                "test",
-                "--beam",
-                "5",
-                "--batch-size",
-                "64",
-                "--required-batch-size-multiple",
-                "1",
-                "--print-alignment",
-                "soft",
-                "--cpu",
-            ],
-            gen_log,
-        )
-        hyps, refs, _ = _parse_generate(gen_log)
-        bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
-        exact = sum(h == r for h, r in zip(hyps, refs)) / max(len(refs), 1)
-        analysis = analyse_fairseq_model(save / "checkpoint_best.pt", bin_dir, data_dir)
-        rows.append(
-            {
-                "mechanism": label,
-                "spec": spec,
-                "bleu": bleu,
-                "exact_match": exact,
-                "train_seconds": train_s,
-                "curve": _parse_fairseq_log(save / "train.log"),
-                **analysis,
-            }
-        )
-    plot_fairseq(out, rows)
-    return {"rows": rows}
+    from user_dir.beam_search import OptimalStopBeamSearch
+
+    tgt = task.target_dictionary
+    refs = (data_dir / "test.de").read_text(encoding="utf-8").splitlines()
+    task.load_dataset("test")
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("test"), max_sentences=128, required_batch_size_multiple=1, seed=1
+    ).next_epoch_itr(shuffle=False)
+    searches = {
+        "greedy": SequenceGenerator(models, tgt, beam_size=1, max_len_a=MAX_LEN_A, max_len_b=MAX_LEN_B),
+        "stock_beam": SequenceGenerator(models, tgt, beam_size=BEAM, max_len_a=MAX_LEN_A, max_len_b=MAX_LEN_B),
+        "beam": OptimalStopBeamSearch(tgt, beam_size=BEAM, max_len_a=MAX_LEN_A, max_len_b=MAX_LEN_B),
+    }
+    hyps: dict[str, dict[int, str]] = {k: {} for k in searches}
+    scores: dict[str, dict[int, float]] = {k: {} for k in searches}
+    with torch.no_grad():
+        for sample in itr:
+            for name, search in searches.items():
+                for sid, nbest in zip(sample["id"].tolist(), search.generate(models, sample)):
+                    hyps[name][sid] = tgt.string(nbest[0]["tokens"])
+                    scores[name][sid] = float(nbest[0]["score"])
+    ids = sorted(hyps["greedy"])
+    out: dict[str, Any] = {}
+    for name in searches:
+        h = [hyps[name][i] for i in ids]
+        r = [refs[i] for i in ids]
+        out[f"{name}_bleu"] = sacrebleu.corpus_bleu(h, [r]).score
+        out[f"{name}_exact"] = sum(a == b for a, b in zip(h, r)) / len(r)
+    # sentences where a beam's output has a lower model score than the greedy output
+    out["stock_beam_worse_than_greedy"] = sum(scores["stock_beam"][i] < scores["greedy"][i] - 1e-4 for i in ids)
+    out["beam_worse_than_greedy"] = sum(scores["beam"][i] < scores["greedy"][i] - 1e-4 for i in ids)
+    out["test_sentences"] = len(ids)
+    return out
 
 
-def analyse_fairseq_model(ckpt: Path, bin_dir: Path, data_dir: Path, n_sentences: int = 64) -> dict[str, Any]:
-    """Support size of the last decoder layer's cross-attention (per head), alpha per head, one example."""
-    from fairseq import checkpoint_utils, utils
-
-    import plugin
-
-    utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(ckpt)], arg_overrides={"data": str(bin_dir)}
-    )
-    model = models[0].eval()
+def analyse_fairseq_model(model, task, data_dir: Path, n_sentences: int = 64) -> dict[str, Any]:
+    """Support size of the last decoder layer's cross-attention (per head) on test sentences, and one
+    example (the first test sentence with at least 8 source words)."""
     src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
     src_lines = (data_dir / "test.en").read_text(encoding="utf-8").splitlines()[:n_sentences]
     tgt_lines = (data_dir / "test.de").read_text(encoding="utf-8").splitlines()[:n_sentences]
-
+    show = next((i for i, s in enumerate(src_lines) if len(s.split()) >= 8), 0)
     captured: list[torch.Tensor] = []
     layer = model.decoder.layers[-1].encoder_attn
 
@@ -246,13 +269,7 @@ def analyse_fairseq_model(ckpt: Path, bin_dir: Path, data_dir: Path, n_sentences
             captured.append(output[1].detach())
 
     handle = layer.register_forward_hook(hook)
-    density: list[torch.Tensor] = []
-    continuous = getattr(getattr(layer, "mechanism", None), "continuous", None)
-    density_handle = None
-    if continuous is not None:  # the continuous part's own weights: its density at the source positions
-        density_handle = continuous.register_forward_hook(lambda _m, _i, o: density.append(o[1].detach()))
-    nonzero, total = 0.0, 0.0
-    example = None
+    nonzero, total, example = 0.0, 0.0, None
     try:
         with torch.no_grad():
             for i, (s, t) in enumerate(zip(src_lines, tgt_lines)):
@@ -260,522 +277,395 @@ def analyse_fairseq_model(ckpt: Path, bin_dir: Path, data_dir: Path, n_sentences
                 tgt = tgt_dict.encode_line(t, add_if_not_exist=False, append_eos=True).long().unsqueeze(0)
                 prev = torch.cat([torch.tensor([[tgt_dict.eos()]]), tgt[:, :-1]], dim=1)
                 captured.clear()
-                density.clear()
                 enc = model.encoder(src, src_lengths=torch.tensor([src.shape[1]]))
                 model.decoder(prev, encoder_out=enc, features_only=True, alignment_layer=len(model.decoder.layers) - 1)
                 if not captured:
                     raise RuntimeError("the cross-attention returned no weights")
-                w = captured[-1].float()  # (H, B, T, S) per head, or (B, T, S) averaged
-                if w.dim() == 4:
-                    w = w[:, 0]
-                else:
-                    w = w[0].unsqueeze(0)
+                w = captured[-1].float()
+                w = w[:, 0] if w.dim() == 4 else w[0].unsqueeze(0)  # (H, T, S) per head, or (1, T, S) averaged
                 nonzero += float((w > 0).float().sum())
                 total += float(w.numel())
-                if i == 0:
-                    example = {
-                        "source": s.split() + ["</s>"],
-                        "target": t.split() + ["</s>"],
-                        "weights": w.mean(0).tolist(),
-                        "per_head": w.tolist(),
-                        "density": density[-1][0].mean(0).tolist() if density else None,
-                    }
+                if i == show:
+                    example = {"source": s.split() + ["</s>"], "target": t.split() + ["</s>"],
+                               "per_head": w.tolist()}
     finally:
         handle.remove()
-        if density_handle is not None:
-            density_handle.remove()
-    alphas = []
-    for m in model.modules():
-        if isinstance(m, plugin.AttentionMechanism) and m.role == "cross":
-            norm = m.normalizer
-            if getattr(norm, "learned", None) is not None:
-                alphas.append([round(float(a), 3) for a in norm.current_alpha()])
-    return {"support_fraction": nonzero / max(total, 1.0), "alpha_per_head": alphas, "example": example}
+    return {"support_fraction": nonzero / max(total, 1.0), "example": example}
 
 
-def plot_fairseq(out: Path, rows: list[dict[str, Any]]) -> None:
+def run_fairseq_job(label: str, spec: str, seed: int, epochs: int, data_dir: Path, work: Path) -> dict[str, Any]:
+    """Train one fairseq model (in this process), decode the test set three ways, analyse its attention."""
+    from fairseq import checkpoint_utils, utils
+
+    save = work / f"{slug(label)}_seed{seed}"
+    save.mkdir(parents=True, exist_ok=True)
+    learned = "learned" in spec
+    argv = fairseq_train_argv(data_dir / "data-bin", save, spec, epochs, seed, epoch_checkpoints=learned)
+    train_s = _train_fairseq_in_process(argv, save / "train.log")
+    utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
+    t0 = time.time()
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(save / "checkpoint_last.pt")], arg_overrides={"data": str(data_dir / "data-bin")}
+    )
+    for m in models:
+        m.eval()
+    decoded = decode_fairseq(models, task, data_dir)
+    analysis = analyse_fairseq_model(models[0], task, data_dir)
+    curve = parse_fairseq_log(save / "train.log")
+    for extra in ("checkpoint_best.pt", "checkpoint_last.pt"):
+        (save / extra).unlink(missing_ok=True)
+    return {
+        "route": "fairseq", "mechanism": label, "spec": spec, "seed": seed,
+        "train_seconds": train_s, "eval_seconds": time.time() - t0,
+        "updates": int(curve[-1]["train_num_updates"]) if curve and "train_num_updates" in curve[-1] else 0,
+        "curve": curve, "alpha_trajectory": alpha_trajectory(save) if learned else [],
+        **decoded, **analysis,
+    }
+
+
+# ----------------------------------------------------------------------------- HF jobs
+
+
+def run_hf_job(label: str, spec: str, seed: int, epochs: int, data_dir: Path, work: Path) -> dict[str, Any]:
+    """A small BART-style model fine-tuned by scripts/finetune.py (accelerate), decoded greedily there and
+    with beam 5 here (transformers' ``early_stopping="never"``: a sentence ends only when no active
+    hypothesis can beat the finished ones)."""
+    import sacrebleu
+
+    save = work / f"{slug(label)}_seed{seed}"
+    save.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        PY, str(ROOT / "scripts" / "finetune.py"), "--task", "seq2seq",
+        "--train-file", str(data_dir / "train.jsonl"), "--valid-file", str(data_dir / "test.jsonl"),
+        "--source-column", "source", "--target-column", "target", "--from-config", "--arch", "bart",
+        "--d-model", "64", "--layers", "2", "--heads", "4", "--ffn-dim", "128", "--cross-attn", spec,
+        "--output-dir", str(save), "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.003",
+        "--warmup-steps", "50", "--num-beams", "1", "--seed", str(seed), "--cpu", "--threads", "1",
+    ]
+    train_s = run(cmd, save / "finetune.log")
+    metrics = json.loads((save / "metrics.json").read_text(encoding="utf-8"))
+    t0 = time.time()
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    import hf_models  # noqa: F401  (registers the Sparse* classes with the Auto classes)
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    tok = AutoTokenizer.from_pretrained(save)
+    model = AutoModelForSeq2SeqLM.from_pretrained(save).eval()
+    rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    hyps: list[str] = []
+    with torch.no_grad():
+        for i in range(0, len(rows), 64):
+            batch = tok([r["source"] for r in rows[i : i + 64]], return_tensors="pt", padding=True)
+            gen = model.generate(**batch, num_beams=BEAM, early_stopping="never", do_sample=False,
+                                 max_new_tokens=MAX_LEN_A * batch["input_ids"].shape[1] + MAX_LEN_B)
+            hyps += [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
+    refs = [r["target"] for r in rows]
+    for path in save.glob("*.safetensors"):
+        path.unlink()
+    return {
+        "route": "hf", "mechanism": label, "spec": spec, "seed": seed,
+        "train_seconds": train_s, "eval_seconds": time.time() - t0,
+        "greedy_bleu": float(metrics["bleu"]), "greedy_exact": float(metrics["exact_match"]),
+        "beam_bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+        "beam_exact": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
+        "steps": int(metrics.get("steps", 0)), "valid_loss": float(metrics.get("valid_loss", math.nan)),
+    }
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fairseq(out: Path, groups: list[dict[str, Any]]) -> None:
+    """Cross-attention heatmaps (first seed of each mechanism), validation curves (every seed)."""
     import numpy as np
 
-    n = len(rows)
+    plt = _plt()
+    n = len(groups)
     cols = min(4, n)
-    fig, axes = plt.subplots(
-        (n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.8 * ((n + cols - 1) // cols)), squeeze=False
-    )
-    for ax, row in zip(axes.flat, rows):
-        ex = row["example"]
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 4.2 * nrows), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        run0 = g["runs"][0]
+        ex = run0["example"]
         w = np.array(ex["per_head"][0])
-        shown = np.ma.masked_where(w == 0, w)
-        ax.imshow(shown, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.imshow(np.ma.masked_where(w == 0, w), cmap="viridis", vmin=0, vmax=1, aspect="auto")
         ax.set_facecolor("white")
         ax.set_xticks(range(len(ex["source"])))
-        ax.set_xticklabels(ex["source"], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels(ex["source"], rotation=70, ha="right", fontsize=6)
         ax.set_yticks(range(len(ex["target"])))
-        ax.set_yticklabels(ex["target"], fontsize=7)
-        ax.set_title(
-            f"{row['mechanism']}\nBLEU {row['bleu']:.1f}, support {100 * row['support_fraction']:.0f}%", fontsize=9
-        )
+        ax.set_yticklabels(ex["target"], fontsize=6)
+        ax.set_title(f"{g['mechanism']} (seed {run0['seed']})\ngreedy BLEU {run0['greedy_bleu']:.1f}, "
+                     f"support {100 * run0['support_fraction']:.0f}%", fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(
-        "Cross-attention of the first head of the last decoder layer, same test sentence; white = exactly zero"
-    )
+    fig.suptitle("Cross-attention, first head of the last decoder layer, one test sentence; white = exactly zero")
     fig.tight_layout()
-    fig.savefig(out / "fairseq_attention_heatmaps.png", dpi=110)
+    fig.savefig(out / "fairseq_attention_heatmaps.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        curve = [c for c in row["curve"] if "valid_loss" in c]
-        if curve:
-            ax.plot([c["epoch"] for c in curve], [c["valid_loss"] for c in curve], label=row["mechanism"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, g in enumerate(groups):
+        for j, r in enumerate(g["runs"]):
+            curve = [c for c in r["curve"] if "valid_loss" in c]
+            ax.plot([c["epoch"] for c in curve], [c["valid_loss"] for c in curve], color=colors[k % len(colors)],
+                    alpha=0.8, lw=1, label=g["mechanism"] if j == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation loss (label-smoothed, base 2)")
-    ax.set_title("fairseq training curves")
+    ax.set_yscale("log")
+    ax.set_title("fairseq validation loss, every seed")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "fairseq_training_curves.png", dpi=110)
+    fig.savefig(out / "fairseq_training_curves.png", dpi=100)
     plt.close(fig)
 
-    cont = [r for r in rows if r["example"].get("density") is not None]
-    if cont:
-        fig, axes = plt.subplots(1, len(cont), figsize=(5 * len(cont), 3.5), squeeze=False)
-        for ax, row in zip(axes.flat, cont):
-            ex = row["example"]
-            w = np.array(ex["density"])
-            L = w.shape[1]
-            pos = (np.arange(L) + 0.5) / L
-            for j in range(w.shape[0]):
-                ax.plot(pos, w[j], marker=".", label=ex["target"][j])
-            ax.set_xlabel("source position t in [0, 1]")
-            ax.set_ylabel("density at the source positions (normalized)")
-            ax.set_title(row["mechanism"], fontsize=9)
-            ax.legend(fontsize=6, ncol=2)
-        fig.suptitle(
-            "Continuous cross-attention densities over the source (mean over heads), one curve per target word"
-        )
-        fig.tight_layout()
-        fig.savefig(out / "fairseq_continuous_densities.png", dpi=110)
-        plt.close(fig)
 
-
-# ----------------------------------------------------------------------------- HuggingFace + accelerate
-
-HF_MECHANISMS = [
-    ("softmax", "softmax"),
-    ("sparsemax", "sparsemax"),
-    ("entmax (learned alpha)", "entmax:alpha=learned"),
-]
-
-
-def run_hf(out: Path, data_dir: Path, size: dict[str, Any], seed: int) -> dict[str, Any]:
-    """A small BART-style model per cross-attention, fine-tuned by scripts/finetune.py under accelerate."""
-    work = out / "hf"
-    work.mkdir(parents=True, exist_ok=True)
-    accelerate = Path(PY).with_name("accelerate")
-    launcher = (
-        [
-            str(accelerate),
-            "launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-        if accelerate.exists()
-        else [PY]
-    )
-    rows = []
-    for label, spec in tqdm(HF_MECHANISMS, desc="HF: BART-style model per cross-attention", unit="model"):
-        save = work / slug(label)
-        cmd = [
-            *launcher,
-            str(ROOT / "scripts" / "finetune.py"),
-            "--task",
-            "seq2seq",
-            "--train-file",
-            str(data_dir / "train.jsonl"),
-            "--valid-file",
-            str(data_dir / "test.jsonl"),
-            "--source-column",
-            "source",
-            "--target-column",
-            "target",
-            "--from-config",
-            "--arch",
-            "bart",
-            "--d-model",
-            "64",
-            "--layers",
-            "2",
-            "--heads",
-            "4",
-            "--ffn-dim",
-            "128",
-            "--cross-attn",
-            spec,
-            "--output-dir",
-            str(save),
-            "--epochs",
-            str(size["hf_epochs"]),
-            "--batch-size",
-            "32",
-            "--lr",
-            "0.003",
-            "--warmup-steps",
-            "50",
-            "--num-beams",
-            "5",
-            "--seed",
-            str(seed),
-            "--cpu",
-        ]
-        save.mkdir(exist_ok=True)
-        seconds = run(cmd, save / "finetune.log")
-        metrics = json.loads((save / "metrics.json").read_text(encoding="utf-8"))
-        rows.append(
-            {
-                "mechanism": label,
-                "spec": spec,
-                "bleu": float(metrics.get("bleu", 0.0)),
-                "exact_match": float(metrics.get("exact_match", 0.0)),
-                "train_seconds": seconds,
-                "history": metrics.get("history", []),
-            }
-        )
-    base = rows[0]
-    summary = (
-        "With the HuggingFace route the same data gives "
-        + ", ".join(f"BLEU {r['bleu']:.1f} with {r['mechanism']} cross-attention" for r in rows)
-        + f" (softmax: {base['bleu']:.1f})."
-    )
-    return {"rows": rows, "summary": summary}
+def plot_alpha(out: Path, runs: list[dict[str, Any]]) -> Path | None:
+    """Learned alpha per head over training: one panel per cross-attention layer, one line per head and seed."""
+    runs = [r for r in runs if r.get("alpha_trajectory")]
+    if not runs:
+        return None
+    plt = _plt()
+    layers = len(runs[0]["alpha_trajectory"][0]["alpha"])
+    fig, axes = plt.subplots(1, layers, figsize=(5 * layers, 3.8), squeeze=False, sharey=True)
+    styles = ["-", "--", ":", "-."]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for li, ax in enumerate(axes.flat):
+        for si, r in enumerate(runs):
+            traj = r["alpha_trajectory"]
+            steps = [p["updates"] for p in traj]
+            for h in range(len(traj[0]["alpha"][li])):
+                ax.plot(steps, [p["alpha"][li][h] for p in traj], styles[si % len(styles)], color=colors[h],
+                        marker=".", label=f"head {h + 1}" if si == 0 else None)
+        ax.set_title(f"decoder layer {li + 1} cross-attention")
+        ax.set_xlabel("updates")
+        ax.axhline(1.5, color="grey", lw=0.5)
+    axes.flat[0].set_ylabel("alpha (1 = softmax, 2 = sparsemax)")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("entmax with a learned alpha per head; line style = seed (" +
+                 ", ".join(f"{styles[i % len(styles)]} {r['seed']}" for i, r in enumerate(runs)) + ")", fontsize=9)
+    fig.tight_layout()
+    path = out / "fairseq_alpha.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def _fmt_alpha(alphas: list[list[float]]) -> str:
-    return "; ".join(", ".join(f"{a:.2f}" for a in layer) for layer in alphas) if alphas else "-"
+def _alpha_summary(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    runs = [r for r in runs if r.get("alpha_trajectory")]
+    if not runs:
+        return None
+    finals = [a for r in runs for layer in r["alpha_trajectory"][-1]["alpha"] for a in layer]
+    moves = [
+        abs(b - a)
+        for r in runs
+        for la, lb in zip(r["alpha_trajectory"][0]["alpha"], r["alpha_trajectory"][-1]["alpha"])
+        for a, b in zip(la, lb)
+    ]
+    every = [a for r in runs for p in r["alpha_trajectory"] for layer in p["alpha"] for a in layer]
+    return {"final_min": min(finals), "final_max": max(finals), "max_move": max(moves), "median_move":
+            statistics.median(moves), "range_min": min(every), "range_max": max(every),
+            "updates": runs[0]["alpha_trajectory"][-1]["updates"]}
+
+
+def translation_summary(route: str, groups: list[dict[str, Any]], metric: str = "greedy_bleu") -> str:
+    """Plain words: each mechanism against softmax, a difference only when it exceeds the seeds' spread."""
+    base = next((g for g in groups if g["spec"] == "softmax"), None)
+    if base is None or metric not in base:
+        return ""
+    same, better, worse = [], [], []
+    for g in groups:
+        if g is base or metric not in g:
+            continue
+        d = g[metric]["mean"] - base[metric]["mean"]
+        if not exceeds_noise(g[metric], base[metric]):
+            same.append(f"{g['mechanism']} ({d:+.1f})")
+        elif d > 0:
+            better.append(f"{g['mechanism']} ({d:+.1f})")
+        else:
+            worse.append(f"{g['mechanism']} ({d:+.1f})")
+    name = "greedy BLEU" if metric == "greedy_bleu" else metric
+    parts = [f"{route}: softmax reaches {name} {fmt(base[metric])} (mean ± standard deviation over "
+             f"{base[metric]['n']} seed{'s' if base[metric]['n'] > 1 else ''})."]
+    if base[metric]["n"] < 2:
+        parts.append("With one seed per mechanism no difference can be told from noise.")
+    if same:
+        parts.append("Not distinguishable from softmax (difference within the sum of the two spreads): "
+                     + ", ".join(same) + ".")
+    if better:
+        parts.append("Better than softmax beyond the spread: " + ", ".join(better) + ".")
+    if worse:
+        parts.append("Worse than softmax beyond the spread: " + ", ".join(worse) + ".")
+    return " ".join(parts)
+
+
+def _beam_lines(groups: list[dict[str, Any]], keys: list[tuple[str, str]]) -> list[str]:
+    lines = []
+    for beam_key, what in keys:
+        below = []
+        for g in groups:
+            d = beam_vs_greedy(g["runs"], beam_key)
+            if d["below"]:
+                below.append(f"{g['mechanism']} ({d['mean']:+.1f} ± {d['std']:.1f})")
+        if below:
+            lines.append(f"{what} is below greedy by more than the spread for: {', '.join(below)}.")
+        else:
+            lines.append(f"{what} is nowhere below greedy by more than the spread.")
+    return lines
 
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:
+    """report.md from the per-job results in ``results``."""
     lines = ["# Attention mechanisms compared", ""]
+    machine = results.get("machine", {})
     lines.append(
-        f"Run size `{results['size']}`, seed {results['seed']}, total time "
-        f"{results.get('total_seconds', 0) / 60:.1f} min. Every number below comes from this run."
+        f"Run size `{results['size']}`: {results.get('seeds', 1)} seed(s) per mechanism, "
+        f"{machine.get('workers', 1)} parallel worker process(es) with {machine.get('threads', 1)} torch thread(s) "
+        f"each on {machine.get('cpus', '?')} CPU core(s); wall time {results.get('total_seconds', 0) / 60:.1f} min "
+        f"(load average {machine.get('load_start', '?')} at the start, {machine.get('load_end', '?')} at the end: "
+        "other work on the machine slows the run down). Every number below comes from this run."
     )
     lines.append("")
+    data = results.get("data")
+    if data:
+        lines += [
+            "## Data",
+            "",
+            f"English number expressions -> German number words, written by num2words: cardinals up to "
+            f"999 999 999, ordinals up to 999 999, years 1000-2099, euro amounts (40/20/20/20 %). German words "
+            f"are split into morphemes (\"vier und achtzig\"), so the model has to reorder units and tens. "
+            f"Train / valid / test: {data['train']} / {data['valid']} / {data['test']} distinct items "
+            f"(form, number) drawn with seed {results['data_seed']}; no test item occurs in training. "
+            "Decoding: greedy, and beam 5 (at most source length + 10 tokens).",
+            "",
+        ]
     if "fairseq" in results:
-        rows = results["fairseq"]["rows"]
+        groups = results["fairseq"]
+        n_test = groups[0]["runs"][0]["test_sentences"]
         lines += [
-            "## Translation with fairseq (English -> German number words)",
+            "## Translation with fairseq",
             "",
-            "One model per cross-attention mechanism (encoder and decoder self-attention stay softmax). "
-            "BLEU: sacreBLEU on beam-5 output for held-out numbers. Support: fraction of nonzero weights "
-            "of the last decoder layer's cross-attention, per head.",
+            "One `sparse_transformer_tiny` model per cross-attention mechanism and seed (encoder and decoder "
+            "self-attention stay softmax). BLEU: sacreBLEU on the "
+            f"{n_test} held-out test items. *beam 5* stops a sentence only when no active hypothesis can "
+            "beat the finished ones (`user_dir/beam_search.py`); *beam 5, fairseq's stop* is "
+            "fairseq-generate's search, which stops once 5 hypotheses have ended. *below greedy*: test "
+            "sentences whose beam output has a lower model score than the greedy output (summed over seeds). "
+            "Support: share of nonzero cross-attention weights, last decoder layer.",
             "",
-            "| mechanism | spec | BLEU | exact match | training time | support | learned alpha per head |",
-            "|---|---|---|---|---|---|---|",
+            "| mechanism | greedy BLEU | beam 5 BLEU | beam 5, fairseq's stop | exact match (greedy) | "
+            "support | below greedy: beam / fairseq's stop | updates | train time |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in rows:
+        for g in groups:
+            runs = g["runs"]
             lines.append(
-                f"| {r['mechanism']} | `{r['spec']}` | {r['bleu']:.1f} | {100 * r['exact_match']:.0f}% | "
-                f"{r['train_seconds']:.0f} s | {100 * r['support_fraction']:.0f}% | "
-                f"{_fmt_alpha(r['alpha_per_head'])} |"
+                f"| {g['mechanism']} | {fmt(g['greedy_bleu'])} | {fmt(g['beam_bleu'])} | {fmt(g['stock_beam_bleu'])} "
+                f"| {fmt(g['greedy_exact'], 100, 0)}% | {fmt(g['support_fraction'], 100, 0)}% | "
+                f"{sum(r['beam_worse_than_greedy'] for r in runs)} / "
+                f"{sum(r['stock_beam_worse_than_greedy'] for r in runs)} | {runs[0]['updates']} | "
+                f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} s |"
             )
-        lines += [
-            "",
-            _fairseq_summary(rows),
-            "",
-            "![cross-attention heatmaps](fairseq_attention_heatmaps.png)",
-            "",
-            "![training curves](fairseq_training_curves.png)",
-            "",
-        ]
-        if (out / "fairseq_continuous_densities.png").exists():
-            lines += ["![continuous densities](fairseq_continuous_densities.png)", ""]
+        lines += ["", translation_summary("fairseq", groups), ""]
+        lines += _beam_lines(groups, [("beam_bleu", "Beam 5 with the optimal stop"),
+                                      ("stock_beam_bleu", "Beam 5 with fairseq's stop")])
+        lines.append("")
+        alpha = _alpha_summary([r for g in groups for r in g["runs"]])
+        if alpha:
+            lines += [
+                f"Learned alpha (entmax, one per head and decoder layer, starting at 1.5): after "
+                f"{alpha['updates']} updates the final values lie in {alpha['final_min']:.2f}-{alpha['final_max']:.2f} "
+                f"(every value seen during training: {alpha['range_min']:.2f}-{alpha['range_max']:.2f}; "
+                f"median move {alpha['median_move']:.2f}, largest {alpha['max_move']:.2f}).",
+                "",
+                "![learned alpha per head](fairseq_alpha.png)",
+                "",
+            ]
+        lines += ["![cross-attention heatmaps](fairseq_attention_heatmaps.png)", "",
+                  "![validation curves](fairseq_training_curves.png)", ""]
     if "hf" in results:
-        hf = results["hf"]
+        groups = results["hf"]
         lines += [
             "## Translation with HuggingFace + accelerate (BART-style, sparse cross-attention)",
             "",
-            "| mechanism | spec | BLEU | exact match | training time |",
-            "|---|---|---|---|---|",
+            "scripts/finetune.py (accelerate) per mechanism and seed; greedy as its evaluation, beam 5 with "
+            "transformers' `early_stopping=\"never\"` (no sentence ends while a better hypothesis may remain).",
+            "",
+            "| mechanism | greedy BLEU | beam 5 BLEU | exact match (greedy) | steps | train time |",
+            "|---|---|---|---|---|---|",
         ]
-        for r in hf["rows"]:
+        for g in groups:
+            runs = g["runs"]
             lines.append(
-                f"| {r['mechanism']} | `{r['spec']}` | {r['bleu']:.1f} | "
-                f"{100 * r.get('exact_match', 0):.0f}% | {r['train_seconds']:.0f} s |"
+                f"| {g['mechanism']} | {fmt(g['greedy_bleu'])} | {fmt(g['beam_bleu'])} | "
+                f"{fmt(g['greedy_exact'], 100, 0)}% | {runs[0]['steps']} | "
+                f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} s |"
             )
-        lines += ["", hf.get("summary", ""), ""]
-    if "digits" in results:
-        dg = results["digits"]
+        lines += ["", translation_summary("HuggingFace", groups), ""]
+        lines += _beam_lines(groups, [("beam_bleu", "Beam 5")])
+        lines.append("")
+    if "canvas" in results:
+        groups = results["canvas"]
         lines += [
-            "## 2-D attention over 8x8 digit images (scikit-learn digits)",
+            "## 2-D attention: a digit on a cluttered canvas",
             "",
-            "| attention | test accuracy | training time | attended area |",
-            "|---|---|---|---|",
+            f"A scikit-learn 8x8 digit at a random place on a 32x32 canvas with {results.get('canvas_fragments', 4)} "
+            "fragments of other digits; local features (16x16 cells, each seeing 8x8 pixels); the classifier "
+            "sees only the attended context, so the attention has to find the digit. Test: "
+            f"{results.get('canvas_test', '?')} canvases of held-out digits. *mass in box*: share of the "
+            "attention weight inside the digit's true box; *IoU*: overlap of the attended region (nonzero cells, "
+            "support ellipse, or 2-sigma ellipse for continuous softmax) with the box; *area*: the attended "
+            "region's share of the canvas (the box is 6.25%). As in Martins et al. (2020), a continuous density "
+            "is placed by the mean and covariance of a discrete softmax attention, and the classifier reads the "
+            "discrete and continuous contexts summed.",
+            "",
+            "| attention | accuracy | mass in box | IoU with the box | IoU region | attended area | train time |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for r in dg["rows"]:
+        for g in groups:
+            runs = g["runs"]
             lines.append(
-                f"| {r['mechanism']} | {100 * r['accuracy']:.1f}% | {r['train_seconds']:.0f} s | {r['support_desc']} |"
+                f"| {g['mechanism']} | {fmt(g['accuracy'], 100)}% | {fmt(g['mass_in_box'], 100)}% | "
+                f"{fmt(g['iou'], 100)}% | {runs[0]['region']} | {fmt(g['attended_area'], 100)}% | "
+                f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} s |"
             )
-        lines += [
-            "",
-            dg.get("summary", ""),
-            "",
-            "![2-D attention over digits](digits_attention.png)",
-            "",
-            "![digits training curves](digits_training_curves.png)",
-            "",
-        ]
+        lines += ["", canvas_summary(groups), "", "![attention on canvases](canvas_attention.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
-def _fairseq_summary(rows: list[dict[str, Any]]) -> str:
-    base = next((r for r in rows if r["spec"] == "softmax"), None)
-    if base is None:
-        return ""
-    close = [r["mechanism"] for r in rows if r is not base and r["bleu"] >= base["bleu"] - 1.0]
-    below = [
-        f"{r['mechanism']} ({r['bleu'] - base['bleu']:+.1f})"
-        for r in rows
-        if r is not base and r["bleu"] < base["bleu"] - 1.0
-    ]
-    sparsest = min(rows, key=lambda r: r["support_fraction"])
-    parts = [
-        f"Softmax reaches BLEU {base['bleu']:.1f} and attends to every source word "
-        f"({100 * base['support_fraction']:.0f}% support)."
-    ]
-    if close:
-        parts.append(f"Within 1 BLEU of softmax (or better): {', '.join(close)}.")
-    if below:
-        parts.append(f"More than 1 BLEU below softmax: {', '.join(below)}.")
-    parts.append(
-        f"The sparsest cross-attention is {sparsest['mechanism']}, with "
-        f"{100 * sparsest['support_fraction']:.0f}% of the weights nonzero."
-    )
-    learned = [r for r in rows if r["alpha_per_head"]]
-    for r in learned:
-        flat = [a for layer in r["alpha_per_head"] for a in layer]
-        parts.append(
-            f"The learned alpha of {r['mechanism']} ranges over {min(flat):.2f}-{max(flat):.2f} across "
-            f"heads (1 = softmax-like, 2 = sparsemax)."
-        )
+def canvas_summary(groups: list[dict[str, Any]]) -> str:
+    """Plain words for the 2-D task: each mechanism against discrete softmax, beyond the spread only."""
+    base = next((g for g in groups if g["mechanism"] == "discrete softmax"), groups[0])
+    parts = [f"Discrete softmax: accuracy {fmt(base['accuracy'], 100)}%, {fmt(base['mass_in_box'], 100)}% of its "
+             "attention inside the digit's box."]
+    if base["accuracy"]["n"] < 2:
+        parts.append("One seed per mechanism: the spread is unknown, so no difference below is called one.")
+    for g in groups:
+        if g is base:
+            continue
+        words = []
+        for key, what in (("accuracy", "accuracy"), ("mass_in_box", "mass in the box")):
+            d = 100 * (g[key]["mean"] - base[key]["mean"])
+            verdict = "beyond the spread" if exceeds_noise(g[key], base[key]) else "within the spread"
+            words.append(f"{what} {d:+.1f} points ({verdict})")
+        parts.append(f"{g['mechanism']}: " + ", ".join(words) + f"; IoU {fmt(g['iou'], 100)}%.")
     return " ".join(parts)
 
-
-# ----------------------------------------------------------------------------- 2-D digits
-
-DIGIT_MECHANISMS = [
-    ("discrete softmax", "softmax"),
-    ("discrete sparsemax", "sparsemax"),
-    ("continuous softmax", "continuous_softmax"),
-    ("continuous sparsemax", "continuous_sparsemax"),
-]
-
-
-class DigitAttentionClassifier(torch.nn.Module):
-    """Pixels -> features on the 8x8 grid -> one attention read-out -> class.
-
-    The query is computed from the mean feature of the image; the classifier sees only the
-    attended context, so where the attention looks decides the accuracy.
-    """
-
-    def __init__(self, mechanism: str, dim: int = 32) -> None:
-        super().__init__()
-        from plugin import get_normalizer
-        from plugin.continuous import ContinuousAttention
-
-        self.mechanism = mechanism
-        self.embed = torch.nn.Sequential(
-            torch.nn.Conv2d(1, dim, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(dim, dim, 3, padding=1)
-        )
-        self.position = torch.nn.Parameter(torch.randn(8, 8, dim) * 0.1)
-        self.query = torch.nn.Linear(dim, dim)
-        if mechanism.startswith("continuous_"):
-            alpha = {"continuous_softmax": 1.0, "continuous_sparsemax": 2.0}[mechanism]
-            # 32 angles for the 2-D sparsemax quadrature (default 128): ~4x cheaper, error ~1e-4 instead of
-            # <1e-6 (docs/continuous.md), far below what matters for training a classifier
-            self.attend = ContinuousAttention(dim, alpha=alpha, ndim=2, location="query", num_angles=32)
-        else:
-            self.normalizer = get_normalizer(mechanism)
-            self.key = torch.nn.Linear(dim, dim)
-        self.classify = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.GELU(), torch.nn.Linear(64, 10))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        feats = self.embed(images[:, None]).permute(0, 2, 3, 1) + self.position  # (B, 8, 8, D)
-        q = self.query(feats.mean((1, 2)))[:, None]  # (B, 1, D)
-        if self.mechanism.startswith("continuous_"):
-            out = self.attend(q, feats)
-            return self.classify(out.context[:, 0]), {
-                "mu": out.mu[:, 0],
-                "sigma_sq": out.sigma_sq[:, 0],
-                "weights": out.weights[:, 0],
-            }
-        flat = feats.reshape(feats.shape[0], 64, -1)
-        scores = (q @ self.key(flat).transpose(1, 2))[:, 0] / flat.shape[-1] ** 0.5  # (B, 64)
-        p = self.normalizer(scores, dim=-1)
-        return self.classify((p[:, None] @ flat)[:, 0]), {"weights": p.reshape(-1, 8, 8)}
-
-
-def _support_area(mechanism: str, extra: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """Mean attended area as a fraction of the image, and how it was measured."""
-    import math
-
-    from plugin.continuous import support_radius
-
-    if mechanism == "continuous_sparsemax":
-        s = extra["sigma_sq"]
-        r = support_radius(s, 2.0, ndim=2)
-        area = math.pi * r * r * torch.linalg.det(s).sqrt()
-        return float(area.clamp(max=1).mean()), "support ellipse"
-    if mechanism == "continuous_softmax":
-        area = math.pi * 4 * torch.linalg.det(extra["sigma_sq"]).sqrt()  # 2-sigma ellipse (86% of the mass)
-        return float(area.clamp(max=1).mean()), "2-sigma ellipse"
-    return float((extra["weights"] > 0).float().mean()), "nonzero cells"
-
-
-def run_digits(out: Path, size: dict[str, Any], seed: int) -> dict[str, Any]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(data.target)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=g)
-    n_train = min(size["digits_train"], len(labels) - 300)
-    tr, te = order[:n_train], order[n_train:]
-    rows, models = [], {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster than two contended ones
-    try:
-        _train_digits(rows, models, images, labels, tr, te, size, seed, g)
-    finally:
-        torch.set_num_threads(threads)
-    _plot_digits(out, rows, models, images[te][:6])
-    best = max(rows, key=lambda r: r["accuracy"])
-    cont = [r for r in rows if r["spec"].startswith("continuous_")]
-    summary = f"The best test accuracy is {100 * best['accuracy']:.1f}% ({best['mechanism']}). " + " ".join(
-        f"{r['mechanism']} reaches {100 * r['accuracy']:.1f}% while looking at {r['support_desc']} of the image."
-        for r in cont
-    )
-    return {"rows": rows, "summary": summary, "n_train": int(n_train), "n_test": int(len(te))}
-
-
-def _train_digits(rows, models, images, labels, tr, te, size, seed, g) -> None:
-    for label, mech in tqdm(DIGIT_MECHANISMS, desc="digits: one model per attention", unit="model"):
-        torch.manual_seed(seed)
-        model = DigitAttentionClassifier(mech)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        curve = []
-        t0 = time.time()
-        for step in range(1, size["digits_steps"] + 1):
-            idx = tr[torch.randint(len(tr), (64,), generator=g)]
-            logits, _ = model(images[idx])
-            loss = torch.nn.functional.cross_entropy(logits, labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step % max(1, size["digits_steps"] // 10) == 0 or step == size["digits_steps"]:
-                curve.append({"step": step, "train_loss": float(loss.detach())})
-        train_s = time.time() - t0
-        model.eval()
-        with torch.no_grad():
-            logits, extra = model(images[te])
-        acc = float((logits.argmax(-1) == labels[te]).float().mean())
-        area, how = _support_area(mech, extra)
-        rows.append(
-            {
-                "mechanism": label,
-                "spec": mech,
-                "accuracy": acc,
-                "train_seconds": train_s,
-                "curve": curve,
-                "attended_area": area,
-                "support_desc": f"{100 * area:.1f}% ({how})",
-            }
-        )
-        models[label] = (model, extra)
-
-
-def _ellipse(mu: torch.Tensor, cov: torch.Tensor, radius: float):
-    import numpy as np
-
-    vals, vecs = torch.linalg.eigh(cov.double())
-    theta = np.linspace(0, 2 * np.pi, 100)
-    circle = np.stack([np.cos(theta), np.sin(theta)])
-    pts = mu.double().numpy()[:, None] + radius * (
-        vecs.numpy() @ (np.sqrt(vals.clamp(min=0).numpy())[:, None] * circle)
-    )
-    return pts[1] * 8 - 0.5, pts[0] * 8 - 0.5  # (x = column, y = row) in pixel coordinates
-
-
-def _plot_digits(out: Path, rows, models, examples: torch.Tensor) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from plugin.continuous import support_radius
-
-    n = examples.shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.8 * n, 1.9 * len(rows)), squeeze=False)
-    for i, row in enumerate(rows):
-        model, _ = models[row["mechanism"]]
-        with torch.no_grad():
-            logits, extra = model(examples)
-        for j in range(n):
-            ax = axes[i, j]
-            ax.imshow(examples[j], cmap="gray_r", vmin=0, vmax=1)
-            if row["spec"].startswith("continuous_"):
-                mu, s = extra["mu"][j], extra["sigma_sq"][j]
-                if row["spec"] == "continuous_sparsemax":
-                    r = float(support_radius(s, 2.0, ndim=2))
-                    ax.plot(*_ellipse(mu, s, r), color="tab:red", lw=1.5)
-                else:
-                    for r in (1.0, 2.0):
-                        ax.plot(*_ellipse(mu, s, r), color="tab:blue", lw=1.5 if r == 1 else 0.8)
-                ax.plot([float(mu[1]) * 8 - 0.5], [float(mu[0]) * 8 - 0.5], "+", color="k")
-            else:
-                w = extra["weights"][j].numpy()
-                import numpy as np
-
-                ax.imshow(np.ma.masked_where(w == 0, w), cmap="autumn", alpha=0.6)
-            ax.set_xlim(-0.5, 7.5)
-            ax.set_ylim(7.5, -0.5)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(row["mechanism"], fontsize=8)
-            ax.set_title(f"pred {int(logits[j].argmax())}", fontsize=7)
-    fig.suptitle(
-        "Attention over digits: discrete weights (colour; none = exactly 0), continuous softmax "
-        "(1 and 2 sigma ellipses), continuous sparsemax (support ellipse)",
-        fontsize=8,
-    )
-    fig.tight_layout()
-    fig.savefig(out / "digits_attention.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        ax.plot([c["step"] for c in row["curve"]], [c["train_loss"] for c in row["curve"]], label=row["mechanism"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("digits training curves")
-    fig.tight_layout()
-    fig.savefig(out / "digits_training_curves.png", dpi=110)
-    plt.close(fig)

@@ -1,12 +1,22 @@
-"""An offline parallel corpus: numbers written as English words -> German (or French) words.
+"""An offline parallel corpus: English number expressions -> German, written out as words.
 
-German number words are written as one word ("dreiundzwanzig"); they are split into
-their morphemes ("drei und zwanzig") so that a word-level model sees the reordering
-against English ("twenty three"). Train, valid and test use disjoint numbers, so the
-test set measures generalization to unseen numbers.
+Four forms, all written by num2words (no download):
+
+- cardinals up to 999 999 ("four hundred and fifty six thousand ..."),
+- ordinals up to 9 999 ("twenty third" -> "drei und zwanzig ste"),
+- years 1000-2099 ("nineteen eighty four" -> "neun zehn hundert vier und achtzig"),
+- euro amounts ("twelve euro fifty cents" -> "zwölf euro und fünfzig cent").
+
+German number words are single words ("dreiundzwanzigste"); they are split into morphemes
+("drei und zwanzig ste") so that a word-level model sees the reordering against English
+("twenty third"): units before tens ("und" inversion), years read in hundreds, ordinal
+suffixes. Magnitudes are drawn log-uniformly, so long sources are common.
+
+Split: every item is a (form, number) pair; train, valid and test hold disjoint pairs drawn
+with the seed, so each test item is an expression the model never saw in training.
 
     python scripts/number_corpus.py OUT_DIR --train 4000 --valid 300 --test 300
-writes OUT_DIR/{train,valid,test}.{en,de}.
+writes OUT_DIR/{train,valid,test}.{en,de,num} (``num``: form and value of each line).
 """
 
 from __future__ import annotations
@@ -18,12 +28,18 @@ from pathlib import Path
 
 from num2words import num2words
 
-# longest match first; "sech"/"sieb" appear in sechzehn/siebzehn
+FORMS = ("cardinal", "ordinal", "year", "currency")
+#: share of each form in every split
+FORM_WEIGHTS = {"cardinal": 0.4, "ordinal": 0.2, "year": 0.2, "currency": 0.2}
+MAX_CARDINAL, MAX_ORDINAL, MAX_EUROS = 999_999_999, 999_999, 999_999
+
+# longest match first; "sech"/"sieb" appear in sechzehn/siebzehn; "te"/"ste"/"e" are ordinal suffixes
 _GERMAN_MORPHEMES = sorted(
     [
-        "eins", "ein", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun", "zehn", "elf",
+        "eins", "eine", "ein", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun", "zehn", "elf",
         "zwölf", "sech", "sieb", "zwanzig", "dreißig", "vierzig", "fünfzig", "sechzig", "siebzig",
-        "achtzig", "neunzig", "hundert", "tausend", "und",
+        "achtzig", "neunzig", "hundert", "tausend", "million", "millionen", "und", "null",
+        "erste", "dritte", "ste", "te", "e", "euro", "cent",
     ],
     key=len,
     reverse=True,
@@ -44,14 +60,65 @@ def split_german(word: str) -> list[str]:
     return out
 
 
-def words(number: int, lang: str) -> str:
-    """Tokenized number words: lowercase, hyphens and commas split off as separate tokens removed."""
-    text = num2words(number, lang=lang).lower()
-    tokens = re.split(r"[\s,\-]+", text)
-    tokens = [t for t in tokens if t]
+def _tokens(text: str, lang: str) -> str:
+    tokens = [t for t in re.split(r"[\s,\-]+", text.lower()) if t]
     if lang == "de":
         tokens = [m for t in tokens for m in split_german(t)]
     return " ".join(tokens)
+
+
+def render(form: str, value: int, lang: str) -> str:
+    """The tokenized words of one item; ``value`` is in cents for ``currency``."""
+    if form == "cardinal":
+        text = num2words(value, lang=lang)
+    elif form == "ordinal":
+        text = num2words(value, lang=lang, to="ordinal")
+    elif form == "year":
+        text = num2words(value, lang=lang, to="year")
+    elif form == "currency":
+        text = num2words(value / 100, lang=lang, to="currency", currency="EUR")
+    else:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    return _tokens(text, lang)
+
+
+def words(number: int, lang: str) -> str:
+    """Tokenized cardinal number words."""
+    return render("cardinal", number, lang)
+
+
+def _log_uniform(rng: random.Random, high: int) -> int:
+    """1..high with the number of digits uniform, then uniform within that many digits."""
+    digits = rng.randint(1, len(str(high)))
+    return rng.randint(10 ** (digits - 1), min(high, 10**digits - 1))
+
+
+def _draw(rng: random.Random, form: str) -> int:
+    if form == "cardinal":
+        return _log_uniform(rng, MAX_CARDINAL)
+    if form == "ordinal":
+        return _log_uniform(rng, MAX_ORDINAL)
+    if form == "year":
+        return rng.randint(1000, 2099)
+    return _log_uniform(rng, MAX_EUROS) * 100 + rng.randint(1, 99)  # euro and cents, in cents
+
+
+def sample_items(total: int, seed: int) -> list[tuple[str, int]]:
+    """``total`` distinct (form, value) pairs in random order, forms in :data:`FORM_WEIGHTS` proportions."""
+    rng = random.Random(seed)
+    counts = {f: int(round(total * w)) for f, w in FORM_WEIGHTS.items()}
+    counts["cardinal"] += total - sum(counts.values())
+    capacity = {"year": 1100}
+    items: list[tuple[str, int]] = []
+    for form, n in counts.items():
+        if n > capacity.get(form, 10**6):
+            raise ValueError(f"sample_items: {n} {form} items asked, only {capacity[form]} exist")
+        seen: set[int] = set()
+        while len(seen) < n:
+            seen.add(_draw(rng, form))
+        items += [(form, v) for v in sorted(seen)]
+    rng.shuffle(items)
+    return items
 
 
 def make_corpus(
@@ -60,30 +127,28 @@ def make_corpus(
     n_valid: int = 300,
     n_test: int = 300,
     target_lang: str = "de",
-    max_number: int = 9999,
     seed: int = 1,
 ) -> dict[str, int]:
-    """Write ``{train,valid,test}.{en,<target_lang>}`` with disjoint numbers; return the split sizes."""
-    total = n_train + n_valid + n_test
-    if total > max_number:
-        raise ValueError(f"make_corpus: {total} sentences need max_number >= {total}, got {max_number}")
-    if target_lang not in ("de", "fr"):
-        raise ValueError(f"make_corpus: target_lang must be 'de' or 'fr', got {target_lang!r}")
-    rng = random.Random(seed)
-    numbers = rng.sample(range(1, max_number + 1), total)
+    """Write ``{train,valid,test}.{en,<target_lang>,num}`` with disjoint items; return the split sizes."""
+    if target_lang != "de":
+        raise ValueError(f"make_corpus: target_lang must be 'de', got {target_lang!r}")
+    for name, n in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"make_corpus: {name} must be a positive integer, got {n!r}")
+    items = sample_items(n_train + n_valid + n_test, seed)
     splits = {
-        "train": numbers[:n_train],
-        "valid": numbers[n_train : n_train + n_valid],
-        "test": numbers[n_train + n_valid :],
+        "train": items[:n_train],
+        "valid": items[n_train : n_train + n_valid],
+        "test": items[n_train + n_valid :],
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for split, nums in splits.items():
-        (out / f"{split}.en").write_text("".join(words(n, "en") + "\n" for n in nums), encoding="utf-8")
+    for split, chosen in splits.items():
+        (out / f"{split}.en").write_text("".join(render(f, v, "en") + "\n" for f, v in chosen), encoding="utf-8")
         (out / f"{split}.{target_lang}").write_text(
-            "".join(words(n, target_lang) + "\n" for n in nums), encoding="utf-8"
+            "".join(render(f, v, target_lang) + "\n" for f, v in chosen), encoding="utf-8"
         )
-        (out / f"{split}.num").write_text("".join(f"{n}\n" for n in nums), encoding="utf-8")
+        (out / f"{split}.num").write_text("".join(f"{f} {v}\n" for f, v in chosen), encoding="utf-8")
     return {k: len(v) for k, v in splits.items()}
 
 
@@ -93,11 +158,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--valid", type=int, default=300)
     ap.add_argument("--test", type=int, default=300)
-    ap.add_argument("--target-lang", default="de", choices=["de", "fr"])
-    ap.add_argument("--max-number", type=int, default=9999)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
-    print(make_corpus(a.out_dir, a.train, a.valid, a.test, a.target_lang, a.max_number, a.seed))
+    print(make_corpus(a.out_dir, a.train, a.valid, a.test, seed=a.seed))
 
 
 if __name__ == "__main__":

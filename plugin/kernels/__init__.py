@@ -31,7 +31,12 @@ except for softmax, no returned weights), else the reference. For the sparse nor
 ``PLUGIN_ATTENTION_PATH`` in the environment (or the :func:`use_path` / :func:`reference_path`
 context managers) forces a path: ``reference`` everywhere, or one of the fast paths for every
 call it implements (the other calls keep the reference); a forced path that cannot run here
-(no CUDA for ``triton``, no compiler for ``cpu_chunked``) raises ``ValueError``.
+(no CUDA for ``triton``, no compiler for ``cpu_chunked``) raises ``ValueError``. The context
+managers hold in the current thread / context only (a :class:`contextvars.ContextVar`, read
+by :func:`current_path_override`); the environment variable holds for the process.
+
+Calls reach these paths after the checks of :mod:`plugin.inputs` (non-empty, finite q/k/v,
+float masks without NaN or ``+inf``, scores that cannot overflow), so no kernel sees a NaN.
 """
 
 from __future__ import annotations

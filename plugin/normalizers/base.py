@@ -45,12 +45,14 @@ def scaled_by_gamma(z: Tensor, allowed: Tensor, gamma: float) -> Tensor:
     return x / gamma
 
 
-def prepare(scores: Tensor, dim: int, mask: Tensor | None, variant: str) -> tuple[Tensor, Tensor, int]:
+def prepare(scores: Tensor, dim: int, mask: Tensor | None, variant: str) -> tuple[Tensor, Tensor, int, Tensor]:
     """Validate and bring ``scores`` to the last dimension in the compute dtype.
 
-    Returns ``(z, allowed, dim)``: ``z`` is ``scores`` with ``dim`` moved last (float32 for
-    half inputs), ``allowed`` the bool tensor of the same shape that is True where
-    attending is allowed (``mask`` and ``scores != -inf``), ``dim`` the normalized dim.
+    Returns ``(z, allowed, dim, invalid)``: ``z`` is ``scores`` with ``dim`` moved last (float32
+    for half inputs), ``allowed`` the bool tensor of the same shape that is True where
+    attending is allowed (``mask`` and ``scores != -inf``), ``dim`` the normalized dim, and
+    ``invalid`` (keepdim) the rows with a NaN or ``+inf`` among their allowed scores: their
+    scores are replaced by zeros here (no kernel sees a NaN) and :func:`finish` makes them NaN.
     """
     if not isinstance(scores, Tensor):
         raise ValueError(f"{variant}: scores must be a torch.Tensor, got {type(scores).__name__}")
@@ -67,7 +69,10 @@ def prepare(scores: Tensor, dim: int, mask: Tensor | None, variant: str) -> tupl
     allowed = z != float("-inf")
     if mask is not None:
         allowed = allowed & broadcast_mask(mask, scores.shape, variant)
-    return z.movedim(dim, -1), allowed.movedim(dim, -1), dim
+    z, allowed = z.movedim(dim, -1), allowed.movedim(dim, -1)
+    invalid = (allowed & ~(z < float("inf"))).any(-1, keepdim=True)  # NaN or +inf where allowed
+    z = torch.where(invalid, torch.zeros_like(z), z)
+    return z, allowed, dim, invalid
 
 
 def broadcast_mask(mask: Tensor, shape: torch.Size, variant: str, name: str = "mask") -> Tensor:
@@ -85,14 +90,18 @@ def broadcast_mask(mask: Tensor, shape: torch.Size, variant: str, name: str = "m
     return mask.expand(shape)
 
 
-def finish(p: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
-    """Move the normalized dimension back and return in the input dtype."""
+def finish(p: Tensor, dim: int, dtype: torch.dtype, invalid: Tensor | None = None) -> Tensor:
+    """NaN on the ``invalid`` rows (see :func:`prepare`), the normalized dimension moved back, the input dtype."""
+    if invalid is not None:
+        p = torch.where(invalid, torch.full_like(p, float("nan")), p)
     return p.movedim(-1, dim).to(dtype)
 
 
 def shift_by_max(z: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     """``z - max(z over allowed)`` and whether the row has any allowed entry (both keepdim)."""
     any_allowed = allowed.any(-1, keepdim=True)
+    if z.shape[-1] == 0:  # nothing to normalize: an empty result
+        return z, any_allowed
     zmax = torch.where(allowed, z, float("-inf")).amax(-1, keepdim=True)
     zmax = torch.where(any_allowed, zmax, torch.zeros_like(zmax)).detach()
     return z - zmax, any_allowed

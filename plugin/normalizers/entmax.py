@@ -174,8 +174,8 @@ def _alpha_tensor(alpha: Tensor, scores: Tensor, dim: int) -> Tensor:
 
 def entmax15(scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
     """Exact 1.5-entmax along ``dim`` (sort-based). Mask semantics as :func:`plugin.softmax`."""
-    z, allowed, dim = prepare(scores, dim, mask, "entmax15")
-    return finish(Entmax15Function.apply(z, allowed), dim, scores.dtype)
+    z, allowed, dim, invalid = prepare(scores, dim, mask, "entmax15")
+    return finish(Entmax15Function.apply(z, allowed), dim, scores.dtype, invalid)
 
 
 def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Tensor | None = None) -> Tensor:
@@ -199,13 +199,13 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
             with torch.no_grad():
                 if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
                     raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
-        z, allowed, d = prepare(scores, dim, mask, "entmax")
+        z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
         a = _alpha_tensor(alpha.to(z.dtype), scores, d)
         p = EntmaxBisectFunction.apply(z, allowed, a)
-        return finish(p, d, scores.dtype)
+        return finish(p, d, scores.dtype, invalid)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 < alpha <= 2:
         raise ValueError(f"entmax: alpha must be a number in (1, 2] or a tensor, got {alpha!r}")
-    z, allowed, d = prepare(scores, dim, mask, "entmax")
+    z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
     if alpha == 2:
         p = SparsemaxFunction.apply(z, allowed)
     elif alpha == 1.5:
@@ -213,7 +213,7 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
     else:
         a = torch.full(z.shape[:-1] + (1,), float(alpha), dtype=z.dtype, device=z.device)
         p = EntmaxBisectFunction.apply(z, allowed, a)
-    return finish(p, d, scores.dtype)
+    return finish(p, d, scores.dtype, invalid)
 
 
 class LearnableAlpha(nn.Module):

@@ -22,10 +22,10 @@ def softmax(scores: Tensor, dim: int = -1, mask: Tensor | None = None, gamma: fl
     Returns a tensor of the shape and dtype of ``scores``.
     """
     gamma = check_param(GAMMA, gamma, "softmax")
-    z, allowed, dim = prepare(scores, dim, mask, "softmax")
+    z, allowed, dim, invalid = prepare(scores, dim, mask, "softmax")
     # Masked entries get a finite fill so that a fully masked row stays finite (no NaN);
     # torch.where routes no gradient to them.
     fill = torch.finfo(z.dtype).min
     p = torch.softmax(torch.where(allowed, scaled_by_gamma(z, allowed, gamma), fill), dim=-1)
     p = torch.where(allowed, p, torch.zeros_like(p))
-    return finish(p, dim, scores.dtype)
+    return finish(p, dim, scores.dtype, invalid)

@@ -78,6 +78,6 @@ def sparsemax(scores: Tensor, dim: int = -1, mask: Tensor | None = None, gamma: 
     Same arguments and mask semantics as :func:`plugin.softmax`; the output has exact zeros.
     """
     gamma = check_param(GAMMA, gamma, "sparsemax")
-    z, allowed, dim = prepare(scores, dim, mask, "sparsemax")
+    z, allowed, dim, invalid = prepare(scores, dim, mask, "sparsemax")
     p = SparsemaxFunction.apply(scaled_by_gamma(z, allowed, gamma), allowed)
-    return finish(p, dim, scores.dtype)
+    return finish(p, dim, scores.dtype, invalid)

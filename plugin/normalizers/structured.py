@@ -152,10 +152,10 @@ class OscarProxFunction(torch.autograd.Function):
         return s * group_mean(s * grad, groups), None, None
 
 
-def _prox_input(x: Tensor, lam: float, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor, float]:
+def _prox_input(x: Tensor, lam: float, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor, float, Tensor]:
     lam = check_param(LAM, lam, name)
-    z, allowed, _ = prepare(x, -1, mask, name)
-    return torch.where(allowed, z, torch.zeros_like(z)), allowed, lam
+    z, allowed, _, invalid = prepare(x, -1, mask, name)
+    return torch.where(allowed, z, torch.zeros_like(z)), allowed, lam, invalid
 
 
 def tv_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
@@ -177,8 +177,8 @@ def tv_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
     -------
     Tensor (..., d) in the dtype of ``x``: piecewise constant along allowed positions.
     """
-    z, allowed, lam = _prox_input(x, lam, mask, "tv_prox")
-    return GroupedProxFunction.apply(z, allowed, lam, "tv").to(x.dtype)
+    z, allowed, lam, invalid = _prox_input(x, lam, mask, "tv_prox")
+    return finish(GroupedProxFunction.apply(z, allowed, lam, "tv"), -1, x.dtype, invalid)
 
 
 def oscar_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
@@ -200,8 +200,8 @@ def oscar_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
     -------
     Tensor (..., d) in the dtype of ``x``: entries of similar magnitude share one magnitude.
     """
-    z, allowed, lam = _prox_input(x, lam, mask, "oscar_prox")
-    return OscarProxFunction.apply(z, allowed, lam).to(x.dtype)
+    z, allowed, lam, invalid = _prox_input(x, lam, mask, "oscar_prox")
+    return finish(OscarProxFunction.apply(z, allowed, lam), -1, x.dtype, invalid)
 
 
 def oscar_ordered_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
@@ -222,8 +222,8 @@ def oscar_ordered_prox(x: Tensor, lam: float, mask: Tensor | None = None) -> Ten
     -------
     Tensor (..., d) in the dtype of ``x``; 0 at masked entries.
     """
-    z, allowed, lam = _prox_input(x, lam, mask, "oscar_ordered_prox")
-    return GroupedProxFunction.apply(z, allowed, lam, "oscar_ordered").to(x.dtype)
+    z, allowed, lam, invalid = _prox_input(x, lam, mask, "oscar_ordered_prox")
+    return finish(GroupedProxFunction.apply(z, allowed, lam, "oscar_ordered"), -1, x.dtype, invalid)
 
 
 def fused_groups(y: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -282,14 +282,14 @@ def fusedmax(
     """
     lam = check_param(LAM, lam, "fusedmax")
     gamma = check_param(GAMMA, gamma, "fusedmax")
-    z, allowed, dim = prepare(scores, dim, mask, "fusedmax")
+    z, allowed, dim, invalid = prepare(scores, dim, mask, "fusedmax")
     # prox_TV(x + c) = prox_TV(x) + c: subtracting the row maximum changes nothing but the
     # size of the numbers the prox works with (large scores in half precision).
     x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
     x = torch.where(allowed, x, torch.zeros_like(x))
     y = GroupedProxFunction.apply(x, allowed, lam, "tv")
     p = SparsemaxFunction.apply(y, allowed)
-    return finish(p, dim, scores.dtype)
+    return finish(p, dim, scores.dtype, invalid)
 
 
 def oscarmax(
@@ -321,14 +321,14 @@ def oscarmax(
     """
     lam = check_param(LAM, lam, "oscarmax")
     gamma = check_param(GAMMA, gamma, "oscarmax")
-    z, allowed, dim = prepare(scores, dim, mask, "oscarmax")
+    z, allowed, dim, invalid = prepare(scores, dim, mask, "oscarmax")
     # the ordered prox commutes with shifts: work with the row maximum at 0
     x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
     x = torch.where(allowed, x, torch.zeros_like(x))
     # sparsemax ignores the per-row shift of the ordered prox beyond the pooling point
     y = GroupedProxFunction.apply(x, allowed, lam, "oscar_ordered", True)
     p = SparsemaxFunction.apply(y, allowed)
-    return finish(p, dim, scores.dtype)
+    return finish(p, dim, scores.dtype, invalid)
 
 
 

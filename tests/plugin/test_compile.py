@@ -263,3 +263,14 @@ print("ok")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_nonfinite_inputs_give_nan_slices_as_in_eager():
+    mech = _mechanism("entmax15")
+    q, k, v = (t.detach() for t in _qkv(8))
+    q[0, 1, 3, 2] = float("nan")
+    k[1, 0, 5, 0] = float("inf")
+    compiled = torch.compile(lambda q, k, v: mech(q, k, v), fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, mech(q, k, v), equal_nan=True)
+    assert out[0, 1].isnan().all() and out[1, 0].isnan().all() and not out[0, 0].isnan().any()

@@ -1,4 +1,5 @@
-"""The main job's pipeline (scripts/demo.py) end to end at a micro size."""
+"""The main job (scripts/demo.py): corpus, seed aggregation, greedy-vs-beam reporting, and the
+pipeline end to end at a reduced tiny size."""
 
 import json
 import sys
@@ -11,9 +12,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import demo  # noqa: E402
 import demo_tasks  # noqa: E402
-from number_corpus import make_corpus, split_german, words  # noqa: E402
-
-MICRO = dict(train=60, valid=10, test=10, fairseq_epochs=1, hf_epochs=1, digits_steps=3, digits_train=100)
+from number_corpus import make_corpus, render, split_german, words  # noqa: E402
 
 
 def test_german_number_words_are_split_into_morphemes():
@@ -25,45 +24,118 @@ def test_german_number_words_are_split_into_morphemes():
         split_german("dreixyz")
 
 
-def test_corpus_splits_use_disjoint_numbers(tmp_path):
-    sizes = make_corpus(tmp_path, 50, 10, 10, seed=3)
-    assert sizes == {"train": 50, "valid": 10, "test": 10}
-    nums = {s: set((tmp_path / f"{s}.num").read_text().split()) for s in sizes}
-    assert not (nums["train"] & nums["test"]) and not (nums["train"] & nums["valid"])
-    assert len((tmp_path / "test.de").read_text().splitlines()) == 10
+def test_every_form_is_rendered_in_both_languages():
+    assert render("ordinal", 23, "de") == "drei und zwanzig ste"
+    assert render("ordinal", 7, "de") == "sieb te"
+    assert render("year", 1984, "en") == "nineteen eighty four"
+    assert render("year", 1984, "de") == "neun zehn hundert vier und achtzig"
+    assert render("currency", 1250, "de") == "zwölf euro und fünfzig cent"
+    assert render("cardinal", 2_000_000, "de") == "zwei millionen"
+    with pytest.raises(ValueError, match="form"):
+        render("fraction", 3, "de")
+
+
+def test_corpus_splits_hold_disjoint_items_of_every_form(tmp_path):
+    sizes = make_corpus(tmp_path, 200, 30, 30, seed=3)
+    assert sizes == {"train": 200, "valid": 30, "test": 30}
+    items = {s: set((tmp_path / f"{s}.num").read_text().splitlines()) for s in sizes}
+    assert len(items["train"]) == 200
+    assert not (items["train"] & items["test"]) and not (items["train"] & items["valid"])
+    forms = {line.split()[0] for line in items["train"]}
+    assert forms == {"cardinal", "ordinal", "year", "currency"}
+    assert len((tmp_path / "test.de").read_text().splitlines()) == 30
+    with pytest.raises(ValueError, match="n_test"):
+        make_corpus(tmp_path, 10, 10, 0)
+
+
+def test_seed_aggregation_gives_mean_and_sample_standard_deviation():
+    agg = demo_tasks.aggregate([80.0, 82.0, 84.0])
+    assert agg == {"mean": 82.0, "std": 2.0, "min": 80.0, "max": 84.0, "n": 3}
+    assert demo_tasks.aggregate([5.0])["std"] == 0.0
+    assert demo_tasks.fmt(agg) == "82.0 ± 2.0"
+    with pytest.raises(ValueError):
+        demo_tasks.aggregate([])
+
+
+def test_a_difference_counts_only_beyond_the_sum_of_the_spreads():
+    a = demo_tasks.aggregate([80.0, 82.0, 84.0])  # 82 ± 2
+    assert not demo_tasks.exceeds_noise(a, demo_tasks.aggregate([84.0, 85.0, 86.0]))  # 85 ± 1: |3| = 2 + 1
+    assert demo_tasks.exceeds_noise(a, demo_tasks.aggregate([85.5, 86.0, 86.5]))  # 86 ± 0.5: 4 > 2.5
+    assert not demo_tasks.exceeds_noise(demo_tasks.aggregate([50.0]), demo_tasks.aggregate([90.0]))  # one seed
+
+
+def _run(mech, seed, greedy, beam, stock):
+    return {"mechanism": mech, "spec": "softmax" if mech == "softmax" else mech, "seed": seed,
+            "greedy_bleu": greedy, "beam_bleu": beam, "stock_beam_bleu": stock}
+
+
+def test_summary_calls_differences_only_beyond_the_spread():
+    rows = [_run("softmax", s, g, g, g) for s, g in ((1, 80.0), (2, 82.0), (3, 84.0))]
+    rows += [_run("close", s, g, g, g) for s, g in ((1, 83.0), (2, 85.0), (3, 84.0))]
+    rows += [_run("worse", s, g, g, g) for s, g in ((1, 70.0), (2, 71.0), (3, 72.0))]
+    groups = demo_tasks.group_by_mechanism(rows, ["greedy_bleu", "beam_bleu", "stock_beam_bleu"])
+    text = demo_tasks.translation_summary("fairseq", groups)
+    assert "82.0 ± 2.0" in text
+    assert "Not distinguishable from softmax" in text and "close (+2.0)" in text
+    assert "Worse than softmax beyond the spread: worse (-11.0)" in text
+    assert "Better" not in text
+
+
+def test_greedy_and_beam_are_compared_seed_by_seed():
+    runs = [_run("m", s, g, b, st) for s, g, b, st in ((1, 90.0, 90.5, 80.0), (2, 88.0, 88.0, 81.0),
+                                                        (3, 91.0, 91.2, 79.0))]
+    ok = demo_tasks.beam_vs_greedy(runs, "beam_bleu")
+    assert ok["mean"] == pytest.approx(0.7 / 3) and not ok["below"]
+    bad = demo_tasks.beam_vs_greedy(runs, "stock_beam_bleu")
+    assert bad["mean"] == pytest.approx(-29.0 / 3) and bad["below"]
+    lines = demo_tasks._beam_lines(demo_tasks.group_by_mechanism(runs, ["greedy_bleu"]),
+                                   [("beam_bleu", "Beam A"), ("stock_beam_bleu", "Beam B")])
+    assert lines[0] == "Beam A is nowhere below greedy by more than the spread."
+    assert lines[1].startswith("Beam B is below greedy by more than the spread for: m (-9.7 ± ")
 
 
 def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypatch):
-    monkeypatch.setitem(demo.SIZES, "micro", MICRO)
     monkeypatch.setattr(demo, "FAIRSEQ_MECHANISMS", [("softmax", "softmax"),
+                                                     ("entmax (learned alpha)", "entmax:alpha=learned"),
                                                      ("continuous sparsemax", "sparsemax+continuous_sparsemax")])
-    monkeypatch.setattr(demo_tasks, "HF_MECHANISMS", [("sparsemax", "sparsemax")])
-    monkeypatch.setattr(demo_tasks, "DIGIT_MECHANISMS", [("discrete sparsemax", "sparsemax"),
-                                                         ("continuous sparsemax", "continuous_sparsemax")])
+    monkeypatch.setattr(demo, "HF_MECHANISMS", [("sparsemax", "sparsemax")])
+    monkeypatch.setattr(demo, "CANVAS_MECHANISMS", ["discrete sparsemax", "continuous sparsemax"])
     out = tmp_path / "demo"
-    assert demo.main(["--size", "micro", "--out", str(out)]) == 0
+    assert demo.main(["--size", "tiny", "--out", str(out), "--seeds", "2", "--workers", "2"]) == 0
 
     results = json.loads((out / "results.json").read_text())
-    fs = results["fairseq"]["rows"]
-    assert [r["spec"] for r in fs] == ["softmax", "sparsemax+continuous_sparsemax"]
-    assert fs[0]["support_fraction"] == 1.0  # softmax attends everywhere
-    assert fs[1]["support_fraction"] < 1.0  # the sparse cross-attention has exact zeros
-    assert all(0 <= r["bleu"] <= 100 and r["train_seconds"] > 0 for r in fs)
-    assert results["hf"]["rows"][0]["spec"] == "sparsemax"
-    digits = results["digits"]["rows"]
-    assert all(0 <= r["accuracy"] <= 1 for r in digits)
-    assert digits[1]["attended_area"] < 1.0
+    fs = results["fairseq"]
+    assert [g["spec"] for g in fs] == ["softmax", "entmax:alpha=learned", "sparsemax+continuous_sparsemax"]
+    for g in fs:
+        assert g["seeds"] == [1, 2] and g["greedy_bleu"]["n"] == 2
+        for key in ("greedy_bleu", "beam_bleu", "stock_beam_bleu"):
+            assert 0 <= g[key]["min"] <= g[key]["mean"] <= g[key]["max"] <= 100
+        for r in g["runs"]:
+            assert r["test_sentences"] == demo.SIZES["tiny"]["test"]
+            assert r["train_seconds"] > 0 and r["updates"] > 0
+    assert fs[0]["support_fraction"]["mean"] == 1.0  # softmax attends everywhere
+    assert fs[2]["support_fraction"]["mean"] < 1.0  # the sparse cross-attention has exact zeros
+    traj = fs[1]["runs"][0]["alpha_trajectory"]
+    assert traj[0]["updates"] == 0 and traj[-1]["updates"] == fs[1]["runs"][0]["updates"]
+    assert len(traj[-1]["alpha"]) == 2 and len(traj[-1]["alpha"][0]) == 4  # 2 decoder layers x 4 heads
+    assert results["hf"][0]["spec"] == "sparsemax" and results["hf"][0]["beam_bleu"]["n"] == 2
+    canvas = results["canvas"]
+    assert [g["mechanism"] for g in canvas] == ["discrete sparsemax", "continuous sparsemax"]
+    for g in canvas:
+        assert 0 <= g["accuracy"]["mean"] <= 1 and 0 <= g["mass_in_box"]["mean"] <= 1 and 0 <= g["iou"]["mean"] <= 1
 
     report = (out / "report.md").read_text()
-    for heading in ["Translation with fairseq", "HuggingFace", "2-D attention over 8x8 digit images"]:
+    for heading in ["Translation with fairseq", "HuggingFace", "digit on a cluttered canvas", "greedy BLEU",
+                    "beam 5, fairseq's stop", "mass in box", "Learned alpha"]:
         assert heading in report
-    for png in ["fairseq_attention_heatmaps.png", "fairseq_training_curves.png", "fairseq_continuous_densities.png",
-                "digits_attention.png", "digits_training_curves.png"]:
+    for png in ["fairseq_attention_heatmaps.png", "fairseq_training_curves.png", "fairseq_alpha.png",
+                "canvas_attention.png"]:
         assert (out / png).stat().st_size > 1000
-        if png.startswith(("fairseq", "digits")) and "training" not in png:
-            assert png in report
+        assert png in report
 
 
-def test_demo_rejects_unknown_tasks():
+def test_demo_rejects_unknown_tasks_and_bad_counts():
     with pytest.raises(SystemExit):
         demo.main(["--only", "nosuchtask"])
+    with pytest.raises(SystemExit):
+        demo.main(["--threads", "0"])

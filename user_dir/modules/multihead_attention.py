@@ -203,6 +203,8 @@ class PluggableMultiheadAttention(MultiheadAttention):
                 mask = mask.repeat(1, 1, beam, 1)
 
         dropout_p = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
+        # fairseq passes truthy values such as print_alignment's "soft"; the core takes booleans
+        need_weights = bool(need_weights)
         result = self.mechanism(q, k, v, mask=mask, scale=1.0, dropout_p=dropout_p, return_weights=need_weights)
         out, weights = result if need_weights else (result, None)
 
