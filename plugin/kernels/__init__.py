@@ -37,6 +37,12 @@ by :func:`current_path_override`); the environment variable holds for the proces
 
 Calls reach these paths after the checks of :mod:`plugin.inputs` (non-empty, finite q/k/v,
 float masks without NaN or ``+inf``, scores that cannot overflow), so no kernel sees a NaN.
+
+Under ``torch.compile`` the choice is made when a call is traced (the forced path and the
+kernels' availability are read then, :func:`forced_path` being a trace-time constant) and the
+compiled graph calls the kernels as the ``torch.library`` custom ops of
+:mod:`plugin.kernels.ops` (and of :mod:`plugin.kernels.triton_entmax`). Compiled, the bound on
+score overflow is not checked (it needs the input magnitudes on the host).
 """
 
 from __future__ import annotations
