@@ -22,7 +22,8 @@ from .inputs import (
 )
 from .normalizers.base import Normalizer
 from .recording import CallRecord, notify, recording
-from .registry import canonical_spec, parse_spec
+from .registry import ParsedSpec, canonical_spec, parse_spec
+from .schedule import Schedule, parse_schedule
 
 
 class AttentionMechanism(nn.Module):
@@ -32,14 +33,30 @@ class AttentionMechanism(nn.Module):
     its learnable state), and, for continuous specs, the continuous-context module.
     ``forward`` has the signature of :func:`attention`. Adapters set ``role`` (for example
     ``"encoder"``, ``"decoder"``, ``"cross"``), which :func:`plugin.record_calls` reports.
+
+    ``schedule`` (a schedule string, see :mod:`plugin.schedule`) moves one parameter of the
+    discrete part with the training step, which the buffer ``schedule_step`` holds (set it
+    with :meth:`set_schedule_step` or :func:`plugin.set_schedule_step`); the spec is where the
+    schedule ends. :func:`plugin.record_calls` reports the spec computed at each call
+    (:meth:`current_spec`, e.g. ``"entmax:alpha=1.25"`` half-way from softmax to 1.5-entmax).
     """
 
-    def __init__(self, spec: str | nn.Module, num_heads: int | None = None, role: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: str | nn.Module,
+        num_heads: int | None = None,
+        role: str | None = None,
+        schedule: str | None = None,
+    ) -> None:
         super().__init__()
         self.role = role
         self.num_heads = num_heads
         self.continuous: nn.Module | None = None
+        self.schedule: Schedule | None = None
+        self.schedule_step_value = 0
         if isinstance(spec, nn.Module) or callable(spec) and not isinstance(spec, str):
+            if schedule is not None:
+                raise ValueError("AttentionMechanism: a schedule needs a spec string (its parameter is checked there)")
             self.spec = getattr(spec, "name", None) or type(spec).__name__
             self.normalizer = spec if isinstance(spec, nn.Module) else Normalizer(spec, name=self.spec)
             self.discrete_context = True
@@ -58,9 +75,62 @@ class AttentionMechanism(nn.Module):
             c = continuous[0]
             self.continuous = c.variant.factory(num_heads=num_heads, **c.params)
         self.learnable = any(True for _ in self.parameters())
+        if schedule is not None:
+            self.schedule = parse_schedule(schedule, self.spec)
+            # the step, saved with the model: a resumed model continues with the same value
+            self.register_buffer("schedule_step", torch.zeros((), dtype=torch.long))
+            self._discrete_part = discrete[0]
+            learned = getattr(self.normalizer, "learned", None)
+            if learned is not None:  # the learned alpha takes over from the schedule's end
+                learned.reset(self.schedule.end)
+            self._apply_schedule()
+
+    # -- schedules (plugin.schedule)
+
+    def set_schedule_step(self, step: int) -> None:
+        """Set the training step that the schedule reads (an integer >= 0)."""
+        if self.schedule is None:
+            raise ValueError(f"set_schedule_step: the mechanism {self.spec!r} has no schedule")
+        self.schedule.value(step)  # validates step
+        self.schedule_step_value = int(step)
+        self.schedule_step.fill_(int(step))
+        self._apply_schedule()
+
+    def scheduled_value(self) -> float | None:
+        """The scheduled parameter's value now (None without a schedule, or once a learned alpha took over)."""
+        if self.schedule is None or self._learned_took_over():
+            return None
+        return self.schedule.value(self.schedule_step_value)
+
+    def current_spec(self) -> str:
+        """The spec this mechanism computes now: ``spec`` with a schedule's current value filled in."""
+        value = self.scheduled_value()
+        if value is None:
+            return self.spec
+        part = self._discrete_part
+        name = self.schedule.param  # type: ignore[union-attr]
+        now = ParsedSpec(part.variant, {**part.params, name: value}, tuple(dict.fromkeys(part.given + (name,))))
+        return "+".join([str(now)] + self.spec.split("+")[1:])
+
+    def _learned_took_over(self) -> bool:
+        return getattr(self.normalizer, "learned", None) is not None and (
+            self.schedule_step_value >= self.schedule.final_step  # type: ignore[union-attr]
+        )
+
+    def _apply_schedule(self) -> None:
+        self.normalizer.set_param(self.schedule.param, self.scheduled_value())  # type: ignore[union-attr]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.schedule is not None and self.schedule_step.device.type != "meta":
+            self.schedule_step_value = int(self.schedule_step)
+            self._apply_schedule()
 
     def extra_repr(self) -> str:
-        return f"spec={self.spec!r}" + (f", role={self.role!r}" if self.role else "")
+        text = f"spec={self.spec!r}" + (f", role={self.role!r}" if self.role else "")
+        return text + (f", schedule={str(self.schedule)!r}" if self.schedule is not None else "")
 
     def forward(
         self,
@@ -92,7 +162,8 @@ class AttentionMechanism(nn.Module):
         if torch.compiler.is_compiling():
             _record_traced_call(self.spec, self.role, path, self.training)
         elif recording():
-            notify(CallRecord(self.spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
+            spec = self.current_spec()
+            notify(CallRecord(spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
         if return_weights:
             return out, weights
         return out
@@ -114,7 +185,7 @@ class AttentionMechanism(nn.Module):
             if not math.isfinite(qmax + kmax + vmax):  # NaN or inf: the (b, h) slices become NaN
                 bad, q, k, v = nonfinite_slices(q, k, v)
                 qmax, kmax, vmax = input_magnitudes(q, k, v)
-            overflow = scores_may_overflow(qmax, kmax, D, scale, q.dtype)
+            overflow = scores_may_overflow(qmax, kmax, D, scale)
         if overflow:
             pass  # the reference path computes the scores and applies the rules for +-inf scores
         elif self.continuous is None:
@@ -288,7 +359,8 @@ def attention(
         ``"sparsemax+continuous_softmax"``...), an :class:`AttentionMechanism`, or a
         normalizer callable ``f(scores, dim=-1, mask=None)``.
     mask : bool tensor broadcastable to (B, H, Lq, Lk), True where attending is allowed;
-        or a float tensor added to the scores (``-inf`` = masked).
+        or a float tensor added to the scores (``-inf`` = masked). A 2-D ``(B, Lk)`` mask is a
+        key-padding mask (read as ``(B, 1, 1, Lk)``); 0-D and ``(Lk,)`` masks broadcast.
     causal : mask keys after the query, aligned bottom-right (query ``i`` sees keys
         ``j <= i + Lk - Lq``): with ``Lq == Lk`` this is the usual causal mask, with
         ``Lq < Lk`` the queries are the last ones (cached decoding).
@@ -298,7 +370,8 @@ def attention(
 
     Returns ``out`` (B, H, Lq, D) in q's dtype, or ``(out, weights)``. A query row with no
     allowed key gives zeros. With ``normalizer="softmax"`` this equals
-    ``torch.nn.functional.scaled_dot_product_attention``.
+    ``torch.nn.functional.scaled_dot_product_attention``. NaN and infinities, empty inputs
+    and the errors raised follow one policy on every path: see :mod:`plugin.inputs`.
     """
     if isinstance(normalizer, AttentionMechanism):
         mech = normalizer

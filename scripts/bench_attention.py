@@ -486,8 +486,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the raw results to this file")
     parser.add_argument("--plot", help="write a PNG figure to this file")
     parser.add_argument("--from-json", help="re-render the tables / plot of an earlier --json file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every measurement (default: torch's, one per core; recorded in "
+                        "the output). 1 gives steadier numbers on a shared machine")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the measuring child processes inherit it
+        torch.set_num_threads(args.threads)
 
     if args.child:
         config = json.loads(args.child)

@@ -53,56 +53,76 @@ import plugin  # noqa: E402
 SEQ2SEQ_ARCHS = tuple(hf_models.SPARSE_FAMILIES)
 CLASSIFIER_ARCHS = ("bert", "roberta") + tuple(f for f, c in hf_models.SPARSE_FAMILIES.items() if "classification" in c)
 ROLE_FLAGS = {"encoder_attn": "--encoder-attn", "decoder_attn": "--decoder-attn", "cross_attn": "--cross-attn"}
+SCHEDULE_FLAGS = {f"{flag}-schedule": f"{field}_schedule" for field, flag in ROLE_FLAGS.items()}
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+SMALL_MACHINE_CORES = 4  # --threads 0: one thread per process up to this many cores per process
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default (unless it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", required=True, choices=("seq2seq", "classification"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--task", required=True, choices=("seq2seq", "classification"), help="what to train")
     data = ap.add_argument_group("data (local json / jsonl / csv / tsv files, read with datasets)")
-    data.add_argument("--train-file", required=True)
-    data.add_argument("--valid-file", required=True)
+    data.add_argument("--train-file", required=True, help="training examples")
+    data.add_argument("--valid-file", required=True, help="validation examples (evaluated at the end)")
     data.add_argument("--source-column", default="source", help="seq2seq input column")
     data.add_argument("--target-column", default="target", help="seq2seq output column")
     data.add_argument("--text-column", default="text", help="classification input column")
     data.add_argument("--label-column", default="label", help="classification label column")
     data.add_argument("--max-train-examples", type=int, default=0, help="use only the first N (0 = all)")
-    data.add_argument("--max-valid-examples", type=int, default=0)
-    data.add_argument("--max-source-length", type=int, default=128)
-    data.add_argument("--max-target-length", type=int, default=128)
+    data.add_argument("--max-valid-examples", type=int, default=0, help="use only the first N (0 = all)")
+    data.add_argument("--max-source-length", type=int, default=128, help="truncate inputs to N tokens")
+    data.add_argument("--max-target-length", type=int, default=128, help="truncate targets to N tokens")
 
     model = ap.add_argument_group("model")
     source = model.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", help="a local transformers model (stock or Sparse*)")
     source.add_argument("--from-config", action="store_true", help="build a small model from --arch and sizes")
-    model.add_argument("--arch", choices=sorted(set(SEQ2SEQ_ARCHS + CLASSIFIER_ARCHS)), default=None)
-    model.add_argument("--d-model", type=int, default=64)
-    model.add_argument("--layers", type=int, default=2, help="encoder (and decoder) layers")
-    model.add_argument("--heads", type=int, default=4)
-    model.add_argument("--ffn-dim", type=int, default=128)
-    model.add_argument("--dropout", type=float, default=0.1)
-    model.add_argument("--max-positions", type=int, default=256)
+    model.add_argument("--arch", choices=sorted(set(SEQ2SEQ_ARCHS + CLASSIFIER_ARCHS)), default=None,
+                       help="model family for --from-config")
+    model.add_argument("--d-model", type=int, default=64, help="--from-config: hidden size")
+    model.add_argument("--layers", type=int, default=2, help="--from-config: encoder (and decoder) layers")
+    model.add_argument("--heads", type=int, default=4, help="--from-config: attention heads")
+    model.add_argument("--ffn-dim", type=int, default=128, help="--from-config: feed-forward size")
+    model.add_argument("--dropout", type=float, default=0.1, help="--from-config: dropout (and attention dropout)")
+    model.add_argument("--max-positions", type=int, default=256, help="--from-config: longest sequence")
     model.add_argument("--encoder-attn", help="spec of encoder self-attention (Sparse* classes)")
     model.add_argument("--decoder-attn", help="spec of decoder self-attention (Sparse* classes)")
     model.add_argument("--cross-attn", help="spec of cross-attention (Sparse* classes)")
     model.add_argument("--attn", help="attn_implementation for every attention module: a spec such as "
                        "'sparsemax' or 'entmax:alpha=1.3' (no learned parameters), or eager/sdpa")
+    for flag, field in SCHEDULE_FLAGS.items():
+        model.add_argument(flag, dest=field, metavar="SCHEDULE",
+                           help=f"move a parameter of {ROLE_FLAGS[field.removesuffix('_schedule')]}'s spec with the "
+                                f"optimizer step, e.g. 'cosine:start=1,steps=500' (alpha from softmax to the spec's "
+                                f"value); strategies: {', '.join(plugin.STRATEGIES)}; keys: param, start, end, "
+                                f"steps, warmup, hold")
 
     train = ap.add_argument_group("training")
-    train.add_argument("--output-dir", required=True)
-    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--output-dir", required=True, help="where the model, tokenizer and metrics.json go")
+    train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     train.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = epochs)")
     train.add_argument("--batch-size", type=int, default=16, help="per process")
     train.add_argument("--eval-batch-size", type=int, default=32, help="per process")
-    train.add_argument("--lr", type=float, default=5e-4)
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--lr", type=float, default=5e-4,
+                       help="peak learning rate of AdamW (linear decay); a small model built with --from-config "
+                       "learns faster with about 3e-3, a pretrained one is usually fine-tuned with 1e-5 to 1e-4")
+    train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms)")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    train.add_argument("--max-grad-norm", type=float, default=1.0)
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0 = no clipping)")
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                        help="default: accelerate's configuration (or 'no')")
     train.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--num-beams", type=int, default=1, help="seq2seq evaluation: beam size of generate()")
     train.add_argument("--max-new-tokens", type=int, default=64, help="seq2seq evaluation: generation length")
     train.add_argument("--eval-every-epoch", action="store_true",
@@ -110,7 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--save-state", action="store_true", help="also save accelerate's training state")
     train.add_argument("--find-unused-parameters", action="store_true",
                        help="let DDP skip parameters without gradients (slower; for models with unused parameters)")
-    train.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
+    train.add_argument("--threads", type=int, default=0,
+                       help="torch threads per process; 0 = automatic: $OMP_NUM_THREADS when set, else one thread "
+                       f"when a process has at most {SMALL_MACHINE_CORES} cores (small models on small machines "
+                       "run much faster so), else the cores per process")
     args = ap.parse_args(argv)
 
     roles = {field: getattr(args, field) for field in ROLE_FLAGS if getattr(args, field)}
@@ -131,8 +154,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             plugin.canonical_spec(spec)
         except ValueError as err:
             ap.error(f"{ROLE_FLAGS[field]}: {err}")
+    for flag, field in SCHEDULE_FLAGS.items():
+        text = getattr(args, field)
+        if not text:
+            continue
+        if args.attn:
+            ap.error(f"{flag} needs the per-role Sparse* classes; it does not combine with --attn")
+        spec_field = field.removesuffix("_schedule")
+        try:  # against the role's spec when given here (a --model-dir's own spec is checked by its config)
+            if spec_field in roles:
+                plugin.parse_schedule(text, roles[spec_field], name=flag)
+            else:
+                plugin.schedule.check_schedule_syntax(text, name=flag)
+        except ValueError as err:
+            ap.error(str(err))
+        roles[field] = text
     args.roles = roles
     return args
+
+
+def choose_threads(requested: int = 0) -> int:
+    """Intra-op threads for this process: ``requested`` if > 0, else the automatic choice of ``--threads``.
+
+    On a small machine, several OpenMP threads per process wait on each other (and on other
+    processes) far more than they compute for the small matrices of small models: measured on a
+    shared 2-core machine, 2 epochs of the README's fairseq example took minutes with torch's
+    default threads and seconds with one (docs/fairseq.md).
+    """
+    if requested > 0:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    return 1 if per_process <= SMALL_MACHINE_CORES else per_process
 
 
 def _parent_num_processes() -> int | None:
@@ -314,26 +370,24 @@ def build_model(args: argparse.Namespace, tokenizer: Any, label2id: dict[str, in
 
 
 def freeze_fixed_tables(model: Any) -> list[str]:
-    """Mark sinusoidal position tables (Marian, Pegasus) as not trainable.
+    """Mark sinusoidal position tables (Marian, Pegasus) as not trainable; the names frozen.
 
-    transformers builds them frozen and computes them under ``no_grad``, but ``from_pretrained``
-    (5.23) returns them with ``requires_grad=True``; DDP then stops on parameters that never get a
-    gradient. Returns the names frozen.
+    transformers builds them frozen, but ``from_pretrained`` (5.23) returns them with
+    ``requires_grad=True``: training would change tables that ``save_pretrained`` leaves out, and
+    DDP stops on parameters that never get a gradient. The ``Sparse*`` classes freeze them
+    themselves; this covers stock models (``--attn``).
     """
-    frozen = []
-    for name, module in model.named_modules():
-        if "SinusoidalPositionalEmbedding" in type(module).__name__:
-            for pname, param in module.named_parameters():
-                if param.requires_grad:
-                    param.requires_grad_(False)
-                    frozen.append(f"{name}.{pname}")
-    return frozen
+    from hf_models.positions import freeze_position_tables
+
+    return freeze_position_tables(model)
 
 
 def describe_attention(model: Any) -> dict[str, str]:
     config = model.config
     if isinstance(config, hf_models.SparseAttentionConfigMixin):
-        return {field: getattr(config, field) for field in hf_models.SPEC_FIELDS}
+        described = {field: getattr(config, field) for field in hf_models.SPEC_FIELDS}
+        described |= {f: getattr(config, f) for f in hf_models.SCHEDULE_FIELDS if getattr(config, f, None)}
+        return described
     return {"attn_implementation": str(config._attn_implementation)}
 
 
@@ -364,8 +418,7 @@ def align_special_tokens(model: Any, tokenizer: Any) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     check_launch()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(choose_threads(args.threads))
     start = time.time()
     use_cpu = args.cpu or not torch.cuda.is_available()  # cpu=True also lets accelerate run multi-process (gloo)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.find_unused_parameters else []
@@ -451,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for epoch in range(epochs):
         model.train()
         for batch in train_dl:
+            plugin.set_schedule_step(model, steps)  # attention schedules: optimizer updates done so far
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)

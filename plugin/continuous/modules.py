@@ -101,6 +101,8 @@ class ContinuousContext(nn.Module):
         self.basis_mu, self.basis_sigma = gaussian_basis_1d(basis, widths)
         self.regression = ValueRegression(self.basis_mu, self.basis_sigma, penalty)
         self.min_var = _check_positive("min_var", min_var)
+        if self.min_var > 1:  # a density over [0, 1] has variance <= 1/4; larger floors overflow the scale
+            raise ValueError(f"min_var must lie in (0, 1], got {min_var!r}")
         self.widths = parse_widths(widths)
 
     def extra_repr(self) -> str:

@@ -5,7 +5,8 @@ Paths (the name is what :func:`plugin.record_calls` reports as ``CallRecord.path
 ``"reference"``
     plain PyTorch: the full (Lq, Lk) score matrix, the normalizer, ``weights @ v``.
 ``"sdpa"``
-    softmax (with or without a temperature), any device and dtype:
+    softmax (with or without a temperature; also alpha-entmax at alpha = 1, which is softmax,
+    so a schedule starting at softmax never takes the reference path), any device and dtype:
     ``torch.nn.functional.scaled_dot_product_attention`` (its fused kernels), with the
     masks combined into one, bottom-right causality, grouped-query attention, dropout, and
     rows without an allowed key set to zeros.
@@ -157,9 +158,10 @@ def entmax_config(normalizer: Any) -> EntmaxConfig | None:
     from ..normalizers.sparsemax import sparsemax
 
     if isinstance(normalizer, EntmaxNormalizer):
-        if normalizer.learned is not None:
+        alpha = normalizer.fixed_alpha()
+        if alpha is None:
             return EntmaxConfig(alpha=None, learned=normalizer.learned)
-        return EntmaxConfig(alpha=float(normalizer.alpha))
+        return EntmaxConfig(alpha=alpha) if 1 < alpha <= 2 else None
     if isinstance(normalizer, Normalizer):
         params = dict(normalizer.params)
         if normalizer.function is sparsemax and set(params) <= {"gamma"}:
@@ -174,12 +176,19 @@ def entmax_config(normalizer: Any) -> EntmaxConfig | None:
 
 
 def softmax_gamma(normalizer: Any) -> float | None:
-    """The temperature of a built-in softmax normalizer, else None."""
+    """The temperature of a built-in softmax normalizer (entmax with alpha = 1 included), else None."""
     from ..normalizers.base import Normalizer
+    from ..normalizers.entmax import EntmaxNormalizer, entmax
     from ..normalizers.softmax import softmax
 
     if isinstance(normalizer, Normalizer) and normalizer.function is softmax and set(normalizer.params) <= {"gamma"}:
         return float(normalizer.params.get("gamma", 1.0))
+    # alpha-entmax at alpha = 1 is softmax: it takes softmax's fast path (a schedule that starts
+    # at softmax never drops to the reference path)
+    if isinstance(normalizer, EntmaxNormalizer) and normalizer.fixed_alpha() == 1:
+        return 1.0
+    if isinstance(normalizer, Normalizer) and normalizer.function is entmax and normalizer.params == {"alpha": 1}:
+        return 1.0
     return None
 
 

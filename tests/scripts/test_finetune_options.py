@@ -1,0 +1,57 @@
+"""scripts/finetune.py: --help shows the defaults; the automatic thread count."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def finetune():
+    spec = importlib.util.spec_from_file_location("finetune_script", ROOT / "scripts" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_shows_the_defaults(finetune, capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "    python scripts/finetune.py --task seq2seq" in out  # the description is kept as written
+    entries = {}  # the help of each option, after usage and description
+    for entry in re.split(r"\n  (?=-)", out[out.index("options:"):])[1:]:
+        entries[entry.split()[0]] = " ".join(entry.split())
+    for option, default in (("--epochs", "1"), ("--lr", "0.0005"), ("--batch-size", "16"), ("--num-beams", "1"),
+                            ("--threads", "0"), ("--seed", "0"), ("--max-grad-norm", "1.0")):
+        assert entries[option].endswith(f"(default: {default})"), entries[option]
+    assert not any("(default: None)" in e or "(default: False)" in e for e in entries.values())
+
+
+@pytest.mark.parametrize(
+    ("requested", "omp", "cores", "local_processes", "expected"),
+    [
+        (3, "2", 16, None, 3),      # --threads N wins
+        (0, "2", 16, None, 2),      # then OMP_NUM_THREADS
+        (0, None, 2, None, 1),      # a small machine: one thread
+        (0, None, 4, None, 1),
+        (0, None, 16, None, 16),    # a large one: its cores
+        (0, None, 16, "4", 1),      # 4 cores for each of 4 local processes
+        (0, None, 32, "2", 16),
+    ],
+)
+def test_threads_are_chosen_from_the_machine(finetune, monkeypatch, requested, omp, cores, local_processes,
+                                             expected):
+    for name, value in (("OMP_NUM_THREADS", omp), ("LOCAL_WORLD_SIZE", local_processes)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert finetune.choose_threads(requested) == expected
