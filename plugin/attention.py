@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -160,7 +159,9 @@ class AttentionMechanism(nn.Module):
                                                     return_weights)
         out = mark_invalid(out, bad, invalid_rows)
         weights = mark_invalid(weights, bad, invalid_rows)
-        if recording():
+        if torch.compiler.is_compiling():
+            _record_traced_call(self.spec, self.role, path, self.training)
+        elif recording():
             spec = self.current_spec()
             notify(CallRecord(spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
         if return_weights:
@@ -171,14 +172,21 @@ class AttentionMechanism(nn.Module):
         """``(path, out, weights, bad_slices)`` for a non-empty call that passed the checks."""
         B, H, Lq, D = q.shape
         Lk = k.shape[-2]
-        qmax, kmax, vmax = input_magnitudes(q, k, v)
-        bad = None
-        if not math.isfinite(qmax + kmax + vmax):  # NaN or inf: the (b, h) slices become NaN
-            bad, q, k, v = nonfinite_slices(q, k, v)
-            qmax, kmax, vmax = input_magnitudes(q, k, v)
         path = "reference"
         fast = None
-        if scores_may_overflow(qmax, kmax, D, scale):
+        if torch.compiler.is_compiling():
+            # no host sync in a graph: the non-finite slices are found and cleared unconditionally,
+            # and the magnitudes are not read (the bound for score overflow is not checked)
+            bad, q, k, v = nonfinite_slices(q, k, v)
+            overflow = False
+        else:
+            qmax, kmax, vmax = input_magnitudes(q, k, v)
+            bad = None
+            if not math.isfinite(qmax + kmax + vmax):  # NaN or inf: the (b, h) slices become NaN
+                bad, q, k, v = nonfinite_slices(q, k, v)
+                qmax, kmax, vmax = input_magnitudes(q, k, v)
+            overflow = scores_may_overflow(qmax, kmax, D, scale)
+        if overflow:
             pass  # the reference path computes the scores and applies the rules for +-inf scores
         elif self.continuous is None:
             # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
@@ -259,6 +267,8 @@ class AttentionMechanism(nn.Module):
 def _key_validity(allowed: Tensor | None, scores: Tensor) -> Tensor | None:
     finite = scores != float("-inf")
     if allowed is None:
+        if torch.compiler.is_compiling():  # no host sync in a graph: the mask is kept, with the same result
+            return finite
         return None if bool(finite.all()) else finite
     return allowed & finite
 
@@ -291,15 +301,40 @@ def _with_causal(allowed: Tensor | None, Lq: int, Lk: int, device: torch.device)
     return c if allowed is None else allowed & c
 
 
-@functools.lru_cache(maxsize=256)
-def _mechanism_for(spec: str) -> AttentionMechanism:
-    mech = AttentionMechanism(spec)
-    if mech.learnable:
-        raise ValueError(
-            f"attention: spec {spec!r} has trainable parameters; build plugin.AttentionMechanism(spec, "
-            f"num_heads=H) once, keep it in your model, and pass it as normalizer="
-        )
-    return mech
+_MECHANISMS: dict[Any, AttentionMechanism] = {}  # spec string or id of a callable -> its mechanism
+_MAX_MECHANISMS = 256
+
+
+@torch.compiler.assume_constant_result
+def _mechanism_key(normalizer: Any) -> Any:
+    """Build (once) the parameter-free mechanism of a spec string or normalizer callable; return its key.
+
+    The mechanism is kept in ``_MECHANISMS``. Under ``torch.compile`` this runs when the call is
+    traced, outside the graph, so no module is built inside the traced function.
+    """
+    if isinstance(normalizer, str):
+        key: Any = canonical_spec(normalizer)
+    else:  # the mechanism holds the callable, so its id is not reused while the entry exists
+        key = ("callable", id(normalizer))
+    if key not in _MECHANISMS:
+        mech = AttentionMechanism(key if isinstance(normalizer, str) else normalizer)
+        if mech.learnable and isinstance(normalizer, str):
+            raise ValueError(
+                f"attention: spec {normalizer!r} has trainable parameters; build plugin.AttentionMechanism(spec, "
+                f"num_heads=H) once, keep it in your model, and pass it as normalizer="
+            )
+        while len(_MECHANISMS) >= _MAX_MECHANISMS:
+            del _MECHANISMS[next(iter(_MECHANISMS))]
+        _MECHANISMS[key] = mech
+    return key
+
+
+@torch.compiler.assume_constant_result
+def _record_traced_call(spec: str, role: str | None, path: str, training: bool) -> bool:
+    """Under ``torch.compile``: record a call once, when it is traced (shapes are left empty)."""
+    if recording():
+        notify(CallRecord(spec, role, (), (), path, training))
+    return True
 
 
 def attention(
@@ -340,10 +375,8 @@ def attention(
     """
     if isinstance(normalizer, AttentionMechanism):
         mech = normalizer
-    elif isinstance(normalizer, str):
-        mech = _mechanism_for(canonical_spec(normalizer))
-    elif callable(normalizer):
-        mech = AttentionMechanism(normalizer)
+    elif isinstance(normalizer, str) or callable(normalizer):
+        mech = _MECHANISMS[_mechanism_key(normalizer)]
     else:
         raise ValueError(
             f"attention: normalizer must be a spec string, an AttentionMechanism or a callable, "

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels.ops import checked_alpha
 from .base import compute_dtype, finish, prepare, shift_by_max
 from .softmax import softmax
 from .sparsemax import SparsemaxFunction
@@ -31,7 +32,11 @@ def entmax15_threshold(x: Tensor) -> Tensor:
     tau from below; after each step the root of the quadratic on the current support
     ``S = {x > tau}``, ``tau_S = mean_S - sqrt((1 - k var_S) / k)``, is exact as soon as S is
     the true support, which is verified (``{x > tau_S} == S``) before a row is accepted.
+    Under ``torch.compile`` the sort-based :func:`entmax15_threshold_sorted` is used instead (the
+    loop's exit test is a host synchronization).
     """
+    if torch.compiler.is_compiling():
+        return entmax15_threshold_sorted(x)
     d = x.shape[-1]
     tau = torch.full_like(x[..., :1], -1.0)
     result = torch.empty_like(tau)
@@ -192,9 +197,12 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point():
             raise ValueError(f"entmax: alpha must be a floating-point tensor, got {alpha.dtype}")
-        with torch.no_grad():
-            if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
-                raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
+        if torch.compiler.is_compiling():
+            alpha = checked_alpha(alpha)  # the range check as an op: no host sync in the graph
+        else:
+            with torch.no_grad():
+                if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
+                    raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
         z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
         a = _alpha_tensor(alpha.to(z.dtype), scores, d)
         p = EntmaxBisectFunction.apply(z, allowed, a)

@@ -392,7 +392,9 @@ def _mechanism_mask(
         keep = ~attn_mask.to(torch.bool)
         return keep if allowed is None else allowed & keep
     blocked = torch.isneginf(attn_mask)
-    if bool(((attn_mask == 0) | blocked).all()):
+    # a 0 / -inf mask becomes a bool one; under torch.compile (no host sync in a graph) it stays
+    # additive, which gives the same scores
+    if not torch.compiler.is_compiling() and bool(((attn_mask == 0) | blocked).all()):
         return ~blocked if allowed is None else allowed & ~blocked
     if allowed is None:
         return attn_mask
