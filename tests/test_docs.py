@@ -40,6 +40,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ DOC_FILES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "doc
 RUN_LANGUAGES = {"python": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 LINKED = ("plugin", "user_dir", "hf_models", "scripts")
 TIMEOUT = 900
+PORT_RETRIES = 3  # data-parallel examples use the launchers' default port, which a concurrent run may hold
 
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^`\n]*)$")
 DIRECTIVE = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
@@ -355,7 +357,11 @@ def test_block_runs_as_written(block: Block, tmp_path: Path, setup_cache: Path) 
         script = folder / f".doc_block_{n}.{'py' if lang == 'python' else 'sh'}"
         script.write_text(source, encoding="utf-8")
         cmd = [sys.executable, script.name] if lang == "python" else ["bash", "-e", "-o", "pipefail", script.name]
-        proc = subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+        for attempt in range(PORT_RETRIES + 1):
+            proc = subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+            if proc.returncode == 0 or "EADDRINUSE" not in proc.stdout + proc.stderr or attempt == PORT_RETRIES:
+                break
+            time.sleep(30)  # another data-parallel run on this machine holds the default port 29500
         assert proc.returncode == 0, (
             f"{block.id} failed (exit {proc.returncode}) running:\n{source}\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
