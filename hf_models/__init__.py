@@ -66,7 +66,8 @@ from .pegasus import (
     SparsePegasusForConditionalGeneration,
     SparsePegasusModel,
 )
-from .sparse import SPEC_FIELDS, SparseAttentionConfigMixin, SparseAttentionModelMixin
+from .schedule import AttentionScheduleCallback, finish_schedules, schedule_state, set_schedule_step
+from .sparse import SCHEDULE_FIELDS, SPEC_FIELDS, SparseAttentionConfigMixin, SparseAttentionModelMixin
 from .t5 import (
     SparseT5Config,
     SparseT5EncoderModel,
@@ -146,9 +147,11 @@ install_implementation_check()
 _register_auto_classes()
 
 __all__ = [
+    "AttentionScheduleCallback",
     "MECHANISM_ATTRIBUTE",
     "PER_MODULE",
     "ROLES",
+    "SCHEDULE_FIELDS",
     "SPARSE_FAMILIES",
     "SPEC_FIELDS",
     "SparseAttentionConfigMixin",
@@ -172,12 +175,15 @@ __all__ = [
     "SparseT5ForConditionalGeneration",
     "SparseT5ForSequenceClassification",
     "SparseT5Model",
+    "finish_schedules",
     "infer_role",
     "is_sparse_implementation",
     "register_spec",
     "register_variants",
     "registered_names",
     "resolve_implementation",
+    "schedule_state",
+    "set_schedule_step",
     "sparse_attention_forward",
     "sparse_attention_mask",
     "sparse_model_class",

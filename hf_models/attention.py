@@ -21,7 +21,6 @@ Two kinds of names are registered:
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from typing import Any
@@ -183,14 +182,23 @@ def infer_role(module: nn.Module) -> str:
     return "encoder"
 
 
-@functools.lru_cache(maxsize=512)
-def _shared_mechanism(spec: str, role: str, num_heads: int, device: str) -> plugin.AttentionMechanism:
-    """One parameter-free mechanism per (spec, role, heads, device), shared by the modules that use it."""
-    with torch.device("cpu"):
-        mech = plugin.AttentionMechanism(spec, num_heads=num_heads, role=role)
-    if mech.learnable:  # registered names are checked; a hand-set config may still get here
-        _check_generic_spec(spec)
-    return mech.to(device)
+_SHARED: dict[tuple[str, str, int, str], plugin.AttentionMechanism] = {}
+
+
+@torch.compiler.assume_constant_result
+def _shared_mechanism_key(spec: str, role: str, num_heads: int, device: str) -> tuple[str, str, int, str]:
+    """Build (once) the parameter-free mechanism of (spec, role, heads, device), shared by the modules
+    that use it, and return its key in ``_SHARED``. Under ``torch.compile`` this runs when the call is
+    traced, outside the graph (no module is built inside the traced function)."""
+    key = (spec, role, num_heads, device)
+    if key not in _SHARED:
+        with torch.device("cpu"):
+            mech = plugin.AttentionMechanism(spec, num_heads=num_heads, role=role)
+        if mech.learnable:  # registered names are checked; a hand-set config may still get here
+            _check_generic_spec(spec)
+        with _LOCK:
+            _SHARED[key] = mech.to(device)
+    return key
 
 
 def _weights_requested(kwargs: dict[str, Any]) -> bool:
@@ -290,8 +298,9 @@ def sparse_attention_forward(
                 f"sparse_attention_forward was called for attn_implementation={implementation!r}, which is not a "
                 f"registered spec; valid choices: {', '.join(registered_names())}"
             )
-        mech = _shared_mechanism(spec, infer_role(module), query.shape[1], str(query.device))
-        mech.train(module.training)
+        mech = _SHARED[_shared_mechanism_key(spec, infer_role(module), query.shape[1], str(query.device))]
+        if mech.training != module.training:
+            mech.train(module.training)
 
     position_bias = kwargs.get("position_bias")
     is_causal = kwargs.get("is_causal")

@@ -25,6 +25,9 @@ class SparseBartConfig(SparseAttentionConfigMixin, BartConfig):
     encoder_attn: str = "softmax"
     decoder_attn: str = "softmax"
     cross_attn: str = "softmax"
+    encoder_attn_schedule: str | None = None
+    decoder_attn_schedule: str | None = None
+    cross_attn_schedule: str | None = None
 
 
 class SparseBartModel(SparseAttentionModelMixin, BartModel):

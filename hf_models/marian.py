@@ -19,6 +19,9 @@ class SparseMarianConfig(SparseAttentionConfigMixin, MarianConfig):
     encoder_attn: str = "softmax"
     decoder_attn: str = "softmax"
     cross_attn: str = "softmax"
+    encoder_attn_schedule: str | None = None
+    decoder_attn_schedule: str | None = None
+    cross_attn_schedule: str | None = None
 
 
 class SparseMarianModel(FixedPositionTablesMixin, SparseAttentionModelMixin, MarianModel):

@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 SPEC_FIELDS = tuple(f"{role}_attn" for role in ROLES)
 """Config fields holding the spec of each role: ``encoder_attn``, ``decoder_attn``, ``cross_attn``."""
 
+SCHEDULE_FIELDS = tuple(f"{field}_schedule" for field in SPEC_FIELDS)
+"""Config fields holding the schedule of each role (``plugin.schedule``), or None."""
+
+SCHEDULE_STATE_FIELD = "attn_schedule_state"
+"""Config attribute that ``save_pretrained`` writes: where each role's schedule stands (step and value)."""
+
 
 def _canonical(field: str, value: Any) -> str:
     try:
@@ -41,7 +47,11 @@ class SparseAttentionConfigMixin:
 
     transformers 5 configs are dataclasses, so each config class declares the three fields
     itself (a mixin's annotations are not dataclass fields); this mixin canonicalizes them
-    with :func:`plugin.canonical_spec` (raising ValueError for an invalid spec).
+    with :func:`plugin.canonical_spec` (raising ValueError for an invalid spec). The optional
+    ``<role>_attn_schedule`` fields (``encoder_attn_schedule``...) move a parameter of the
+    role's spec with the training step (``plugin.schedule``, e.g. ``"cosine:start=1,steps=500"``
+    takes entmax's alpha from softmax to the spec's value); they are checked against the spec
+    and written in canonical form.
     """
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -72,9 +82,20 @@ class SparseAttentionConfigMixin:
         return config_dict, kwargs
 
     def validate_attention_specs(self) -> None:
-        """Canonicalize the three spec fields in place; ValueError names the field."""
+        """Canonicalize the three spec fields and their schedules in place; ValueError names the field."""
         for field in SPEC_FIELDS:
             setattr(self, field, _canonical(field, getattr(self, field)))
+        for field, spec_field in zip(SCHEDULE_FIELDS, SPEC_FIELDS):
+            text = getattr(self, field, None)
+            if text:
+                setattr(self, field, str(plugin.parse_schedule(text, getattr(self, spec_field), name=field)))
+            else:
+                setattr(self, field, None)
+
+    def role_schedule(self, role: str) -> str | None:
+        """The schedule of ``role``'s mechanism, or None."""
+        self.role_spec(role)  # validates the role
+        return getattr(self, f"{role}_attn_schedule", None)
 
     def role_spec(self, role: str) -> str:
         """The spec of ``role`` (``"encoder"``, ``"decoder"`` or ``"cross"``)."""
@@ -124,24 +145,62 @@ class SparseAttentionModelMixin:
         for _, module, role in self.attention_modules():
             if role not in roles:
                 continue
-            mech = _build_mechanism(self.config.role_spec(role), _num_heads(module), role)
+            mech = _build_mechanism(self.config.role_spec(role), _num_heads(module), role,
+                                    self.config.role_schedule(role))
             reference = next(module.parameters(), None)
             if reference is not None:
                 mech = mech.to(device=reference.device, dtype=reference.dtype)
             setattr(module, MECHANISM_ATTRIBUTE, mech)
 
-    def set_attention_specs(self, **specs: str) -> None:
+    def set_attention_specs(self, **specs: str | None) -> None:
         """Change the mechanism of some roles, e.g. ``model.set_attention_specs(cross_attn="sparsemax")``.
 
-        The config is updated (so ``save_pretrained`` keeps it) and the mechanisms of those roles
-        are rebuilt; new trainable parameters start from their defaults.
+        Schedules are changed the same way (``cross_attn_schedule="cosine:start=1,steps=500"``;
+        None removes one). The config is updated (so ``save_pretrained`` keeps it) and the
+        mechanisms of those roles are rebuilt; new trainable parameters start from their defaults.
         """
-        unknown = sorted(set(specs) - set(SPEC_FIELDS))
+        valid = SPEC_FIELDS + SCHEDULE_FIELDS
+        unknown = sorted(set(specs) - set(valid))
         if unknown:
-            raise ValueError(f"set_attention_specs: unknown field(s) {unknown}; valid: {', '.join(SPEC_FIELDS)}")
-        for field, value in specs.items():
-            setattr(self.config, field, _canonical(field, value))
-        self._attach_attention_mechanisms(tuple(f[: -len("_attn")] for f in specs))
+            raise ValueError(f"set_attention_specs: unknown field(s) {unknown}; valid: {', '.join(valid)}")
+        before = {f: getattr(self.config, f, None) for f in valid}
+        try:
+            for field, value in specs.items():
+                setattr(self.config, field, value)
+            self.config.validate_attention_specs()
+        except ValueError:
+            for field, value in before.items():
+                setattr(self.config, field, value)
+            raise
+        roles = {f.split("_attn")[0] for f in specs}
+        self._attach_attention_mechanisms(tuple(r for r in ROLES if r in roles))
+
+    # -- schedules
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; the schedules then continue from the loaded step."""
+        loaded = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        for _, mech in plugin.schedule.scheduled_mechanisms(model):
+            mech.set_schedule_step(int(mech.schedule_step))  # the loaded buffer -> the value in use
+        return loaded
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``; ``config.json`` also records where each schedule stands.
+
+        The step itself is saved with the weights (each mechanism's ``schedule_step`` buffer),
+        so a loaded model continues from the same value; ``attn_schedule_state`` in
+        ``config.json`` shows it: ``{role: {"step": ..., "value": ..., "spec": ...}}``.
+        """
+        state = {}
+        for _, module, role in self.attention_modules():
+            mech = getattr(module, MECHANISM_ATTRIBUTE)
+            if mech.schedule is not None:
+                state[role] = {"step": mech.schedule_step_value, "value": mech.scheduled_value(),
+                               "spec": mech.current_spec()}
+        setattr(self.config, SCHEDULE_STATE_FIELD, state or None)
+        return super().save_pretrained(*args, **kwargs)  # type: ignore[misc]
 
     # -- transformers hooks
 
@@ -167,20 +226,23 @@ class SparseAttentionModelMixin:
         for module in self.modules():  # type: ignore[attr-defined]
             if not isinstance(module, plugin.AttentionMechanism):
                 continue
-            key = (module.spec, module.num_heads)
+            schedule = str(module.schedule) if module.schedule is not None else None
+            key = (module.spec, module.num_heads, schedule)
             if key not in fresh:
-                built = _build_mechanism(module.spec, module.num_heads, module.role)
+                built = _build_mechanism(module.spec, module.num_heads, module.role, schedule)
                 fresh[key] = dict(built.named_parameters()) | dict(built.named_buffers())
             for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
                 if tensor.device.type != "meta":
                     hf_init.copy_(tensor, fresh[key][name].to(tensor.dtype))
 
 
-def _build_mechanism(spec: str, num_heads: int | None, role: str | None) -> plugin.AttentionMechanism:
+def _build_mechanism(
+    spec: str, num_heads: int | None, role: str | None, schedule: str | None = None
+) -> plugin.AttentionMechanism:
     # on the CPU with real data even inside from_pretrained's meta-device context: a mechanism may
     # compute tables at construction (continuous attention's basis), which meta tensors cannot hold
     with torch.device("cpu"):
-        return plugin.AttentionMechanism(spec, num_heads=num_heads, role=role)
+        return plugin.AttentionMechanism(spec, num_heads=num_heads, role=role, schedule=schedule)
 
 
 def _implementation_error(model_class: type, requested: Any) -> str:

@@ -28,6 +28,9 @@ class SparseT5Config(SparseAttentionConfigMixin, T5Config):
     encoder_attn: str = "softmax"
     decoder_attn: str = "softmax"
     cross_attn: str = "softmax"
+    encoder_attn_schedule: str | None = None
+    decoder_attn_schedule: str | None = None
+    cross_attn_schedule: str | None = None
 
 
 class SparseT5Model(SparseAttentionModelMixin, T5Model):

@@ -34,6 +34,14 @@ from .registry import (
     register_normalizer,
     variants,
 )
+from .schedule import (
+    STRATEGIES,
+    Schedule,
+    finish_schedules,
+    parse_schedule,
+    schedule_state,
+    set_schedule_step,
+)
 
 __version__ = "0.1.0"
 
@@ -56,9 +64,11 @@ def get_normalizer(spec: str, num_heads: int | None = None) -> Any:
     return p.variant.factory(num_heads=num_heads, **p.params)
 
 
-def build_attention(spec: str, num_heads: int | None = None, role: str | None = None) -> AttentionMechanism:
-    """An :class:`AttentionMechanism` for ``spec`` (the adapters' entry point)."""
-    return AttentionMechanism(spec, num_heads=num_heads, role=role)
+def build_attention(
+    spec: str, num_heads: int | None = None, role: str | None = None, schedule: str | None = None
+) -> AttentionMechanism:
+    """An :class:`AttentionMechanism` for ``spec`` (the adapters' entry point), optionally scheduled."""
+    return AttentionMechanism(spec, num_heads=num_heads, role=role, schedule=schedule)
 
 
 __all__ = [
@@ -68,6 +78,8 @@ __all__ = [
     "LearnableAlpha",
     "Normalizer",
     "Param",
+    "STRATEGIES",
+    "Schedule",
     "attention",
     "available_normalizers",
     "build_attention",
@@ -75,15 +87,19 @@ __all__ = [
     "continuous",
     "entmax",
     "entmax15",
+    "finish_schedules",
     "fusedmax",
     "get_normalizer",
     "oscarmax",
+    "parse_schedule",
     "parse_spec",
     "record_calls",
     "recording",
     "reference_path",
     "register_continuous",
     "register_normalizer",
+    "schedule_state",
+    "set_schedule_step",
     "softmax",
     "sparsemax",
     "use_path",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -23,7 +22,8 @@ from .inputs import (
 )
 from .normalizers.base import Normalizer
 from .recording import CallRecord, notify, recording
-from .registry import canonical_spec, parse_spec
+from .registry import ParsedSpec, canonical_spec, parse_spec
+from .schedule import Schedule, parse_schedule
 
 
 class AttentionMechanism(nn.Module):
@@ -33,14 +33,30 @@ class AttentionMechanism(nn.Module):
     its learnable state), and, for continuous specs, the continuous-context module.
     ``forward`` has the signature of :func:`attention`. Adapters set ``role`` (for example
     ``"encoder"``, ``"decoder"``, ``"cross"``), which :func:`plugin.record_calls` reports.
+
+    ``schedule`` (a schedule string, see :mod:`plugin.schedule`) moves one parameter of the
+    discrete part with the training step, which the buffer ``schedule_step`` holds (set it
+    with :meth:`set_schedule_step` or :func:`plugin.set_schedule_step`); the spec is where the
+    schedule ends. :func:`plugin.record_calls` reports the spec computed at each call
+    (:meth:`current_spec`, e.g. ``"entmax:alpha=1.25"`` half-way from softmax to 1.5-entmax).
     """
 
-    def __init__(self, spec: str | nn.Module, num_heads: int | None = None, role: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: str | nn.Module,
+        num_heads: int | None = None,
+        role: str | None = None,
+        schedule: str | None = None,
+    ) -> None:
         super().__init__()
         self.role = role
         self.num_heads = num_heads
         self.continuous: nn.Module | None = None
+        self.schedule: Schedule | None = None
+        self.schedule_step_value = 0
         if isinstance(spec, nn.Module) or callable(spec) and not isinstance(spec, str):
+            if schedule is not None:
+                raise ValueError("AttentionMechanism: a schedule needs a spec string (its parameter is checked there)")
             self.spec = getattr(spec, "name", None) or type(spec).__name__
             self.normalizer = spec if isinstance(spec, nn.Module) else Normalizer(spec, name=self.spec)
             self.discrete_context = True
@@ -59,9 +75,62 @@ class AttentionMechanism(nn.Module):
             c = continuous[0]
             self.continuous = c.variant.factory(num_heads=num_heads, **c.params)
         self.learnable = any(True for _ in self.parameters())
+        if schedule is not None:
+            self.schedule = parse_schedule(schedule, self.spec)
+            # the step, saved with the model: a resumed model continues with the same value
+            self.register_buffer("schedule_step", torch.zeros((), dtype=torch.long))
+            self._discrete_part = discrete[0]
+            learned = getattr(self.normalizer, "learned", None)
+            if learned is not None:  # the learned alpha takes over from the schedule's end
+                learned.reset(self.schedule.end)
+            self._apply_schedule()
+
+    # -- schedules (plugin.schedule)
+
+    def set_schedule_step(self, step: int) -> None:
+        """Set the training step that the schedule reads (an integer >= 0)."""
+        if self.schedule is None:
+            raise ValueError(f"set_schedule_step: the mechanism {self.spec!r} has no schedule")
+        self.schedule.value(step)  # validates step
+        self.schedule_step_value = int(step)
+        self.schedule_step.fill_(int(step))
+        self._apply_schedule()
+
+    def scheduled_value(self) -> float | None:
+        """The scheduled parameter's value now (None without a schedule, or once a learned alpha took over)."""
+        if self.schedule is None or self._learned_took_over():
+            return None
+        return self.schedule.value(self.schedule_step_value)
+
+    def current_spec(self) -> str:
+        """The spec this mechanism computes now: ``spec`` with a schedule's current value filled in."""
+        value = self.scheduled_value()
+        if value is None:
+            return self.spec
+        part = self._discrete_part
+        name = self.schedule.param  # type: ignore[union-attr]
+        now = ParsedSpec(part.variant, {**part.params, name: value}, tuple(dict.fromkeys(part.given + (name,))))
+        return "+".join([str(now)] + self.spec.split("+")[1:])
+
+    def _learned_took_over(self) -> bool:
+        return getattr(self.normalizer, "learned", None) is not None and (
+            self.schedule_step_value >= self.schedule.final_step  # type: ignore[union-attr]
+        )
+
+    def _apply_schedule(self) -> None:
+        self.normalizer.set_param(self.schedule.param, self.scheduled_value())  # type: ignore[union-attr]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.schedule is not None and self.schedule_step.device.type != "meta":
+            self.schedule_step_value = int(self.schedule_step)
+            self._apply_schedule()
 
     def extra_repr(self) -> str:
-        return f"spec={self.spec!r}" + (f", role={self.role!r}" if self.role else "")
+        text = f"spec={self.spec!r}" + (f", role={self.role!r}" if self.role else "")
+        return text + (f", schedule={str(self.schedule)!r}" if self.schedule is not None else "")
 
     def forward(
         self,
@@ -90,8 +159,11 @@ class AttentionMechanism(nn.Module):
                                                     return_weights)
         out = mark_invalid(out, bad, invalid_rows)
         weights = mark_invalid(weights, bad, invalid_rows)
-        if recording():
-            notify(CallRecord(self.spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
+        if torch.compiler.is_compiling():
+            _record_traced_call(self.spec, self.role, path, self.training)
+        elif recording():
+            spec = self.current_spec()
+            notify(CallRecord(spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
         if return_weights:
             return out, weights
         return out
@@ -100,14 +172,21 @@ class AttentionMechanism(nn.Module):
         """``(path, out, weights, bad_slices)`` for a non-empty call that passed the checks."""
         B, H, Lq, D = q.shape
         Lk = k.shape[-2]
-        qmax, kmax, vmax = input_magnitudes(q, k, v)
-        bad = None
-        if not math.isfinite(qmax + kmax + vmax):  # NaN or inf: the (b, h) slices become NaN
-            bad, q, k, v = nonfinite_slices(q, k, v)
-            qmax, kmax, vmax = input_magnitudes(q, k, v)
         path = "reference"
         fast = None
-        if scores_may_overflow(qmax, kmax, D, scale, q.dtype):
+        if torch.compiler.is_compiling():
+            # no host sync in a graph: the non-finite slices are found and cleared unconditionally,
+            # and the magnitudes are not read (the bound for score overflow is not checked)
+            bad, q, k, v = nonfinite_slices(q, k, v)
+            overflow = False
+        else:
+            qmax, kmax, vmax = input_magnitudes(q, k, v)
+            bad = None
+            if not math.isfinite(qmax + kmax + vmax):  # NaN or inf: the (b, h) slices become NaN
+                bad, q, k, v = nonfinite_slices(q, k, v)
+                qmax, kmax, vmax = input_magnitudes(q, k, v)
+            overflow = scores_may_overflow(qmax, kmax, D, scale)
+        if overflow:
             pass  # the reference path computes the scores and applies the rules for +-inf scores
         elif self.continuous is None:
             # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
@@ -188,6 +267,8 @@ class AttentionMechanism(nn.Module):
 def _key_validity(allowed: Tensor | None, scores: Tensor) -> Tensor | None:
     finite = scores != float("-inf")
     if allowed is None:
+        if torch.compiler.is_compiling():  # no host sync in a graph: the mask is kept, with the same result
+            return finite
         return None if bool(finite.all()) else finite
     return allowed & finite
 
@@ -220,15 +301,40 @@ def _with_causal(allowed: Tensor | None, Lq: int, Lk: int, device: torch.device)
     return c if allowed is None else allowed & c
 
 
-@functools.lru_cache(maxsize=256)
-def _mechanism_for(spec: str) -> AttentionMechanism:
-    mech = AttentionMechanism(spec)
-    if mech.learnable:
-        raise ValueError(
-            f"attention: spec {spec!r} has trainable parameters; build plugin.AttentionMechanism(spec, "
-            f"num_heads=H) once, keep it in your model, and pass it as normalizer="
-        )
-    return mech
+_MECHANISMS: dict[Any, AttentionMechanism] = {}  # spec string or id of a callable -> its mechanism
+_MAX_MECHANISMS = 256
+
+
+@torch.compiler.assume_constant_result
+def _mechanism_key(normalizer: Any) -> Any:
+    """Build (once) the parameter-free mechanism of a spec string or normalizer callable; return its key.
+
+    The mechanism is kept in ``_MECHANISMS``. Under ``torch.compile`` this runs when the call is
+    traced, outside the graph, so no module is built inside the traced function.
+    """
+    if isinstance(normalizer, str):
+        key: Any = canonical_spec(normalizer)
+    else:  # the mechanism holds the callable, so its id is not reused while the entry exists
+        key = ("callable", id(normalizer))
+    if key not in _MECHANISMS:
+        mech = AttentionMechanism(key if isinstance(normalizer, str) else normalizer)
+        if mech.learnable and isinstance(normalizer, str):
+            raise ValueError(
+                f"attention: spec {normalizer!r} has trainable parameters; build plugin.AttentionMechanism(spec, "
+                f"num_heads=H) once, keep it in your model, and pass it as normalizer="
+            )
+        while len(_MECHANISMS) >= _MAX_MECHANISMS:
+            del _MECHANISMS[next(iter(_MECHANISMS))]
+        _MECHANISMS[key] = mech
+    return key
+
+
+@torch.compiler.assume_constant_result
+def _record_traced_call(spec: str, role: str | None, path: str, training: bool) -> bool:
+    """Under ``torch.compile``: record a call once, when it is traced (shapes are left empty)."""
+    if recording():
+        notify(CallRecord(spec, role, (), (), path, training))
+    return True
 
 
 def attention(
@@ -253,7 +359,8 @@ def attention(
         ``"sparsemax+continuous_softmax"``...), an :class:`AttentionMechanism`, or a
         normalizer callable ``f(scores, dim=-1, mask=None)``.
     mask : bool tensor broadcastable to (B, H, Lq, Lk), True where attending is allowed;
-        or a float tensor added to the scores (``-inf`` = masked).
+        or a float tensor added to the scores (``-inf`` = masked). A 2-D ``(B, Lk)`` mask is a
+        key-padding mask (read as ``(B, 1, 1, Lk)``); 0-D and ``(Lk,)`` masks broadcast.
     causal : mask keys after the query, aligned bottom-right (query ``i`` sees keys
         ``j <= i + Lk - Lq``): with ``Lq == Lk`` this is the usual causal mask, with
         ``Lq < Lk`` the queries are the last ones (cached decoding).
@@ -263,14 +370,13 @@ def attention(
 
     Returns ``out`` (B, H, Lq, D) in q's dtype, or ``(out, weights)``. A query row with no
     allowed key gives zeros. With ``normalizer="softmax"`` this equals
-    ``torch.nn.functional.scaled_dot_product_attention``.
+    ``torch.nn.functional.scaled_dot_product_attention``. NaN and infinities, empty inputs
+    and the errors raised follow one policy on every path: see :mod:`plugin.inputs`.
     """
     if isinstance(normalizer, AttentionMechanism):
         mech = normalizer
-    elif isinstance(normalizer, str):
-        mech = _mechanism_for(canonical_spec(normalizer))
-    elif callable(normalizer):
-        mech = AttentionMechanism(normalizer)
+    elif isinstance(normalizer, str) or callable(normalizer):
+        mech = _MECHANISMS[_mechanism_key(normalizer)]
     else:
         raise ValueError(
             f"attention: normalizer must be a spec string, an AttentionMechanism or a callable, "

@@ -24,9 +24,9 @@ Values:
   NaN for that batch element and head: for the whole ``(b, h)`` slice, whatever the masks;
   no kernel ever sees the non-finite values. Gradients do not flow into NaN outputs;
 - finite inputs so large that ``scale q k^T`` could overflow float32 (bounded by
-  ``max|q| max|k| D |scale|``) are computed on the reference path, where an overflow to
-  ``-inf`` masks the key and one to ``+inf`` (or a NaN) makes the row NaN, exactly as for
-  given scores;
+  ``max|q| max|k| D |scale|``, whatever the dtype) are computed on the reference path (in
+  their own dtype), where an overflow to ``-inf`` masks the key and one to ``+inf`` (or a
+  NaN) makes the row NaN, exactly as for given scores;
 - empty inputs (``B``, ``Lq`` or ``Lk`` equal to 0) return empty or zero results of the
   expected shapes: out ``(B, H, Lq, Dv)``, weights ``(B, H, Lq, Lk)`` (zeros when ``Lk = 0``:
   no allowed key). Their calls are recorded with the path ``"empty"``.
@@ -180,10 +180,13 @@ def nonfinite_slices(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, T
     return bad[..., None, None], q, k, v
 
 
-def scores_may_overflow(qmax: float, kmax: float, D: int, scale: float, dtype: torch.dtype) -> bool:
-    """True when ``scale q k^T`` could overflow the dtype the scores are computed in (float32 for half inputs)."""
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return qmax * kmax * D * abs(scale) >= torch.finfo(work).max / _OVERFLOW_MARGIN
+def scores_may_overflow(qmax: float, kmax: float, D: int, scale: float) -> bool:
+    """True when ``scale q k^T`` could overflow float32.
+
+    float32 whatever the input dtype: the compiled kernels compute float64 inputs in float32
+    too, and the reference path keeps float64, so such calls go there.
+    """
+    return qmax * kmax * D * abs(scale) >= torch.finfo(torch.float32).max / _OVERFLOW_MARGIN
 
 
 def mark_invalid(t: Tensor | None, bad_slices: Tensor | None, invalid_rows: Tensor | None) -> Tensor | None:

@@ -12,7 +12,11 @@ forward+backward time, and the peak memory of a forward+backward, on q, k, v of 
   ``entmax:alpha=1.3`` and ``entmax:alpha=learned``;
 - ``entmax-pkg ...``: scores -> ``entmax.sparsemax`` / ``entmax.entmax15`` /
   ``entmax.entmax_bisect(alpha=1.3)`` -> weights @ v (the entmax package route);
-- on CUDA, ``adasplash`` (``import adasplash``) when it is installed.
+- on CUDA, ``adasplash`` (``import adasplash``) when it is installed;
+- with ``--compile``, SDPA and every ``plugin`` method (automatic path) also wrapped in
+  ``torch.compile(fullgraph=True)`` (``--compile-backend``, default inductor), as
+  ``"<method> [compiled]"``; compilation happens in warm-up calls at the measured shapes
+  (forward and forward+backward) before memory and time are measured.
 
 Memory. CUDA: ``torch.cuda.max_memory_allocated`` minus the memory in use before the call.
 CPU: every (method, L, dtype) runs in a fresh subprocess; the peak is the growth of the
@@ -34,6 +38,7 @@ Examples::
     python scripts/bench_attention.py --quick
     python scripts/bench_attention.py --lengths 256 1024 4096 16384 --markdown out.md --plot docs/bench.png
     python scripts/bench_attention.py --device cuda --dtypes float16 bfloat16 --lengths 1024 4096 16384
+    python scripts/bench_attention.py --compile --lengths 1024 --exclude reference entmax-pkg
 """
 
 from __future__ import annotations
@@ -61,17 +66,22 @@ if str(ROOT) not in sys.path:
 # ----------------------------------------------------------------------------- methods
 
 
-def method_names(device: str) -> list[str]:
-    """All methods of the suite for ``device``, in table order."""
+COMPILED = " [compiled]"
+
+
+def method_names(device: str, compiled: bool = False) -> list[str]:
+    """All methods of the suite for ``device``, in table order (with ``compiled``: also the compiled ones)."""
     import plugin
 
-    names = ["sdpa"]
+    names = ["sdpa"] + (["sdpa" + COMPILED] if compiled else [])
     if device == "cuda":
         names.append("sdpa_flash")
     for name in plugin.variants():
         specs = ["entmax:alpha=1.3", "entmax:alpha=learned"] if name == "entmax" else [name]
         for spec in specs:
             names.append(f"plugin {spec}")
+            if compiled:
+                names.append(f"plugin {spec}{COMPILED}")
             if has_fast_path(spec, device):
                 names.append(f"plugin {spec} [reference]")
     names += ["entmax-pkg sparsemax", "entmax-pkg entmax15", "entmax-pkg bisect alpha=1.3"]
@@ -100,14 +110,19 @@ def materializes_scores(name: str) -> bool:
     """Methods that hold (B, H, L, L) matrices (used to predict memory)."""
     if name.startswith(("sdpa", "adasplash")):
         return False
+    name = name.removesuffix(COMPILED)
     fast = name.startswith("plugin ") and not name.endswith("[reference]") and has_fast_path(name.split(" ", 1)[1])
     return not fast
 
 
-def build(name: str, B: int, H: int, L: int, D: int, dtype: torch.dtype, device: str) -> Callable[..., torch.Tensor]:
+def build(name: str, B: int, H: int, L: int, D: int, dtype: torch.dtype, device: str,
+          compile_backend: str = "inductor") -> Callable[..., torch.Tensor]:
     """A function ``f(q, k, v) -> out`` for method ``name``."""
     import torch.nn.functional as F
 
+    if name.endswith(COMPILED):
+        fn = build(name.removesuffix(COMPILED), B, H, L, D, dtype, device)
+        return torch.compile(fn, fullgraph=True, backend=compile_backend)
     if name == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     if name == "sdpa_flash":
@@ -162,20 +177,23 @@ def _maxrss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def measure(name: str, B: int, H: int, L: int, D: int, dtype_name: str, device: str, repeat: int) -> dict[str, Any]:
+def measure(name: str, B: int, H: int, L: int, D: int, dtype_name: str, device: str, repeat: int,
+            compile_backend: str = "inductor") -> dict[str, Any]:
     """Time and memory of one (method, L, dtype); CPU memory is meaningful in a fresh process only."""
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     try:
-        fn = build(name, B, H, L, D, dtype, device)
+        fn = build(name, B, H, L, D, dtype, device, compile_backend)
     except ImportError as exc:
         return {"status": f"not installed ({exc.name})"}
     # one tiny call first: one-time set-up (thread pools, kernel loading) is not counted as peak
     tiny = [torch.randn(1, H, 32, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    t_tiny = time.perf_counter()
     try:
         fn(*tiny).sum().backward()
     except ImportError as exc:
         return {"status": f"not installed ({exc.name})"}
+    t_tiny = time.perf_counter() - t_tiny
     del tiny
     q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(B, H, L, D, device=device, dtype=dtype)
@@ -197,6 +215,11 @@ def measure(name: str, B: int, H: int, L: int, D: int, dtype_name: str, device: 
 
     result: dict[str, Any] = {"status": "ok"}
     try:
+        if name.endswith(COMPILED):  # compile for the measured shapes first (no grad, and with grad)
+            t0 = time.perf_counter()
+            forward()
+            forward_backward()
+            result["compile_s"] = time.perf_counter() - t0 + t_tiny  # with the tiny call's compilation
         if device == "cuda":
             forward_backward()  # warm-up: compilation / autotuning
             torch.cuda.empty_cache()
@@ -274,7 +297,7 @@ def machine_description(device: str) -> dict[str, str]:
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
-    names = method_names(args.device)
+    names = method_names(args.device, args.compile)
     if args.methods:
         wanted = [m.lower() for m in args.methods]
         names = [n for n in names if any(w in n.lower() for w in wanted)]
@@ -297,12 +320,13 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                     row["status"] = note
                 else:
                     config = {"name": name, "B": args.batch, "H": args.heads, "L": L, "D": args.dim,
-                              "dtype": dtype_name, "device": args.device, "repeat": args.repeat}
+                              "dtype": dtype_name, "device": args.device, "repeat": args.repeat,
+                              "compile_backend": args.compile_backend}
                     if args.device == "cpu":
                         row.update(measure_in_subprocess(config, timeout=max(60.0, 20 * args.max_seconds)))
                     else:
-                        row.update(measure(**{k: config[k] for k in ("name", "B", "H", "L", "D", "device", "repeat")},
-                                           dtype_name=dtype_name))
+                        row.update(measure(**{k: config[k] for k in ("name", "B", "H", "L", "D", "device", "repeat",
+                                                                     "compile_backend")}, dtype_name=dtype_name))
                     if row.get("status") == "ok":
                         previous = (L, statistics.median(row["fwdbwd_ms"]), row["peak_mib"])
                 rows.append(row)
@@ -370,10 +394,16 @@ def markdown(result: dict[str, Any], how: str) -> str:
         f"x SDPA = forward+backward time / SDPA's at the same L; peak = memory of one forward+backward "
         f"({'CUDA allocator peak' if args['device'] == 'cuda' else 'growth of max RSS in a fresh process'})."
     )
+    compiled = bool(args.get("compile"))
+    if compiled:
+        lines.append(f"`[compiled]`: `torch.compile(fullgraph=True, backend={args.get('compile_backend')!r})`; "
+                     f"compile s = the warm-up calls that compile it (a tiny call, then forward and "
+                     f"forward+backward at the measured shape).")
     for dtype_name in args["dtypes"]:
         lines += ["", f"**{dtype_name}**", "",
-                  "| L | method | fwd ms | fwd+bwd ms | x SDPA (fwd+bwd) | peak MiB (fwd+bwd) |",
-                  "|---:|---|---:|---:|---:|---:|"]
+                  "| L | method | fwd ms | fwd+bwd ms | x SDPA (fwd+bwd) | peak MiB (fwd+bwd) |"
+                  + (" compile s |" if compiled else ""),
+                  "|---:|---|---:|---:|---:|---:|" + ("---:|" if compiled else "")]
         rows = [r for r in result["rows"] if r["dtype"] == dtype_name]
         for L in args["lengths"]:
             at_L = [r for r in rows if r["L"] == L]
@@ -385,8 +415,9 @@ def markdown(result: dict[str, Any], how: str) -> str:
                     continue
                 fb = _stat(r["fwdbwd_ms"], how)
                 ratio = f"{fb / base:.2f}" if base else ""
+                extra = (f" {r['compile_s']:.0f} |" if "compile_s" in r else " |") if compiled else ""
                 lines.append(f"| {L} | {r['method']} | {_stat(r['fwd_ms'], how):.1f} | {fb:.1f} | {ratio} | "
-                             f"{r['peak_mib']:.0f} |")
+                             f"{r['peak_mib']:.0f} |{extra}")
     return "\n".join(lines) + "\n"
 
 
@@ -448,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", help="only methods whose name contains one of these")
     parser.add_argument("--exclude", nargs="+", help="leave out methods whose name contains one of these")
     parser.add_argument("--quick", action="store_true", help="L = 256, 512, 1024 and 3 repeats")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time SDPA and every plugin method under torch.compile(fullgraph=True)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--markdown", help="write the tables to this file")
     parser.add_argument("--json", help="write the raw results to this file")
     parser.add_argument("--plot", help="write a PNG figure to this file")
@@ -466,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         config = json.loads(args.child)
         res = measure(config["name"], config["B"], config["H"], config["L"], config["D"], config["dtype"],
-                      config["device"], config["repeat"])
+                      config["device"], config["repeat"], config.get("compile_backend", "inductor"))
         print(json.dumps(res))
         return 0
     if args.from_json:

@@ -71,10 +71,13 @@ TASKS = ("fairseq", "hf", "canvas")
 def _worker_init(threads: int) -> None:
     """One torch thread per worker; fairseq's import-time logging set-up is replaced per job."""
     import logging
+    import warnings
 
     import torch
 
     torch.set_num_threads(threads)
+    # hydra's deprecation notices, printed for every in-process fairseq-train: noise in the progress display
+    warnings.filterwarnings("ignore", message=r"(?s).*(ConfigStore schema|strict flag in the compose API)")
     import fairseq_cli.train  # noqa: F401  (configures the root logger on import: silence it here)
 
     logging.getLogger().handlers = []

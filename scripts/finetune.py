@@ -53,6 +53,7 @@ import plugin  # noqa: E402
 SEQ2SEQ_ARCHS = tuple(hf_models.SPARSE_FAMILIES)
 CLASSIFIER_ARCHS = ("bert", "roberta") + tuple(f for f, c in hf_models.SPARSE_FAMILIES.items() if "classification" in c)
 ROLE_FLAGS = {"encoder_attn": "--encoder-attn", "decoder_attn": "--decoder-attn", "cross_attn": "--cross-attn"}
+SCHEDULE_FLAGS = {f"{flag}-schedule": f"{field}_schedule" for field, flag in ROLE_FLAGS.items()}
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 SMALL_MACHINE_CORES = 4  # --threads 0: one thread per process up to this many cores per process
 
@@ -98,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--cross-attn", help="spec of cross-attention (Sparse* classes)")
     model.add_argument("--attn", help="attn_implementation for every attention module: a spec such as "
                        "'sparsemax' or 'entmax:alpha=1.3' (no learned parameters), or eager/sdpa")
+    for flag, field in SCHEDULE_FLAGS.items():
+        model.add_argument(flag, dest=field, metavar="SCHEDULE",
+                           help=f"move a parameter of {ROLE_FLAGS[field.removesuffix('_schedule')]}'s spec with the "
+                                f"optimizer step, e.g. 'cosine:start=1,steps=500' (alpha from softmax to the spec's "
+                                f"value); strategies: {', '.join(plugin.STRATEGIES)}; keys: param, start, end, "
+                                f"steps, warmup, hold")
 
     train = ap.add_argument_group("training")
     train.add_argument("--output-dir", required=True, help="where the model, tokenizer and metrics.json go")
@@ -147,6 +154,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             plugin.canonical_spec(spec)
         except ValueError as err:
             ap.error(f"{ROLE_FLAGS[field]}: {err}")
+    for flag, field in SCHEDULE_FLAGS.items():
+        text = getattr(args, field)
+        if not text:
+            continue
+        if args.attn:
+            ap.error(f"{flag} needs the per-role Sparse* classes; it does not combine with --attn")
+        spec_field = field.removesuffix("_schedule")
+        try:  # against the role's spec when given here (a --model-dir's own spec is checked by its config)
+            if spec_field in roles:
+                plugin.parse_schedule(text, roles[spec_field], name=flag)
+            else:
+                plugin.schedule.check_schedule_syntax(text, name=flag)
+        except ValueError as err:
+            ap.error(str(err))
+        roles[field] = text
     args.roles = roles
     return args
 
@@ -363,7 +385,9 @@ def freeze_fixed_tables(model: Any) -> list[str]:
 def describe_attention(model: Any) -> dict[str, str]:
     config = model.config
     if isinstance(config, hf_models.SparseAttentionConfigMixin):
-        return {field: getattr(config, field) for field in hf_models.SPEC_FIELDS}
+        described = {field: getattr(config, field) for field in hf_models.SPEC_FIELDS}
+        described |= {f: getattr(config, f) for f in hf_models.SCHEDULE_FIELDS if getattr(config, f, None)}
+        return described
     return {"attn_implementation": str(config._attn_implementation)}
 
 
@@ -480,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for epoch in range(epochs):
         model.train()
         for batch in train_dl:
+            plugin.set_schedule_step(model, steps)  # attention schedules: optimizer updates done so far
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)

@@ -28,7 +28,7 @@ from .basis import (
     parse_widths,
 )
 from .density import check_alpha, inv2, scale_from_variance, support_radius
-from .expectations import DEFAULT_NUM_ANGLES, expected_basis
+from .expectations import DEFAULT_NUM_ANGLES, evaluate_basis, expected_basis
 
 __all__ = ["ContinuousAttention", "ContinuousContext", "ContinuousOutput"]
 
@@ -101,6 +101,8 @@ class ContinuousContext(nn.Module):
         self.basis_mu, self.basis_sigma = gaussian_basis_1d(basis, widths)
         self.regression = ValueRegression(self.basis_mu, self.basis_sigma, penalty)
         self.min_var = _check_positive("min_var", min_var)
+        if self.min_var > 1:  # a density over [0, 1] has variance <= 1/4; larger floors overflow the scale
+            raise ValueError(f"min_var must lie in (0, 1], got {min_var!r}")
         self.widths = parse_widths(widths)
 
     def extra_repr(self) -> str:
@@ -201,8 +203,11 @@ class ContinuousContext(nn.Module):
             raise ValueError(f"{self._name()}: mask {tuple(mask.shape)} is not broadcastable to probs {shape}")
         m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         m = m.expand(*m.shape[:3], shape[3])
+        compiling = torch.compiler.is_compiling()  # no host sync in a graph: narrow broadcast dimensions only
         for dim in (2, 1, 0):
-            if m.shape[dim] > 1 and (m.stride(dim) == 0 or bool((m == m.narrow(dim, 0, 1)).all())):
+            if m.shape[dim] > 1 and (
+                m.stride(dim) == 0 or not compiling and bool((m == m.narrow(dim, 0, 1)).all())
+            ):
                 m = m.narrow(dim, 0, 1)
         return m.contiguous()
 
@@ -213,6 +218,8 @@ class ContinuousContext(nn.Module):
         each fitted on its own allowed keys only.
         """
         b, h, _, lk = allowed.shape
+        if torch.compiler.is_compiling():
+            return self._operators_in_graph(allowed, dtype)
         counts, rank, allowed = counts.reshape(-1), rank.reshape(-1, lk), allowed.reshape(-1, lk)
         lengths = torch.unique(counts)
         n_max = int(lengths[-1])
@@ -224,6 +231,29 @@ class ContinuousContext(nn.Module):
         index = rank.clamp(0, n_max - 1)[:, None, :].expand(-1, J, -1)
         ops = ops.gather(-1, index) * allowed[:, None, :].to(dtype)
         return ops.reshape(b, h, J, lk)
+
+    def _operators_in_graph(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        """:meth:`operators` without data-dependent shapes or a cache, for ``torch.compile``.
+
+        Each row's ridge regression is solved directly, batched over the rows: the basis at the
+        row's positions ``(rank + 1/2) / n`` with zero columns at its masked keys gives the same
+        Gram matrix ``F F^T + penalty I`` as its ``n`` allowed keys alone, so the solution is the
+        operator of length ``n`` scattered to the allowed keys (and zero at the others), as in
+        the eager path. Computed in float64, like the cached operators; no recompilation per
+        sequence length.
+        """
+        b, h, _, lk = allowed.shape
+        rows = allowed.reshape(-1, lk)
+        f64 = torch.float64
+        counts = rows.sum(-1, keepdim=True).clamp(min=1).to(f64)
+        t = ((rows.cumsum(-1) - 1).to(f64) + 0.5) / counts
+        basis_mu = self.basis_mu.to(device=allowed.device, dtype=f64)
+        basis_sigma = self.basis_sigma.to(device=allowed.device, dtype=f64)
+        f = (evaluate_basis(t, basis_mu, basis_sigma) * rows[..., None].to(f64)).transpose(-1, -2)  # (rows, J, lk)
+        J = f.shape[1]
+        gram = f @ f.transpose(-1, -2) + self.regression.penalty * torch.eye(J, dtype=f64, device=allowed.device)
+        ops = torch.cholesky_solve(f, torch.linalg.cholesky(gram))
+        return ops.to(dtype).reshape(b, h, J, lk)
 
     def _padded_operator(self, n: int, n_max: int, device: Any, dtype: torch.dtype) -> Tensor:
         if n == 0:

@@ -5,7 +5,8 @@ Paths (the name is what :func:`plugin.record_calls` reports as ``CallRecord.path
 ``"reference"``
     plain PyTorch: the full (Lq, Lk) score matrix, the normalizer, ``weights @ v``.
 ``"sdpa"``
-    softmax (with or without a temperature), any device and dtype:
+    softmax (with or without a temperature; also alpha-entmax at alpha = 1, which is softmax,
+    so a schedule starting at softmax never takes the reference path), any device and dtype:
     ``torch.nn.functional.scaled_dot_product_attention`` (its fused kernels), with the
     masks combined into one, bottom-right causality, grouped-query attention, dropout, and
     rows without an allowed key set to zeros.
@@ -37,6 +38,12 @@ by :func:`current_path_override`); the environment variable holds for the proces
 
 Calls reach these paths after the checks of :mod:`plugin.inputs` (non-empty, finite q/k/v,
 float masks without NaN or ``+inf``, scores that cannot overflow), so no kernel sees a NaN.
+
+Under ``torch.compile`` the choice is made when a call is traced (the forced path and the
+kernels' availability are read then, :func:`forced_path` being a trace-time constant) and the
+compiled graph calls the kernels as the ``torch.library`` custom ops of
+:mod:`plugin.kernels.ops` (and of :mod:`plugin.kernels.triton_entmax`). Compiled, the bound on
+score overflow is not checked (it needs the input magnitudes on the host).
 """
 
 from __future__ import annotations
@@ -104,8 +111,14 @@ def current_path_override() -> str | None:
     return stack[-1][1] if stack else None
 
 
+@torch.compiler.assume_constant_result
 def forced_path() -> str | None:
-    """The forced path name (context manager first, then ``PLUGIN_ATTENTION_PATH``), or None."""
+    """The forced path name (context manager first, then ``PLUGIN_ATTENTION_PATH``), or None.
+
+    Under ``torch.compile`` it is read once, when a call is traced, and the path chosen then is
+    compiled into the graph (a later :func:`use_path` block does not change a compiled function;
+    compile it again, e.g. after ``torch._dynamo.reset()``).
+    """
     override = current_path_override()
     if override is not None:
         return override
@@ -145,9 +158,10 @@ def entmax_config(normalizer: Any) -> EntmaxConfig | None:
     from ..normalizers.sparsemax import sparsemax
 
     if isinstance(normalizer, EntmaxNormalizer):
-        if normalizer.learned is not None:
+        alpha = normalizer.fixed_alpha()
+        if alpha is None:
             return EntmaxConfig(alpha=None, learned=normalizer.learned)
-        return EntmaxConfig(alpha=float(normalizer.alpha))
+        return EntmaxConfig(alpha=alpha) if 1 < alpha <= 2 else None
     if isinstance(normalizer, Normalizer):
         params = dict(normalizer.params)
         if normalizer.function is sparsemax and set(params) <= {"gamma"}:
@@ -162,12 +176,19 @@ def entmax_config(normalizer: Any) -> EntmaxConfig | None:
 
 
 def softmax_gamma(normalizer: Any) -> float | None:
-    """The temperature of a built-in softmax normalizer, else None."""
+    """The temperature of a built-in softmax normalizer (entmax with alpha = 1 included), else None."""
     from ..normalizers.base import Normalizer
+    from ..normalizers.entmax import EntmaxNormalizer, entmax
     from ..normalizers.softmax import softmax
 
     if isinstance(normalizer, Normalizer) and normalizer.function is softmax and set(normalizer.params) <= {"gamma"}:
         return float(normalizer.params.get("gamma", 1.0))
+    # alpha-entmax at alpha = 1 is softmax: it takes softmax's fast path (a schedule that starts
+    # at softmax never drops to the reference path)
+    if isinstance(normalizer, EntmaxNormalizer) and normalizer.fixed_alpha() == 1:
+        return 1.0
+    if isinstance(normalizer, Normalizer) and normalizer.function is entmax and normalizer.params == {"alpha": 1}:
+        return 1.0
     return None
 
 
@@ -195,7 +216,8 @@ def _run_sdpa(gamma: float, dropout_p: float) -> Callable[..., Tensor]:
             # rows without an allowed key: attend everywhere (finite), then give zeros
             valid = attn_mask.any(-1, keepdim=True) if attn_mask.dtype == torch.bool else (
                 attn_mask > float("-inf")).any(-1, keepdim=True)
-            if bool(valid.all()):
+            # compiled, rows are fixed up unconditionally (no host sync in the graph)
+            if not torch.compiler.is_compiling() and bool(valid.all()):
                 valid = None
             elif attn_mask.dtype == torch.bool:
                 attn_mask = attn_mask | ~valid
@@ -248,24 +270,32 @@ _NO_PATH: Any = object()
 _STRUCTURED_BUILT: list[bool] = []
 
 
+@torch.compiler.assume_constant_result
+def _structured_kernels_built() -> bool:
+    """True when the fusedmax / oscarmax kernels build here (checked once; a constant when compiling)."""
+    from .structured_chunked import structured_chunked_available
+
+    if not _STRUCTURED_BUILT:
+        _STRUCTURED_BUILT.append(structured_chunked_available())
+    return _STRUCTURED_BUILT[0]
+
+
 def _structured_path(mechanism: Any, q: Tensor, forced: str | None) -> Any:
     """fusedmax / oscarmax: ``(name, fn)``, ``_NO_PATH`` (keep the reference), or None (not structured)."""
-    from .structured_chunked import structured_chunked_attention, structured_chunked_available, structured_config
+    from .structured_chunked import structured_chunked_attention, structured_config
 
     config = structured_config(getattr(mechanism, "normalizer", None))
     if config is None:
         return None
     if forced not in (None, "cpu_chunked") or q.device.type != "cpu" or (forced is None and q.dtype == torch.float64):
         return _NO_PATH
-    if not _STRUCTURED_BUILT:
-        if not structured_chunked_available():
-            if forced == "cpu_chunked":
-                from .chunked import c_kernel_error
+    if not _structured_kernels_built():
+        if forced == "cpu_chunked":
+            from .chunked import c_kernel_error
 
-                raise ValueError(f"the 'cpu_chunked' attention path needs its C kernels, which could not be built: "
-                                 f"{c_kernel_error() or 'the structured-prox library did not build'}")
-            return _NO_PATH
-        _STRUCTURED_BUILT.append(True)
+            raise ValueError(f"the 'cpu_chunked' attention path needs its C kernels, which could not be built: "
+                             f"{c_kernel_error() or 'the structured-prox library did not build'}")
+        return _NO_PATH
 
     def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
             scale: float) -> Tensor:

@@ -100,6 +100,7 @@ def c_kernel_error() -> str:
     return _LIB_ERROR[0] if _LIB_ERROR else ""
 
 
+@torch.compiler.assume_constant_result
 def c_kernel_available() -> bool:
     """True when the C row kernel is built (building it now if needed)."""
     try:
@@ -111,6 +112,25 @@ def c_kernel_available() -> bool:
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+
+
+def check_c_buffer(t: Tensor | None, dtype: torch.dtype, name: str, numel: int | None = None,
+                   optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``t`` is a contiguous CPU tensor of ``dtype`` (and ``numel`` elements).
+
+    Called for every tensor before its pointer goes to the C kernel, which reads raw memory.
+    """
+    if t is None:
+        if optional:
+            return
+        raise ValueError(f"C kernel argument {name}: a tensor is required, got None")
+    if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(
+            f"C kernel argument {name}: must be a contiguous CPU tensor of {dtype}, got {t.dtype} on {t.device}"
+            f"{'' if t.is_contiguous() else ' (not contiguous)'}"
+        )
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"C kernel argument {name}: must have {numel} elements, got {t.numel()}")
 
 
 def rows_forward(
@@ -141,6 +161,9 @@ def rows_forward(
         allowed key), which :func:`rows_backward` needs.
     """
     rows, n = S.shape
+    check_c_buffer(S, torch.float32, "S")
+    check_c_buffer(am1, torch.float32, "am1")
+    check_c_buffer(counts, torch.int32, "counts", rows, optional=True)
     stats = torch.empty(rows, 3, dtype=torch.float32)
     failed = _library().entmax_rows_forward(
         _ptr(S), rows, n, _ptr(am1), am1.numel(), kind, int(causal), q_start, c, causal_off, _ptr(stats),
@@ -168,6 +191,10 @@ def rows_backward(
     Returns the per-row ``sum_j dP_j dp_j / dalpha`` (rows,) when ``want_dalpha``, else None.
     """
     rows, n = S.shape
+    check_c_buffer(S, torch.float32, "S")
+    check_c_buffer(dP, torch.float32, "dP", rows * n)
+    check_c_buffer(stats, torch.float32, "stats", rows * 3)
+    check_c_buffer(am1, torch.float32, "am1")
     dalpha = torch.empty(rows, dtype=torch.float32) if want_dalpha else None
     failed = _library().entmax_rows_backward(
         _ptr(S), _ptr(dP), rows, n, _ptr(am1), am1.numel(), kind, int(causal), q_start, c, causal_off, _ptr(stats),
@@ -181,6 +208,8 @@ def rows_backward(
 def sparse_rows(P: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The nonzeros of ``P`` (rows, n) in CSR form: ``(offsets (rows + 1,) int64, idx int32, val float32)``."""
     rows, n = P.shape
+    check_c_buffer(P, torch.float32, "P")
+    check_c_buffer(counts, torch.int32, "counts", rows)
     offsets = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
     nnz = int(offsets[-1])
@@ -194,6 +223,10 @@ def sparse_matmul(csr: tuple[Tensor, Tensor, Tensor], V: Tensor, rows_per_group:
     """``P @ V`` for ``P`` in CSR form (rows laid out by group); ``V`` (groups, Lk, Dv) contiguous float32."""
     offsets, idx, val = csr
     rows = offsets.numel() - 1
+    check_c_buffer(offsets, torch.int64, "offsets")
+    check_c_buffer(idx, torch.int32, "idx")
+    check_c_buffer(val, torch.float32, "val", idx.numel())
+    check_c_buffer(V, torch.float32, "V")
     out = torch.empty(rows, V.shape[-1], dtype=torch.float32)
     _library().entmax_sparse_matmul(_ptr(offsets), _ptr(idx), _ptr(val), _ptr(V), rows, rows_per_group, V.shape[1],
                                     V.shape[2], _ptr(out), torch.get_num_threads())
@@ -354,49 +387,145 @@ def _dense_chunk_grads(chunks: _Chunks, ch: _Chunk, P: Tensor, dS: Tensor, dO: T
         dk[ch.bk0:ch.bk1, :ch.kend].baddbmm_(dS.transpose(1, 2), chunks.rows_of(qs, ch))
 
 
+def chunked_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor | None, allowed: Tensor | None,
+                    kind: int, causal: bool, scale: float, chunk_rows: int | None, backend: str,
+                    keep_sparse: bool) -> tuple[Tensor, Tensor | None, dict]:
+    """The forward pass: ``(out, stats, kept)``; ``kept`` holds the sparse chunks (CSR) when ``keep_sparse``.
+
+    ``q`` (B, H, Lq, D), ``k``, ``v`` (B, Hkv, Lk, D / Dv) contiguous in the work dtype; ``alpha``
+    (H,); ``bias`` / ``allowed`` 4-D, broadcastable to (B, H, Lq, Lk); ``stats`` (B, H, Lq, 3)
+    float32 for the C backend, else None.
+    """
+    chunks = _Chunks(q, k, causal, chunk_rows)
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
+    qs = q * scale
+    kT = k.reshape(B * Hkv, Lk, D).transpose(1, 2)
+    vr = v.reshape(B * Hkv, Lk, Dv)
+    out = q.new_zeros(B, H, Lq, Dv)
+    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if backend == "c" else None
+    budget = max(SPARSE_MIN_BUDGET, SPARSE_BUDGET_FACTOR * 4 * (q.numel() + k.numel() + v.numel() + out.numel()))
+    kept: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor]] = {}
+    kept_bytes = 0
+    for ch in chunks:
+        if ch.kend == 0:
+            continue  # every key is in the future of every query of the chunk: zeros
+        S = chunks.scores(qs, kT, bias, allowed, ch)
+        P2 = S.view(ch.rows, ch.kend)
+        nh = ch.h1 - ch.h0
+        if backend == "c":
+            counts = torch.empty(ch.rows, dtype=torch.int32)
+            am1_chunk = torch.roll(am1, -ch.h0)  # row r of the chunk is head h0 + r // c
+            st = rows_forward(P2, am1_chunk, kind, causal, ch.i0, ch.c, chunks.off, counts)
+            stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
+            if int(counts.sum()) <= SPARSE_MAX_DENSITY * ch.rows * ch.kend:
+                csr = sparse_rows(P2, counts)
+                result = sparse_matmul(csr, vr[ch.bk0:ch.bk1], chunks.G * ch.c)
+                out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = result.view(nh, ch.c, Dv)
+                size = 4 * (csr[0].numel() * 2 + csr[1].numel() + csr[2].numel())
+                if keep_sparse and kept_bytes + size <= budget:
+                    kept[(ch.b, ch.hk0, ch.i0)] = csr
+                    kept_bytes += size
+                continue
+        else:
+            S3 = S.view(nh, ch.c, ch.kend)
+            if causal:
+                S3.masked_fill_(chunks.causal_blocked(ch, S.device), float("-inf"))
+            S3.copy_(_torch_probs(S3, kind, alpha[ch.h0:ch.h1]))
+        out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(S, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
+    return out, stats, kept  # kept, per chunk: the probabilities in CSR form (O(nonzeros) memory)
+
+
+def chunked_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor | None,
+                     allowed: Tensor | None, stats: Tensor | None, kept: dict, kind: int, causal: bool, scale: float,
+                     chunk_rows: int | None, backend: str, needs: tuple[bool, ...]) -> tuple:
+    """The backward pass of :func:`chunked_forward`: ``(dq, dk, dv, dalpha, dbias)``, None where not in ``needs``."""
+    need_q, need_k, need_v, need_alpha, need_bias = needs
+    chunks = _Chunks(q, k, causal, chunk_rows)
+    B, H, _, D = q.shape
+    Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
+    qs = q * scale
+    kr = k.reshape(B * Hkv, Lk, D)
+    vr = v.reshape(B * Hkv, Lk, Dv)
+    kT, vT = kr.transpose(1, 2), vr.transpose(1, 2)
+    dout = dout.contiguous()
+    dq = torch.zeros_like(q) if need_q else None
+    # the sparse backward writes dK and dV whether or not they are needed
+    dk = torch.zeros(B * Hkv, Lk, D, dtype=k.dtype) if need_k or kept else None
+    dv = torch.zeros(B * Hkv, Lk, Dv, dtype=v.dtype) if need_v or kept else None
+    dalpha = torch.zeros(H, dtype=torch.float32) if need_alpha else None
+    dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias else None
+    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    for ch in chunks:
+        if ch.kend == 0:
+            continue
+        nh, c = ch.h1 - ch.h0, ch.c
+        am1_chunk = torch.roll(am1, -ch.h0)
+        # every buffer handed to C is held by a local name for the duration of the call
+        dO = chunks.rows_of(dout, ch).contiguous()
+        csr = kept.get((ch.b, ch.hk0, ch.i0))
+        if csr is not None:
+            offsets, idx, val = csr
+            st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].contiguous()
+            q_c = chunks.rows_of(qs, ch).contiguous()
+            dq_c = torch.empty(ch.rows, D, dtype=torch.float32)
+            da = torch.empty(ch.rows, dtype=torch.float32) if need_alpha else None
+            ds = torch.empty(val.numel(), dtype=torch.float32)
+            for label, t, dtype in (("offsets", offsets, torch.int64), ("idx", idx, torch.int32),
+                                    ("val", val, torch.float32), ("stats", st, torch.float32),
+                                    ("q", q_c, torch.float32), ("k", kr, torch.float32), ("v", vr, torch.float32),
+                                    ("dout", dO, torch.float32), ("dk", dk, torch.float32),
+                                    ("dv", dv, torch.float32)):
+                check_c_buffer(t, dtype, label)
+            _library().entmax_sparse_backward(
+                _ptr(offsets), _ptr(idx), _ptr(val), _ptr(st), _ptr(q_c), _ptr(kr[ch.bk0:ch.bk1]),
+                _ptr(vr[ch.bk0:ch.bk1]), _ptr(dO), _ptr(am1_chunk), H, kind, c, ch.rows, chunks.G * c, Lk, D,
+                Dv, _ptr(dq_c), _ptr(dk[ch.bk0:ch.bk1]), _ptr(dv[ch.bk0:ch.bk1]), _ptr(da), _ptr(ds),
+                torch.get_num_threads(),
+            )
+            if need_q:
+                dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = dq_c.view(nh, c, D) * scale
+            if need_alpha:
+                dalpha[ch.h0:ch.h1] += da.view(nh, c).sum(1)
+            continue
+        S = chunks.scores(qs, kT, bias, allowed, ch)
+        dP = chunks.buffer("grad", S.shape)
+        torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
+        if backend == "c":
+            st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()
+            da = rows_backward(S.view(-1, ch.kend), dP.view(-1, ch.kend), st, am1_chunk, kind, causal, ch.i0, c,
+                               chunks.off, need_alpha)
+            P, dS = S, dP
+        else:
+            S3 = S.view(nh, c, ch.kend)
+            if causal:
+                S3.masked_fill_(chunks.causal_blocked(ch, S.device), float("-inf"))
+            P3, dS3, da = _torch_rows_backward(S3, dP.view(nh, c, ch.kend), kind, alpha.detach()[ch.h0:ch.h1],
+                                               need_alpha)
+            P, dS = P3.reshape_as(S), dS3.reshape_as(S)
+        if need_alpha:
+            dalpha[ch.h0:ch.h1] += da.view(nh, c).sum(1).to(torch.float32)
+        _dense_chunk_grads(chunks, ch, P, dS, dO, kr, qs, scale, (dq, dk, dv, dbias),
+                           (need_q, need_k, need_v, need_bias))
+    return (
+        dq,
+        dk.view(k.shape) if need_k else None,
+        dv.view(v.shape) if need_v else None,
+        dalpha.to(alpha.dtype).view(alpha.shape) if need_alpha else None,
+        dbias,
+    )
+
+
 class _ChunkedEntmaxAttention(torch.autograd.Function):
+    """Eager autograd: the sparse chunks of the forward pass are kept for the backward pass."""
+
     @staticmethod
     def forward(ctx, q, k, v, alpha, bias, allowed, kind, causal, scale, chunk_rows, backend, keep_sparse):  # type: ignore[override]
-        chunks = _Chunks(q, k, causal, chunk_rows)
-        B, H, Lq, D = q.shape
-        Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-        qs = q * scale
-        kT = k.reshape(B * Hkv, Lk, D).transpose(1, 2)
-        vr = v.reshape(B * Hkv, Lk, Dv)
-        out = q.new_zeros(B, H, Lq, Dv)
-        am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
-        stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if backend == "c" else None
-        budget = max(SPARSE_MIN_BUDGET, SPARSE_BUDGET_FACTOR * 4 * (q.numel() + k.numel() + v.numel() + out.numel()))
-        kept: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor]] = {}
-        kept_bytes = 0
-        for ch in chunks:
-            if ch.kend == 0:
-                continue  # every key is in the future of every query of the chunk: zeros
-            S = chunks.scores(qs, kT, bias, allowed, ch)
-            P2 = S.view(ch.rows, ch.kend)
-            nh = ch.h1 - ch.h0
-            if backend == "c":
-                counts = torch.empty(ch.rows, dtype=torch.int32)
-                am1_chunk = torch.roll(am1, -ch.h0)  # row r of the chunk is head h0 + r // c
-                st = rows_forward(P2, am1_chunk, kind, causal, ch.i0, ch.c, chunks.off, counts)
-                stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
-                if int(counts.sum()) <= SPARSE_MAX_DENSITY * ch.rows * ch.kend:
-                    csr = sparse_rows(P2, counts)
-                    result = sparse_matmul(csr, vr[ch.bk0:ch.bk1], chunks.G * ch.c)
-                    out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = result.view(nh, ch.c, Dv)
-                    size = 4 * (csr[0].numel() * 2 + csr[1].numel() + csr[2].numel())
-                    if keep_sparse and kept_bytes + size <= budget:
-                        kept[(ch.b, ch.hk0, ch.i0)] = csr
-                        kept_bytes += size
-                    continue
-            else:
-                S3 = S.view(nh, ch.c, ch.kend)
-                if causal:
-                    S3.masked_fill_(chunks.causal_blocked(ch, S.device), float("-inf"))
-                S3.copy_(_torch_probs(S3, kind, alpha[ch.h0:ch.h1]))
-            out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(S, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
+        out, stats, kept = chunked_forward(q, k, v, alpha, bias, allowed, kind, causal, scale, chunk_rows, backend,
+                                           keep_sparse)
         ctx.save_for_backward(q, k, v, alpha, bias, allowed, stats)
-        ctx.kept = kept  # per chunk: the probabilities in CSR form (O(nonzeros) memory)
+        ctx.kept = kept
         ctx.config = (kind, causal, scale, chunk_rows, backend)
         return out
 
@@ -404,77 +533,9 @@ class _ChunkedEntmaxAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, alpha, bias, allowed, stats = ctx.saved_tensors
-        kept = ctx.kept
-        kind, causal, scale, chunk_rows, backend = ctx.config
-        need_q, need_k, need_v, need_alpha, need_bias = ctx.needs_input_grad[:5]
-        chunks = _Chunks(q, k, causal, chunk_rows)
-        B, H, _, D = q.shape
-        Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-        qs = q * scale
-        kr = k.reshape(B * Hkv, Lk, D)
-        vr = v.reshape(B * Hkv, Lk, Dv)
-        kT, vT = kr.transpose(1, 2), vr.transpose(1, 2)
-        dout = dout.contiguous()
-        dq = torch.zeros_like(q) if need_q else None
-        # the sparse backward writes dK and dV whether or not they are needed
-        dk = torch.zeros(B * Hkv, Lk, D, dtype=k.dtype) if need_k or kept else None
-        dv = torch.zeros(B * Hkv, Lk, Dv, dtype=v.dtype) if need_v or kept else None
-        dalpha = torch.zeros(H, dtype=torch.float32) if need_alpha else None
-        dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias else None
-        am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
-        for ch in chunks:
-            if ch.kend == 0:
-                continue
-            nh, c = ch.h1 - ch.h0, ch.c
-            am1_chunk = torch.roll(am1, -ch.h0)
-            # every buffer handed to C is held by a local name for the duration of the call
-            dO = chunks.rows_of(dout, ch).contiguous()
-            csr = kept.get((ch.b, ch.hk0, ch.i0))
-            if csr is not None:
-                offsets, idx, val = csr
-                st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].contiguous()
-                q_c = chunks.rows_of(qs, ch).contiguous()
-                dq_c = torch.empty(ch.rows, D, dtype=torch.float32)
-                da = torch.empty(ch.rows, dtype=torch.float32) if need_alpha else None
-                ds = torch.empty(val.numel(), dtype=torch.float32)
-                _library().entmax_sparse_backward(
-                    _ptr(offsets), _ptr(idx), _ptr(val), _ptr(st), _ptr(q_c), _ptr(kr[ch.bk0:ch.bk1]),
-                    _ptr(vr[ch.bk0:ch.bk1]), _ptr(dO), _ptr(am1_chunk), H, kind, c, ch.rows, chunks.G * c, Lk, D,
-                    Dv, _ptr(dq_c), _ptr(dk[ch.bk0:ch.bk1]), _ptr(dv[ch.bk0:ch.bk1]), _ptr(da), _ptr(ds),
-                    torch.get_num_threads(),
-                )
-                if need_q:
-                    dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = dq_c.view(nh, c, D) * scale
-                if need_alpha:
-                    dalpha[ch.h0:ch.h1] += da.view(nh, c).sum(1)
-                continue
-            S = chunks.scores(qs, kT, bias, allowed, ch)
-            dP = chunks.buffer("grad", S.shape)
-            torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
-            if backend == "c":
-                st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()
-                da = rows_backward(S.view(-1, ch.kend), dP.view(-1, ch.kend), st, am1_chunk, kind, causal, ch.i0, c,
-                                   chunks.off, need_alpha)
-                P, dS = S, dP
-            else:
-                S3 = S.view(nh, c, ch.kend)
-                if causal:
-                    S3.masked_fill_(chunks.causal_blocked(ch, S.device), float("-inf"))
-                P3, dS3, da = _torch_rows_backward(S3, dP.view(nh, c, ch.kend), kind, alpha.detach()[ch.h0:ch.h1],
-                                                   need_alpha)
-                P, dS = P3.reshape_as(S), dS3.reshape_as(S)
-            if need_alpha:
-                dalpha[ch.h0:ch.h1] += da.view(nh, c).sum(1).to(torch.float32)
-            _dense_chunk_grads(chunks, ch, P, dS, dO, kr, qs, scale, (dq, dk, dv, dbias),
-                               (need_q, need_k, need_v, need_bias))
-        return (
-            dq,
-            dk.view(k.shape) if need_k else None,
-            dv.view(v.shape) if need_v else None,
-            dalpha.to(alpha.dtype).view(alpha.shape) if need_alpha else None,
-            dbias,
-            None, None, None, None, None, None, None,
-        )
+        grads = chunked_backward(dout, q, k, v, alpha, bias, allowed, stats, ctx.kept, *ctx.config,
+                                 tuple(ctx.needs_input_grad[:5]))
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def chunked_entmax_attention(
@@ -526,9 +587,10 @@ def chunked_entmax_attention(
             raise ValueError(
                 f"chunked_entmax_attention: alpha must have one value per head (H={H}), got {tuple(alpha.shape)}"
             )
-        with torch.no_grad():
-            if not bool(((alpha_t > 1) & (alpha_t <= 2)).all()):
-                raise ValueError("chunked_entmax_attention: alpha must lie in (1, 2]; got values outside it")
+        if not torch.compiler.is_compiling():  # compiled, the op checks it (no host sync in the graph)
+            with torch.no_grad():
+                if not bool(((alpha_t > 1) & (alpha_t <= 2)).all()):
+                    raise ValueError("chunked_entmax_attention: alpha must lie in (1, 2]; got values outside it")
         kind = GENERAL
     else:
         a = float(alpha)
@@ -551,6 +613,12 @@ def chunked_entmax_attention(
         t is not None and t.requires_grad for t in (q, k, v, alpha_t, bias)
     )
     keep_sparse = backend == "c" and needs_grad and not (bias is not None and bias.requires_grad)
-    out = _ChunkedEntmaxAttention.apply(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
-                                        backend, keep_sparse)
+    if torch.compiler.is_compiling():
+        from .ops import chunked_entmax_fwd
+
+        out, _ = chunked_entmax_fwd(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
+                                    backend)
+    else:
+        out = _ChunkedEntmaxAttention.apply(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale),
+                                            chunk_rows, backend, keep_sparse)
     return out.to(q.dtype)

@@ -287,133 +287,149 @@ class _Pool:
         return piece
 
 
+def structured_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, allowed: Tensor | None, kind: str,
+                       lam: float, causal: bool, scale: float, chunk_rows: int | None, masked: bool,
+                       keep_sparse: bool) -> tuple[Tensor, Tensor | None, dict]:
+    """The forward pass: ``(out, stats, kept)`` (``stats`` None for float64; ``kept`` per kept chunk:
+    P in CSR form, the prox group of each nonzero, and which rows are uniform over their allowed keys)."""
+    chunks = _Chunks(q, k, causal, chunk_rows)
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
+    use_c = q.dtype == torch.float32
+    qs = q * scale
+    kT = k.reshape(B * Hkv, Lk, D).transpose(1, 2)
+    vr = v.reshape(B * Hkv, Lk, Dv)
+    out = q.new_zeros(B, H, Lq, Dv)
+    stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if use_c else None
+    budget = max(SPARSE_MIN_BUDGET, SPARSE_BUDGET_FACTOR * 4 * (q.numel() + k.numel() + v.numel() + out.numel()))
+    kept: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = {}
+    pool = _Pool(budget) if keep_sparse and use_c else None
+    for ch in chunks:
+        if ch.kend == 0:
+            continue  # every key is in the future of every query of the chunk: zeros
+        nh = ch.h1 - ch.h0
+        y = groups = None  # free the last chunk's temporaries before this chunk allocates its own
+        y, groups = _prox_chunk(chunks, ch, qs, kT, bias, allowed, kind, lam, masked)
+        if not use_c:
+            P3 = _sparsemax_rows_torch(y).view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
+            out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
+            continue
+        counts = torch.empty(ch.rows, dtype=torch.int32)
+        st = rows_forward(y, _ONE, SPARSEMAX, counts=counts)  # y -> P in place
+        stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
+        limit = SPARSE_MAX_DENSITY * ch.rows * ch.kend
+        uniform = None
+        if int(counts.sum()) <= limit:
+            csr = sparse_rows(y, counts)
+            result = sparse_matmul(csr, vr[ch.bk0:ch.bk1], chunks.G * ch.c)
+            out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = result.view(nh, ch.c, Dv)
+        else:
+            P3 = y.view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
+            out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
+            if not keep_sparse:
+                continue
+            # rows that are one group over all their allowed keys (oscarmax with a large lam, or
+            # fusedmax's large-lam limit) need nothing kept; the others may still be sparse
+            uniform = _uniform_rows(groups, counts, masked)
+            rest = counts.masked_fill(uniform, 0)
+            if not bool(uniform.any()) or int(rest.sum()) > limit:
+                continue
+            y.masked_fill_(uniform.unsqueeze(-1), 0.0)
+            csr = sparse_rows(y, rest)
+            counts = rest
+        offsets, idx, val = csr
+        # the groups of the nonzeros take as much room as idx (int32)
+        if pool is not None and pool.fits((offsets, idx, val, idx) + ((uniform,) if uniform is not None else ())):
+            row = torch.repeat_interleave(torch.arange(ch.rows), offsets.diff())
+            grp = groups.view(-1)[row * ch.kend + idx]
+            kept[(ch.b, ch.hk0, ch.i0)] = (pool.put(offsets), pool.put(idx), pool.put(val), pool.put(grp),
+                                           pool.put(uniform) if uniform is not None else None)
+    return out, stats, kept
+
+
+def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, allowed: Tensor | None,
+                        stats: Tensor | None, kept: dict, kind: str, lam: float, causal: bool, scale: float,
+                        chunk_rows: int | None, masked: bool, needs: tuple[bool, ...]) -> tuple:
+    """The backward pass of :func:`structured_forward`: ``(dq, dk, dv, dbias)``, None where not in ``needs``."""
+    from .cpu import group_mean_cpu
+
+    need_q, need_k, need_v, need_bias = needs
+    chunks = _Chunks(q, k, causal, chunk_rows)
+    B, H, _, D = q.shape
+    Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
+    use_c = stats is not None
+    qs = q * scale
+    kr = k.reshape(B * Hkv, Lk, D)
+    vr = v.reshape(B * Hkv, Lk, Dv)
+    kT, vT = kr.transpose(1, 2), vr.transpose(1, 2)
+    dout = dout.to(q.dtype).contiguous()
+    dq = torch.zeros_like(q) if need_q else None
+    dk = torch.zeros(B * Hkv, Lk, D, dtype=k.dtype) if need_k else None
+    dv = torch.zeros(B * Hkv, Lk, Dv, dtype=v.dtype) if need_v else None
+    dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias else None
+    for ch in chunks:
+        if ch.kend == 0:
+            continue
+        c, nkv = ch.c, ch.hk1 - ch.hk0
+        dO = chunks.rows_of(dout, ch)
+        entry = kept.get((ch.b, ch.hk0, ch.i0))
+        if entry is not None:
+            uniform = entry[4]
+            if uniform is not None and need_v:
+                # P = 1 / n on the n allowed keys of the uniform rows (their dS is 0)
+                if masked:  # the scores only tell which keys are masked
+                    P = chunks.scores(qs, kT, bias, allowed, ch)
+                else:
+                    P = chunks.buffer("scores", (nkv, chunks.G * c, ch.kend))
+                _uniform_probs(P, chunks, ch, masked)
+                P.view(ch.rows, ch.kend).mul_(uniform.unsqueeze(-1))
+                dv[ch.bk0:ch.bk1, :ch.kend].baddbmm_(P.transpose(1, 2), dO)
+            _sparse_backward(entry[:4], chunks, ch, qs, kr, vr, dout, (dq, dk, dv), scale)
+            continue
+        y, groups = _prox_chunk(chunks, ch, qs, kT, bias, allowed, kind, lam, masked)
+        dP = chunks.buffer("grad", (nkv, chunks.G * c, ch.kend))
+        torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
+        dP2 = dP.view(ch.rows, ch.kend)
+        if use_c:
+            st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()  # C reads it flat
+            rows_backward(y, dP2, st, _ONE, SPARSEMAX)  # y -> P, dP -> sparsemax backward, in place
+            P = y
+        else:
+            P = _sparsemax_rows_torch(y)
+            support = (P > 0).to(P.dtype)
+            mean = (dP2 * support).sum(-1, keepdim=True) / support.sum(-1, keepdim=True).clamp(min=1)
+            dP2.sub_(mean).mul_(support)
+        # prox backward: the group mean (masked keys have group -1 and get 0)
+        dS = group_mean_cpu(dP2, groups).view(nkv, chunks.G * c, ch.kend)
+        _dense_chunk_grads(chunks, ch, P.view(nkv, chunks.G * c, ch.kend), dS, dO, kr, qs, scale,
+                           (dq, dk, dv, dbias), (need_q, need_k, need_v, need_bias))
+    return (
+        dq,
+        dk.view(k.shape) if need_k else None,
+        dv.view(v.shape) if need_v else None,
+        dbias,
+    )
+
+
 class _StructuredChunkedAttention(torch.autograd.Function):
+    """Eager autograd: the sparse (and uniform) chunks of the forward pass are kept for the backward pass."""
+
     @staticmethod
     def forward(ctx, q, k, v, bias, allowed, kind, lam, causal, scale, chunk_rows, masked, keep_sparse):  # type: ignore[override]
-        chunks = _Chunks(q, k, causal, chunk_rows)
-        B, H, Lq, D = q.shape
-        Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-        use_c = q.dtype == torch.float32
-        qs = q * scale
-        kT = k.reshape(B * Hkv, Lk, D).transpose(1, 2)
-        vr = v.reshape(B * Hkv, Lk, Dv)
-        out = q.new_zeros(B, H, Lq, Dv)
-        stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if use_c else None
-        budget = max(SPARSE_MIN_BUDGET, SPARSE_BUDGET_FACTOR * 4 * (q.numel() + k.numel() + v.numel() + out.numel()))
-        kept: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = {}
-        pool = _Pool(budget) if keep_sparse and use_c else None
-        for ch in chunks:
-            if ch.kend == 0:
-                continue  # every key is in the future of every query of the chunk: zeros
-            nh = ch.h1 - ch.h0
-            y = groups = None  # free the last chunk's temporaries before this chunk allocates its own
-            y, groups = _prox_chunk(chunks, ch, qs, kT, bias, allowed, kind, lam, masked)
-            if not use_c:
-                P3 = _sparsemax_rows_torch(y).view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
-                out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
-                continue
-            counts = torch.empty(ch.rows, dtype=torch.int32)
-            st = rows_forward(y, _ONE, SPARSEMAX, counts=counts)  # y -> P in place
-            stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
-            limit = SPARSE_MAX_DENSITY * ch.rows * ch.kend
-            uniform = None
-            if int(counts.sum()) <= limit:
-                csr = sparse_rows(y, counts)
-                result = sparse_matmul(csr, vr[ch.bk0:ch.bk1], chunks.G * ch.c)
-                out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = result.view(nh, ch.c, Dv)
-            else:
-                P3 = y.view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
-                out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
-                if not keep_sparse:
-                    continue
-                # rows that are one group over all their allowed keys (oscarmax with a large lam, or
-                # fusedmax's large-lam limit) need nothing kept; the others may still be sparse
-                uniform = _uniform_rows(groups, counts, masked)
-                rest = counts.masked_fill(uniform, 0)
-                if not bool(uniform.any()) or int(rest.sum()) > limit:
-                    continue
-                y.masked_fill_(uniform.unsqueeze(-1), 0.0)
-                csr = sparse_rows(y, rest)
-                counts = rest
-            offsets, idx, val = csr
-            # the groups of the nonzeros take as much room as idx (int32)
-            if pool is not None and pool.fits((offsets, idx, val, idx) + ((uniform,) if uniform is not None else ())):
-                row = torch.repeat_interleave(torch.arange(ch.rows), offsets.diff())
-                grp = groups.view(-1)[row * ch.kend + idx]
-                kept[(ch.b, ch.hk0, ch.i0)] = (pool.put(offsets), pool.put(idx), pool.put(val), pool.put(grp),
-                                               pool.put(uniform) if uniform is not None else None)
+        out, stats, kept = structured_forward(q, k, v, bias, allowed, kind, lam, causal, scale, chunk_rows, masked,
+                                              keep_sparse)
         ctx.save_for_backward(q, k, v, bias, allowed, stats)
-        # per chunk kept: P in CSR form, the prox group of each nonzero, and which rows are uniform
-        # over their allowed keys (None: none); the other chunks are recomputed
-        ctx.kept = kept
+        ctx.kept = kept  # the other chunks are recomputed
         ctx.config = (kind, lam, causal, scale, chunk_rows, masked)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
-        from .cpu import group_mean_cpu
-
         q, k, v, bias, allowed, stats = ctx.saved_tensors
-        kept = ctx.kept
-        kind, lam, causal, scale, chunk_rows, masked = ctx.config
-        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
-        chunks = _Chunks(q, k, causal, chunk_rows)
-        B, H, _, D = q.shape
-        Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-        use_c = stats is not None
-        qs = q * scale
-        kr = k.reshape(B * Hkv, Lk, D)
-        vr = v.reshape(B * Hkv, Lk, Dv)
-        kT, vT = kr.transpose(1, 2), vr.transpose(1, 2)
-        dout = dout.to(q.dtype).contiguous()
-        dq = torch.zeros_like(q) if need_q else None
-        dk = torch.zeros(B * Hkv, Lk, D, dtype=k.dtype) if need_k else None
-        dv = torch.zeros(B * Hkv, Lk, Dv, dtype=v.dtype) if need_v else None
-        dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias else None
-        for ch in chunks:
-            if ch.kend == 0:
-                continue
-            c, nkv = ch.c, ch.hk1 - ch.hk0
-            dO = chunks.rows_of(dout, ch)
-            entry = kept.get((ch.b, ch.hk0, ch.i0))
-            if entry is not None:
-                uniform = entry[4]
-                if uniform is not None and need_v:
-                    # P = 1 / n on the n allowed keys of the uniform rows (their dS is 0)
-                    if masked:  # the scores only tell which keys are masked
-                        P = chunks.scores(qs, kT, bias, allowed, ch)
-                    else:
-                        P = chunks.buffer("scores", (nkv, chunks.G * c, ch.kend))
-                    _uniform_probs(P, chunks, ch, masked)
-                    P.view(ch.rows, ch.kend).mul_(uniform.unsqueeze(-1))
-                    dv[ch.bk0:ch.bk1, :ch.kend].baddbmm_(P.transpose(1, 2), dO)
-                _sparse_backward(entry[:4], chunks, ch, qs, kr, vr, dout, (dq, dk, dv), scale)
-                continue
-            y, groups = _prox_chunk(chunks, ch, qs, kT, bias, allowed, kind, lam, masked)
-            dP = chunks.buffer("grad", (nkv, chunks.G * c, ch.kend))
-            torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
-            dP2 = dP.view(ch.rows, ch.kend)
-            if use_c:
-                st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()  # C reads it flat
-                rows_backward(y, dP2, st, _ONE, SPARSEMAX)  # y -> P, dP -> sparsemax backward, in place
-                P = y
-            else:
-                P = _sparsemax_rows_torch(y)
-                support = (P > 0).to(P.dtype)
-                mean = (dP2 * support).sum(-1, keepdim=True) / support.sum(-1, keepdim=True).clamp(min=1)
-                dP2.sub_(mean).mul_(support)
-            # prox backward: the group mean (masked keys have group -1 and get 0)
-            dS = group_mean_cpu(dP2, groups).view(nkv, chunks.G * c, ch.kend)
-            _dense_chunk_grads(chunks, ch, P.view(nkv, chunks.G * c, ch.kend), dS, dO, kr, qs, scale,
-                               (dq, dk, dv, dbias), (need_q, need_k, need_v, need_bias))
-        return (
-            dq,
-            dk.view(k.shape) if need_k else None,
-            dv.view(v.shape) if need_v else None,
-            dbias,
-            None, None, None, None, None, None, None, None,
-        )
+        grads = structured_backward(dout, q, k, v, bias, allowed, stats, ctx.kept, *ctx.config,
+                                    tuple(ctx.needs_input_grad[:4]))
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _as4d(t: Tensor) -> Tensor:
@@ -514,6 +530,12 @@ def structured_chunked_attention(
     # over every entry) takes the recomputing backward
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
     keep_sparse = needs_grad and not (bias is not None and bias.requires_grad)
-    out = _StructuredChunkedAttention.apply(qw, kw, vw, biasw, allowed, kind, float(lam), bool(causal),
-                                            float(scale) / gamma, chunk_rows, masked, keep_sparse)
+    if torch.compiler.is_compiling():
+        from .ops import structured_chunked_fwd
+
+        out, _ = structured_chunked_fwd(qw, kw, vw, biasw, allowed, kind, float(lam), bool(causal),
+                                        float(scale) / gamma, chunk_rows, masked)
+    else:
+        out = _StructuredChunkedAttention.apply(qw, kw, vw, biasw, allowed, kind, float(lam), bool(causal),
+                                                float(scale) / gamma, chunk_rows, masked, keep_sparse)
     return out.to(q.dtype)

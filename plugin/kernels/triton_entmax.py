@@ -58,6 +58,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Triton is importable and there is a CUDA device (or the Triton interpreter is on)."""
     return triton is not None and (_interpreting() or torch.cuda.is_available())
@@ -373,70 +374,86 @@ def _blocks(D: int, Lq: int, Lk: int, dtype: torch.dtype, block_m: int | None, b
     return block_m, block_n, block_d
 
 
+def triton_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None, bias: Tensor | None,
+                   kind: int, causal: bool, scale: float, block_m: int | None, block_n: int | None
+                   ) -> tuple[Tensor, Tensor]:
+    """The forward kernel launch: ``(out, stats)``, stats (B, H, Lq, 3) float32 per query ``(m, t, 1 / norm)``."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
+    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    out = torch.empty_like(q)
+    stats = torch.empty(B, H, Lq, 3, dtype=torch.float32, device=q.device)
+    shape = (B, H, Lq, Lk)
+    mask_arg = mask.view(torch.uint8) if mask is not None else q
+    bias_arg = bias if bias is not None else q
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(Lq, BM), B * H)
+    _entmax_fwd[grid](
+        q, k, v, am1, mask_arg, bias_arg, out, stats,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *_strides4(mask, shape), *_strides4(bias, shape),
+        H, G, Lq, Lk, D, scale, Lk - Lq,
+        KIND=kind, CAUSAL=causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, MAX_ITERS=MAX_NEWTON, TOL=GENERAL_TOL, **_LAUNCH,
+    )
+    return out, stats
+
+
+def triton_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None,
+                    bias: Tensor | None, stats: Tensor, kind: int, causal: bool, scale: float, block_m: int | None,
+                    block_n: int | None, want_dalpha: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The backward kernel launches: ``(dq, dk, dv, dalpha)`` (dalpha None unless ``want_dalpha``)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dout = dout.contiguous()
+    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    dalpha_rows = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if want_dalpha else delta
+    shape = (B, H, Lq, Lk)
+    mask_arg = mask.view(torch.uint8) if mask is not None else q
+    bias_arg = bias if bias is not None else q
+    common = (
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *_strides4(mask, shape), *_strides4(bias, shape),
+        H, G, Lq, Lk, D, scale, Lk - Lq,
+    )
+    flags = {"KIND": kind, "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
+             "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": BD, "PREC": prec, **_LAUNCH}
+    _entmax_bwd_dq[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, dout, am1, mask_arg, bias_arg, stats, dq, delta, dalpha_rows, *common,
+        WANT_DALPHA=want_dalpha, **flags,
+    )
+    _entmax_bwd_dkdv[(triton.cdiv(Lk, BN), B * Hkv)](
+        q, k, v, dout, am1, mask_arg, bias_arg, stats, delta, dk, dv, *common, **flags,
+    )
+    dalpha = None
+    if want_dalpha:
+        dalpha = dalpha_rows.sum((0, 2)).to(alpha.dtype).view(alpha.shape)
+    return dq, dk, dv, dalpha
+
+
 class _TritonEntmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n):  # type: ignore[override]
-        B, H, Lq, D = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        G = H // Hkv
-        BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
-        am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
-        out = torch.empty_like(q)
-        stats = torch.empty(B, H, Lq, 3, dtype=torch.float32, device=q.device)
-        shape = (B, H, Lq, Lk)
-        mask_arg = mask.view(torch.uint8) if mask is not None else q
-        bias_arg = bias if bias is not None else q
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        grid = (triton.cdiv(Lq, BM), B * H)
-        _entmax_fwd[grid](
-            q, k, v, am1, mask_arg, bias_arg, out, stats,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *_strides4(mask, shape), *_strides4(bias, shape),
-            H, G, Lq, Lk, D, scale, Lk - Lq,
-            KIND=kind, CAUSAL=causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, MAX_ITERS=MAX_NEWTON, TOL=GENERAL_TOL, **_LAUNCH,
-        )
+        out, stats = triton_forward(q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n)
         ctx.save_for_backward(q, k, v, alpha, mask, bias, stats)
-        ctx.config = (kind, causal, scale, BM, BN, BD, prec)
+        ctx.config = (kind, causal, scale, block_m, block_n)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, alpha, mask, bias, stats = ctx.saved_tensors
-        kind, causal, scale, BM, BN, BD, prec = ctx.config
-        B, H, Lq, D = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        G = H // Hkv
-        dout = dout.contiguous()
-        am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
-        want_dalpha = bool(ctx.needs_input_grad[3])
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-        dalpha_rows = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if want_dalpha else delta
-        shape = (B, H, Lq, Lk)
-        mask_arg = mask.view(torch.uint8) if mask is not None else q
-        bias_arg = bias if bias is not None else q
-        common = (
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *_strides4(mask, shape), *_strides4(bias, shape),
-            H, G, Lq, Lk, D, scale, Lk - Lq,
-        )
-        flags = {"KIND": kind, "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
-                 "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": BD, "PREC": prec, **_LAUNCH}
-        _entmax_bwd_dq[(triton.cdiv(Lq, BM), B * H)](
-            q, k, v, dout, am1, mask_arg, bias_arg, stats, dq, delta, dalpha_rows, *common,
-            WANT_DALPHA=want_dalpha, **flags,
-        )
-        _entmax_bwd_dkdv[(triton.cdiv(Lk, BN), B * Hkv)](
-            q, k, v, dout, am1, mask_arg, bias_arg, stats, delta, dk, dv, *common, **flags,
-        )
-        dalpha = None
-        if want_dalpha:
-            dalpha = dalpha_rows.sum((0, 2)).to(alpha.dtype).view(alpha.shape)
-        return dq, dk, dv, dalpha, None, None, None, None, None, None, None
+        grads = triton_backward(dout, q, k, v, alpha, mask, bias, stats, *ctx.config, bool(ctx.needs_input_grad[3]))
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def triton_entmax_attention(
@@ -503,6 +520,81 @@ def triton_entmax_attention(
     biasc = None
     if bias is not None:
         biasc = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind, bool(causal),
-                                       float(scale), block_m, block_n)
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.sparse_attention.triton_entmax_fwd(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind,
+                                                              bool(causal), float(scale), block_m, block_n)
+    else:
+        out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind, bool(causal),
+                                           float(scale), block_m, block_n)
     return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+
+
+def _check_launch(op: str, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None,
+                  bias: Tensor | None) -> None:
+    """What the kernels read through raw pointers: one device, float dtypes, contiguous q/k/v/alpha."""
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not t.is_contiguous():
+            raise ValueError(f"{op}: {label} must be a contiguous 4-D float16/bfloat16/float32 tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ValueError(f"{op}: q, k, v must share device and dtype")
+    if alpha.dtype != torch.float32 or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
+        raise ValueError(f"{op}: alpha must be a float32 (H,) tensor on q's device, got {alpha.dtype} "
+                         f"{tuple(alpha.shape)} on {alpha.device}")
+    for label, t in (("mask", mask), ("bias", bias)):
+        if t is not None and (t.dim() != 4 or t.device != q.device):
+            raise ValueError(f"{op}: {label} must be a 4-D tensor on q's device")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"{op}: mask must be a bool tensor, got {mask.dtype}")
+
+
+@torch.library.custom_op("sparse_attention::triton_entmax_fwd", mutates_args=())
+def _triton_entmax_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None, bias: Tensor | None,
+                       kind: int, causal: bool, scale: float, block_m: int | None,
+                       block_n: int | None) -> tuple[Tensor, Tensor]:
+    """:func:`triton_forward` as an op: ``(out, stats)``."""
+    _check_launch("triton_entmax_fwd", q, k, v, alpha, mask, bias)
+    return triton_forward(q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n)
+
+
+@_triton_entmax_fwd.register_fake
+def _(q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n):
+    return torch.empty_like(q), q.new_empty(*q.shape[:3], 3, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_attention::triton_entmax_bwd", mutates_args=())
+def _triton_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor | None,
+                       bias: Tensor | None, stats: Tensor, kind: int, causal: bool, scale: float, block_m: int | None,
+                       block_n: int | None, want_dalpha: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`triton_backward` as an op: ``(dq, dk, dv, dalpha)``, dalpha empty unless ``want_dalpha``."""
+    _check_launch("triton_entmax_bwd", q, k, v, alpha, mask, bias)
+    if stats.dtype != torch.float32 or stats.shape != (*q.shape[:3], 3) or not stats.is_contiguous():
+        raise ValueError("triton_entmax_bwd: stats must be a contiguous float32 (B, H, Lq, 3) tensor")
+    dq, dk, dv, dalpha = triton_backward(dout.to(q.dtype), q, k, v, alpha, mask, bias, stats, kind, causal, scale,
+                                         block_m, block_n, want_dalpha)
+    return dq, dk, dv, dalpha if dalpha is not None else alpha.new_empty(0)
+
+
+@_triton_entmax_bwd.register_fake
+def _(dout, q, k, v, alpha, mask, bias, stats, kind, causal, scale, block_m, block_n, want_dalpha):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(alpha) if want_dalpha else alpha.new_empty(0))
+
+
+def _triton_setup(ctx, inputs, output):
+    q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n = inputs
+    ctx.save_for_backward(q, k, v, alpha, mask, bias, output[1])
+    ctx.config = (kind, causal, scale, block_m, block_n)
+
+
+def _triton_backward_op(ctx, dout, _dstats):
+    q, k, v, alpha, mask, bias, stats = ctx.saved_tensors
+    want_dalpha = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dalpha = _triton_entmax_bwd(dout, q, k, v, alpha, mask, bias, stats, *ctx.config, want_dalpha)
+    return dq, dk, dv, dalpha if want_dalpha else None, None, None, None, None, None, None, None
+
+
+_triton_entmax_fwd.register_autograd(_triton_backward_op, setup_context=_triton_setup)

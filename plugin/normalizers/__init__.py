@@ -38,13 +38,12 @@ register_normalizer(
             float,
             low=1,
             high=2,
-            low_inclusive=False,
             choices=("learned",),
-            doc="1 < alpha <= 2 (2 = sparsemax, ->1 = softmax), or 'learned' for one learned alpha per head",
+            doc="1 <= alpha <= 2 (1 = softmax, 2 = sparsemax), or 'learned' for one learned alpha per head",
         ),
     ),
     formula="[(alpha - 1) x - tau]_+^(1 / (alpha - 1))",
-    summary="alpha-entmax; alpha fixed or learned per head",
+    summary="alpha-entmax (1 = softmax, 2 = sparsemax); alpha fixed, learned per head, or scheduled",
 )
 
 from . import structured  # noqa: E402,F401  (registers fusedmax, oscarmax after the others)

@@ -119,5 +119,14 @@ class Normalizer(nn.Module):
     def forward(self, scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
         return self.function(scores, dim=dim, mask=mask, **self.params)
 
+    def set_param(self, name: str, value: float | None) -> None:
+        """Set parameter ``name`` (a schedule's current value; None leaves it unchanged)."""
+        if name not in self.params:
+            raise ValueError(
+                f"{self.name} has no parameter {name!r}; valid parameters: {', '.join(self.params) or '(none)'}"
+            )
+        if value is not None:
+            self.params[name] = float(value)
+
     def extra_repr(self) -> str:
         return ", ".join([self.name] + [f"{k}={v}" for k, v in self.params.items()])

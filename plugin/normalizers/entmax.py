@@ -2,7 +2,9 @@
 
 ``entmax_alpha(z) = argmax_{p in simplex} p.z + H^T_alpha(p)`` (Tsallis entropy), i.e.
 ``p_i = [(alpha - 1) z_i - tau]_+ ** (1 / (alpha - 1))`` with ``tau`` such that ``sum p = 1``.
-alpha = 2 is sparsemax, alpha -> 1 is softmax, alpha = 1.5 has an exact sort-based solution.
+alpha = 2 is sparsemax, alpha = 1.5 has an exact sort-based solution, and alpha -> 1 tends to
+softmax; ``entmax(x, alpha=1)`` computes softmax exactly, so a schedule can move alpha
+continuously from softmax to a sparse mechanism (:mod:`plugin.schedule`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels.ops import checked_alpha
 from .base import compute_dtype, finish, prepare, shift_by_max
+from .softmax import softmax
 from .sparsemax import SparsemaxFunction
 
 ALPHA_MIN = 1.01  # LearnableAlpha's lower end; a free alpha near 1 makes 1/(alpha-1) explode
@@ -28,7 +32,11 @@ def entmax15_threshold(x: Tensor) -> Tensor:
     tau from below; after each step the root of the quadratic on the current support
     ``S = {x > tau}``, ``tau_S = mean_S - sqrt((1 - k var_S) / k)``, is exact as soon as S is
     the true support, which is verified (``{x > tau_S} == S``) before a row is accepted.
+    Under ``torch.compile`` the sort-based :func:`entmax15_threshold_sorted` is used instead (the
+    loop's exit test is a host synchronization).
     """
+    if torch.compiler.is_compiling():
+        return entmax15_threshold_sorted(x)
     d = x.shape[-1]
     tau = torch.full_like(x[..., :1], -1.0)
     result = torch.empty_like(tau)
@@ -179,24 +187,30 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
     Parameters
     ----------
     scores : Tensor of any shape.
-    alpha : a float in (1, 2], or a tensor broadcastable to ``scores`` with ``dim`` reduced
-        (dropped, or kept with size 1). A tensor alpha receives a gradient (Correia et al.
-        2019), so alpha can be learned (see :class:`LearnableAlpha`). alpha = 2 and 1.5 as
-        floats use the exact sort-based algorithms; other values bisection on the threshold.
+    alpha : a float in [1, 2], or a tensor in (1, 2] broadcastable to ``scores`` with ``dim``
+        reduced (dropped, or kept with size 1). A tensor alpha receives a gradient (Correia et
+        al. 2019), so alpha can be learned (see :class:`LearnableAlpha`). As floats, alpha = 1
+        is softmax (the limit alpha -> 1), 2 and 1.5 use the exact sort-based algorithms, other
+        values bisection on the threshold.
     dim, mask : as in :func:`plugin.softmax`.
     """
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point():
             raise ValueError(f"entmax: alpha must be a floating-point tensor, got {alpha.dtype}")
-        with torch.no_grad():
-            if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
-                raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
+        if torch.compiler.is_compiling():
+            alpha = checked_alpha(alpha)  # the range check as an op: no host sync in the graph
+        else:
+            with torch.no_grad():
+                if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
+                    raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
         z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
         a = _alpha_tensor(alpha.to(z.dtype), scores, d)
         p = EntmaxBisectFunction.apply(z, allowed, a)
         return finish(p, d, scores.dtype, invalid)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 < alpha <= 2:
-        raise ValueError(f"entmax: alpha must be a number in (1, 2] or a tensor, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 <= alpha <= 2:
+        raise ValueError(f"entmax: alpha must be a number in [1, 2] or a tensor in (1, 2], got {alpha!r}")
+    if alpha == 1:
+        return softmax(scores, dim=dim, mask=mask)
     z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
     if alpha == 2:
         p = SparsemaxFunction.apply(z, allowed)
@@ -221,9 +235,17 @@ class LearnableAlpha(nn.Module):
             raise ValueError(f"LearnableAlpha: num_heads must be a positive integer, got {num_heads!r}")
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not ALPHA_MIN < init < 2:
             raise ValueError(f"LearnableAlpha: init must be a number in ({ALPHA_MIN}, 2), got {init!r}")
-        u = (init - ALPHA_MIN) / (2 - ALPHA_MIN)
         self.num_heads = num_heads
-        self.weight = nn.Parameter(torch.full((num_heads,), math.log(u / (1 - u))))
+        self.weight = nn.Parameter(torch.empty(num_heads))
+        self.reset(init)
+
+    @torch.no_grad()
+    def reset(self, value: float) -> None:
+        """Set every head's alpha to ``value`` (a number in (1.01, 2))."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ALPHA_MIN < value < 2:
+            raise ValueError(f"LearnableAlpha: alpha must be a number in ({ALPHA_MIN}, 2), got {value!r}")
+        u = (value - ALPHA_MIN) / (2 - ALPHA_MIN)
+        self.weight.fill_(math.log(u / (1 - u)))
 
     def forward(self) -> Tensor:
         return (ALPHA_MIN + (2 - ALPHA_MIN) * torch.sigmoid(self.weight)).unsqueeze(-1)
@@ -236,7 +258,9 @@ class EntmaxNormalizer(nn.Module):
     """entmax with a fixed alpha, or with a learned alpha per head (``alpha="learned"``).
 
     With a learned alpha, scores must be laid out ``(..., num_heads, Lq, Lk)`` and
-    normalized over the last dimension.
+    normalized over the last dimension. ``warmup_alpha`` (a float, set by a schedule through
+    :meth:`set_param`) replaces the learned alpha while it is not None: a learned alpha can
+    start after a scheduled warm-up.
     """
 
     def __init__(self, alpha: float | str = 1.5, num_heads: int | None = None, init: float = 1.5) -> None:
@@ -244,24 +268,42 @@ class EntmaxNormalizer(nn.Module):
         self.name = "entmax"
         self.alpha = alpha
         self.learned: LearnableAlpha | None = None
+        self.warmup_alpha: float | None = None
         if alpha == "learned":
             if num_heads is None:
                 raise ValueError("entmax: alpha='learned' needs num_heads (one alpha per attention head)")
             self.learned = LearnableAlpha(num_heads, init=init)
 
-    def forward(self, scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    def fixed_alpha(self) -> float | None:
+        """The float alpha this normalizer computes with now, or None when the learned alpha runs."""
         if self.learned is None:
-            return entmax(scores, alpha=self.alpha, dim=dim, mask=mask)  # type: ignore[arg-type]
-        heads = self.learned.num_heads
+            return float(self.alpha)  # type: ignore[arg-type]
+        return self.warmup_alpha
+
+    def set_param(self, name: str, value: float | None) -> None:
+        """Set ``alpha`` (a schedule's current value); for a learned alpha, None hands over to it."""
+        if name != "alpha":
+            raise ValueError(f"entmax has no parameter {name!r}; valid parameters: alpha")
+        if self.learned is not None:
+            self.warmup_alpha = None if value is None else float(value)
+        elif value is not None:
+            self.alpha = float(value)
+
+    def forward(self, scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+        alpha = self.fixed_alpha()
+        if alpha is not None:
+            return entmax(scores, alpha=alpha, dim=dim, mask=mask)
+        heads = self.learned.num_heads  # type: ignore[union-attr]
         if dim % scores.dim() != scores.dim() - 1 or scores.dim() < 3 or scores.shape[-3] != heads:
             raise ValueError(
                 f"entmax with a learned alpha expects scores (..., num_heads={heads}, Lq, Lk) normalized "
                 f"over dim=-1; got shape {tuple(scores.shape)} and dim={dim}"
             )
-        return entmax(scores, alpha=self.learned().to(compute_dtype(scores.dtype)), dim=-1, mask=mask)
+        return entmax(scores, alpha=self.learned().to(compute_dtype(scores.dtype)), dim=-1, mask=mask)  # type: ignore[misc]
 
     def current_alpha(self) -> Tensor | float:
-        return self.learned().detach().squeeze(-1) if self.learned is not None else float(self.alpha)  # type: ignore[arg-type]
+        alpha = self.fixed_alpha()
+        return alpha if alpha is not None else self.learned().detach().squeeze(-1)  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"

@@ -20,8 +20,11 @@ def simplex_threshold(x: Tensor) -> Tensor:
     fills them with -2). Sort-free (Michelot 1986): starting from a lower bound of tau,
     ``tau <- (sum_{x > tau} x - 1) / |{x > tau}|`` increases monotonically and stops,
     exactly, when the set ``{x > tau}`` no longer changes (at most d rounds; a handful in
-    practice).
+    practice). Under ``torch.compile`` the sort-based :func:`simplex_threshold_sorted` is used
+    instead (the loop's exit test is a host synchronization).
     """
+    if torch.compiler.is_compiling():
+        return simplex_threshold_sorted(x)
     d = x.shape[-1]
     tau = torch.clamp((x.sum(-1, keepdim=True) - 1) / d, min=-1.0)
     count = torch.full_like(tau, -1.0)

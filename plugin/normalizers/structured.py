@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernels.cpu import effective_lam, group_mean_cpu, structured_prox
+from ..kernels.ops import group_mean as group_mean_op
+from ..kernels.ops import structured_prox
 from ..registry import Param, register_normalizer
 from .base import GAMMA, check_param, finish, prepare, scaled_by_gamma, shift_by_max
 from .sparsemax import SparsemaxFunction
@@ -78,7 +79,7 @@ def group_mean(values: Tensor, groups: Tensor) -> Tensor:
     kernel (one pass per row); others through a vectorized ``index_add_``.
     """
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        return group_mean_cpu(values, groups)
+        return group_mean_op(values, groups.to(torch.int32))
     return _group_mean_torch(values, groups)
 
 
@@ -109,20 +110,22 @@ class GroupedProxFunction(torch.autograd.Function):
     mean weight of G's ranks). So ``dy_i / dx_j = 1 / |G|`` for i, j in the same group and 0
     otherwise: the projection that averages inside groups. It is symmetric, so the backward
     pass replaces the incoming gradient by its group mean. Masked positions get zero
-    gradient.
+    gradient. With ``drop_row_shift`` the prox beyond a row's pooling point is returned without
+    its per-row shift (see :func:`plugin.kernels.ops.structured_prox`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str) -> Tensor:  # type: ignore[override]
-        y, groups = structured_prox(kind, x, allowed, lam)
+    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str,  # type: ignore[override]
+                drop_row_shift: bool = False) -> Tensor:
+        y, groups = structured_prox(kind, x, allowed, lam, drop_row_shift)
         ctx.save_for_backward(groups)
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
         (groups,) = ctx.saved_tensors
-        return group_mean(grad, groups), None, None, None
+        return group_mean(grad, groups), None, None, None, None
 
 
 class OscarProxFunction(torch.autograd.Function):
@@ -323,7 +326,7 @@ def oscarmax(
     x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
     x = torch.where(allowed, x, torch.zeros_like(x))
     # sparsemax ignores the per-row shift of the ordered prox beyond the pooling point
-    y = GroupedProxFunction.apply(x, allowed, effective_lam("oscar_ordered", x.detach(), allowed, lam), "oscar_ordered")
+    y = GroupedProxFunction.apply(x, allowed, lam, "oscar_ordered", True)
     p = SparsemaxFunction.apply(y, allowed)
     return finish(p, dim, scores.dtype, invalid)
 

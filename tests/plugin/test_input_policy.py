@@ -124,10 +124,13 @@ def _same(got, want, where):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4, equal_nan=True, msg=where)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("spec", list(PATHS))
 @pytest.mark.parametrize("case", list(_cases()))
-def test_every_path_follows_the_same_input_policy(spec, case):
+def test_every_path_follows_the_same_input_policy(spec, case, dtype):
     kwargs, fast = _cases()[case]
+    if dtype == torch.float64 and case != "mixed_dtypes":
+        kwargs = {n: t.double() if n in "qkv" and t.dtype == torch.float32 else t for n, t in kwargs.items()}
     fast = fast and not ("continuous" in spec and case in CONTINUOUS_ON_REFERENCE)
     reference = _run(spec, kwargs, "reference")
     with_weights = _run(spec, kwargs, "reference", return_weights=True)

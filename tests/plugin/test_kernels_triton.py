@@ -33,6 +33,8 @@ CASES = {
     "entmax15-float16": ("entmax15", "padding", "float16", (1, 2, 1, 20, 37, 16)),
     "sparsemax-bfloat16": ("sparsemax", "causal", "bfloat16", (1, 2, 2, 20, 20, 16)),
     "alpha1.7-dim24": ("entmax:alpha=1.7", "none", "float32", (1, 2, 2, 17, 19, 24)),
+    # near softmax, where a schedule from alpha = 1 passes (alpha = 1 itself takes the sdpa path)
+    "alpha1.01-near-softmax": ("entmax:alpha=1.01", "padding", "float32", (1, 2, 2, 17, 19, 16)),
 }
 
 

@@ -111,3 +111,11 @@ def test_the_smallest_gamma_still_trains():
     (p * torch.randn(4, 6)).sum().backward()
     assert torch.isfinite(p).all() and torch.isfinite(x.grad).all()
     assert math.isclose(float(p.detach().sum()), 4.0, rel_tol=1e-6)
+
+
+def test_the_continuous_context_module_refuses_a_variance_floor_that_overflows():
+    from plugin.continuous import ContinuousContext
+
+    with pytest.raises(ValueError, match="min_var"):
+        ContinuousContext(alpha=2.0, min_var=1e300)
+    assert ContinuousContext(alpha=2.0, min_var=1.0).min_var == 1.0

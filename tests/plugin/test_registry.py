@@ -37,7 +37,7 @@ def test_canonical_spec_normalizes_spacing_and_numbers():
         ("nosuchmax", ["nosuchmax", "sparsemax", "entmax"]),
         ("", ["empty"]),
         ("entmax:beta=2", ["beta", "alpha"]),
-        ("entmax:alpha=1", ["alpha", "(1, 2]"]),
+        ("entmax:alpha=0.99", ["alpha", "[1, 2]"]),
         ("entmax:alpha=0.5", ["alpha"]),
         ("entmax:alpha=abc", ["alpha", "learned"]),
         ("fusedmax:lam=-1", ["lam", ">= 0"]),

@@ -384,7 +384,7 @@ def test_bad_parameter_fails_at_argument_parsing_with_its_range(data_bin, capsys
             ],
         )
     err = capsys.readouterr().err
-    assert "argument --decoder-attn" in err and "alpha" in err and "(1, 2]" in err
+    assert "argument --decoder-attn" in err and "alpha" in err and "[1, 2]" in err
 
 
 def test_architectures_keep_fairseq_defaults(data_bin):

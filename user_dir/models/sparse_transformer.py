@@ -1,9 +1,13 @@
 """The ``sparse_transformer`` model: fairseq's transformer with a chosen attention per role.
 
 ``--encoder-attn``, ``--decoder-attn`` and ``--cross-attn`` take spec strings of the core
-registry; each defaults to softmax. Every other flag of fairseq's ``transformer`` works
-unchanged, and the parameter names are fairseq's, so a stock ``transformer`` checkpoint
-loads into it (mechanism parameters such as a learned alpha keep their initial values).
+registry; each defaults to softmax. ``--encoder-attn-schedule`` (and the decoder and cross
+ones) move a parameter of that spec with the update count (``plugin.schedule``): fairseq's
+``set_num_updates`` hook sets the step, the step is saved with the model, and inference
+(``prepare_for_inference_``: fairseq-generate, -interactive) uses the end value. Every
+other flag of fairseq's ``transformer`` works unchanged, and the parameter names are
+fairseq's, so a stock ``transformer`` checkpoint loads into it (mechanism parameters such as
+a learned alpha keep their initial values).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from fairseq.models.transformer import (
     transformer_iwslt_de_en,
 )
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+import plugin
 
 from ..modules.transformer_layer import (
     SparseTransformerDecoderLayer,
@@ -41,13 +47,16 @@ def _wrap_layer(layer, cfg):
 class SparseTransformerEncoder(TransformerEncoderBase):
     """fairseq's transformer encoder; its self-attention uses ``attention_spec``."""
 
-    def __init__(self, cfg, dictionary, embed_tokens, attention_spec: str = DEFAULT_SPEC, return_fc: bool = False):
+    def __init__(self, cfg, dictionary, embed_tokens, attention_spec: str = DEFAULT_SPEC, return_fc: bool = False,
+                 attention_schedule: str | None = None):
         self.attention_spec = attention_spec  # read by build_encoder_layer in the base constructor
+        self.attention_schedule = attention_schedule
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
         use_stock_dropout_names(self, "TransformerEncoder")
 
     def build_encoder_layer(self, cfg):
-        layer = SparseTransformerEncoderLayer(cfg, attention_spec=self.attention_spec, return_fc=self.return_fc)
+        layer = SparseTransformerEncoderLayer(cfg, attention_spec=self.attention_spec, return_fc=self.return_fc,
+                                              attention_schedule=self.attention_schedule)
         return _wrap_layer(layer, cfg)
 
 
@@ -64,9 +73,13 @@ class SparseTransformerDecoder(TransformerDecoderBase):
         output_projection=None,
         self_attention_spec: str = DEFAULT_SPEC,
         cross_attention_spec: str = DEFAULT_SPEC,
+        self_attention_schedule: str | None = None,
+        cross_attention_schedule: str | None = None,
     ):
         self.self_attention_spec = self_attention_spec
         self.cross_attention_spec = cross_attention_spec
+        self.self_attention_schedule = self_attention_schedule
+        self.cross_attention_schedule = cross_attention_schedule
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )
@@ -78,6 +91,8 @@ class SparseTransformerDecoder(TransformerDecoderBase):
             self_attention_spec=self.self_attention_spec,
             cross_attention_spec=self.cross_attention_spec,
             no_encoder_attn=no_encoder_attn,
+            self_attention_schedule=self.self_attention_schedule,
+            cross_attention_schedule=self.cross_attention_schedule,
         )
         return _wrap_layer(layer, cfg)
 
@@ -85,6 +100,10 @@ class SparseTransformerDecoder(TransformerDecoderBase):
 def _spec(cfg, name: str) -> str:
     # TransformerConfig keeps unknown namespace entries (``encoder_attn`` lands in cfg.encoder.attn)
     return getattr(cfg, name, None) or DEFAULT_SPEC
+
+
+def _schedule(cfg, name: str) -> str | None:
+    return getattr(cfg, name, None) or None
 
 
 @register_model("sparse_transformer")
@@ -106,6 +125,11 @@ class SparseTransformerModel(TransformerModel):
         per hypothesis (fairseq's beam-shared encoder states; the results are unchanged)."""
         self.decoder.set_beam_size(beam_size)
 
+    def prepare_for_inference_(self, cfg) -> None:
+        """fairseq-generate / -interactive / from_pretrained: every schedule at its end value."""
+        plugin.finish_schedules(self)
+        super().prepare_for_inference_(cfg)
+
     @classmethod
     def add_args(cls, parser):
         TransformerModel.add_args(parser)
@@ -119,7 +143,8 @@ class SparseTransformerModel(TransformerModel):
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(cfg)
-        return SparseTransformerEncoder(cfg, src_dict, embed_tokens, attention_spec=_spec(cfg, "encoder_attn"))
+        return SparseTransformerEncoder(cfg, src_dict, embed_tokens, attention_spec=_spec(cfg, "encoder_attn"),
+                                        attention_schedule=_schedule(cfg, "encoder_attn_schedule"))
 
     @classmethod
     def build_decoder(cls, cfg, tgt_dict, embed_tokens):
@@ -131,6 +156,8 @@ class SparseTransformerModel(TransformerModel):
             no_encoder_attn=cfg.no_cross_attention,
             self_attention_spec=_spec(cfg, "decoder_attn"),
             cross_attention_spec=_spec(cfg, "cross_attn"),
+            self_attention_schedule=_schedule(cfg, "decoder_attn_schedule"),
+            cross_attention_schedule=_schedule(cfg, "cross_attn_schedule"),
         )
 
 

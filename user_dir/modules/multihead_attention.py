@@ -38,6 +38,8 @@ class PluggableMultiheadAttention(MultiheadAttention):
         ``"fusedmax:lam=0.5"``, ``"sparsemax+continuous_softmax"``...).
     role : the label reported by ``plugin.record_calls()`` (``"encoder"``, ``"decoder"``,
         ``"cross"``).
+    schedule : a schedule string (``plugin.schedule``) moving a parameter of ``spec`` with
+        fairseq's update count, which :meth:`set_num_updates` receives from the trainer.
 
     The mechanism is the submodule ``mechanism``: its parameters (a learned alpha per head,
     a continuous-attention head) are trained, checkpointed and restored with the model.
@@ -61,6 +63,7 @@ class PluggableMultiheadAttention(MultiheadAttention):
         q_noise: float = 0.0,
         qn_block_size: int = 8,
         xformers_att_config: str | None = None,
+        schedule: str | None = None,
     ) -> None:
         if xformers_att_config:
             raise ValueError(
@@ -82,7 +85,7 @@ class PluggableMultiheadAttention(MultiheadAttention):
             q_noise=q_noise,
             qn_block_size=qn_block_size,
         )
-        self.mechanism = plugin.AttentionMechanism(spec, num_heads=num_heads, role=role)
+        self.mechanism = plugin.AttentionMechanism(spec, num_heads=num_heads, role=role, schedule=schedule)
         # fairseq's name, so --retain-dropout-modules lists stay those of the stock model
         self.dropout_module.module_name = "MultiheadAttention"
 
@@ -97,6 +100,11 @@ class PluggableMultiheadAttention(MultiheadAttention):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq's per-update hook (the model passes it to every submodule): the schedule's step."""
+        if self.mechanism.schedule is not None:
+            self.mechanism.set_schedule_step(int(num_updates))
 
     def forward(
         self,
@@ -384,7 +392,9 @@ def _mechanism_mask(
         keep = ~attn_mask.to(torch.bool)
         return keep if allowed is None else allowed & keep
     blocked = torch.isneginf(attn_mask)
-    if bool(((attn_mask == 0) | blocked).all()):
+    # a 0 / -inf mask becomes a bool one; under torch.compile (no host sync in a graph) it stays
+    # additive, which gives the same scores
+    if not torch.compiler.is_compiling() and bool(((attn_mask == 0) | blocked).all()):
         return ~blocked if allowed is None else allowed & ~blocked
     if allowed is None:
         return attn_mask

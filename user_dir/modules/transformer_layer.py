@@ -35,9 +35,11 @@ def _refuse_xformers(config: str | None, where: str) -> None:
 class SparseTransformerEncoderLayer(TransformerEncoderLayerBase):
     """An encoder layer whose self-attention uses ``attention_spec`` (role ``"encoder"``)."""
 
-    def __init__(self, cfg, attention_spec: str = "softmax", return_fc: bool = False) -> None:
+    def __init__(self, cfg, attention_spec: str = "softmax", return_fc: bool = False,
+                 attention_schedule: str | None = None) -> None:
         # read by build_self_attention, which the base constructor calls
         self.attention_spec = attention_spec
+        self.attention_schedule = attention_schedule
         super().__init__(cfg, return_fc=return_fc)
         use_stock_dropout_names(self, "TransformerEncoderLayerBase")
 
@@ -48,6 +50,7 @@ class SparseTransformerEncoderLayer(TransformerEncoderLayerBase):
             cfg.encoder.attention_heads,
             spec=self.attention_spec,
             role="encoder",
+            schedule=self.attention_schedule,
             dropout=cfg.attention_dropout,
             self_attention=True,
             q_noise=self.quant_noise,
@@ -67,9 +70,13 @@ class SparseTransformerDecoderLayer(TransformerDecoderLayerBase):
         no_encoder_attn: bool = False,
         add_bias_kv: bool = False,
         add_zero_attn: bool = False,
+        self_attention_schedule: str | None = None,
+        cross_attention_schedule: str | None = None,
     ) -> None:
         self.self_attention_spec = self_attention_spec
         self.cross_attention_spec = cross_attention_spec
+        self.self_attention_schedule = self_attention_schedule
+        self.cross_attention_schedule = cross_attention_schedule
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
         use_stock_dropout_names(self, "TransformerDecoderLayerBase")
 
@@ -82,6 +89,7 @@ class SparseTransformerDecoderLayer(TransformerDecoderLayerBase):
             cfg.decoder.attention_heads,
             spec=self.self_attention_spec,
             role="decoder",
+            schedule=self.self_attention_schedule,
             dropout=cfg.attention_dropout,
             add_bias_kv=add_bias_kv,
             add_zero_attn=add_zero_attn,
@@ -97,6 +105,7 @@ class SparseTransformerDecoderLayer(TransformerDecoderLayerBase):
             cfg.decoder.attention_heads,
             spec=self.cross_attention_spec,
             role="cross",
+            schedule=self.cross_attention_schedule,
             kdim=cfg.encoder.embed_dim,
             vdim=cfg.encoder.embed_dim,
             dropout=cfg.attention_dropout,
