@@ -203,9 +203,9 @@ def _toy_corpus(folder: Path, cache: Path) -> None:
 
 @setup("fairseq-checkpoint")
 def _fairseq_checkpoint(folder: Path, cache: Path) -> None:
-    """``data-bin/`` (the toy corpus binarized) and ``checkpoints/checkpoint_best.pt``: a
+    """``data-bin/`` (the toy corpus binarized), ``checkpoints/checkpoint_best.pt``: a
     ``sparse_transformer_tiny`` (sparsemax encoder, learned-alpha decoder, fusedmax cross-attention)
-    trained for 2 epochs by fairseq-train."""
+    trained for 2 epochs by fairseq-train, and ``softmax/checkpoint_last.pt``: the same with softmax."""
 
     def build(out: Path) -> None:
         from tests.user_dir.helpers import write_corpus
@@ -215,12 +215,13 @@ def _fairseq_checkpoint(folder: Path, cache: Path) -> None:
         _check([str(bin_dir / "fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",
                 "--trainpref", str(corpus / "train"), "--validpref", str(corpus / "valid"),
                 "--testpref", str(corpus / "test"), "--destdir", str(out / "data-bin"), "--workers", "1"], out)
-        _check([str(bin_dir / "fairseq-train"), str(out / "data-bin"), "--user-dir", str(ROOT / "user_dir"),
-                "--arch", "sparse_transformer_tiny", "--encoder-attn", "sparsemax",
-                "--decoder-attn", "entmax:alpha=learned", "--cross-attn", "fusedmax:lam=0.5",
-                "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "1000", "--max-epoch", "2",
-                "--required-batch-size-multiple", "1", "--save-dir", str(out / "checkpoints"),
-                "--no-epoch-checkpoints", "--no-progress-bar", "--num-workers", "0", "--cpu"], out)
+        for save, specs in (("checkpoints", ["sparsemax", "entmax:alpha=learned", "fusedmax:lam=0.5"]),
+                            ("softmax", ["softmax"] * 3)):
+            _check([str(bin_dir / "fairseq-train"), str(out / "data-bin"), "--user-dir", str(ROOT / "user_dir"),
+                    "--arch", "sparse_transformer_tiny", "--encoder-attn", specs[0], "--decoder-attn", specs[1],
+                    "--cross-attn", specs[2], "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "1000",
+                    "--max-epoch", "2", "--required-batch-size-multiple", "1", "--save-dir", str(out / save),
+                    "--no-epoch-checkpoints", "--no-progress-bar", "--num-workers", "0", "--cpu"], out)
         shutil.rmtree(corpus)
 
     _copy_into(_cached(cache, "fairseq-checkpoint", build), folder)
@@ -229,7 +230,8 @@ def _fairseq_checkpoint(folder: Path, cache: Path) -> None:
 @setup("finetune-data")
 def _finetune_data(folder: Path, cache: Path) -> None:
     """Tiny local data for scripts/finetune.py: English -> German number words as
-    ``{train,valid}.jsonl`` and ``data/{train,valid}.jsonl`` (columns ``en``, ``de``), and a
+    ``{train,valid}.jsonl`` and ``data/{train,valid}.jsonl`` (columns ``en``, ``de`` and the same as
+    ``source``, ``target``), and a
     sentence classification set ``{train,valid}.csv`` (columns ``sentence``, ``label``)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -239,8 +241,9 @@ def _finetune_data(folder: Path, cache: Path) -> None:
     rng = random.Random(0)
     for split, n in (("train", 24), ("valid", 6)):
         numbers = rng.sample(range(1, 100), n)
-        lines = "".join(json.dumps({"en": words(x, "en"), "de": words(x, "de")}, ensure_ascii=False) + "\n"
-                        for x in numbers)
+        pairs = [(words(x, "en"), words(x, "de")) for x in numbers]
+        lines = "".join(json.dumps({"en": en, "de": de, "source": en, "target": de}, ensure_ascii=False) + "\n"
+                        for en, de in pairs)
         for name in (f"{split}.jsonl", f"data/{split}.jsonl"):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(lines, encoding="utf-8")
@@ -251,7 +254,8 @@ def _finetune_data(folder: Path, cache: Path) -> None:
 @setup("hf-models")
 def _hf_models(folder: Path, cache: Path) -> None:
     """Tiny stock models, each with a word-level tokenizer, saved where the examples load them:
-    ``path/to/roberta`` (sequence classification), ``path/to/llama``, ``path/to/stock-bart``,
+    ``path/to/roberta`` (sequence classification), ``path/to/llama``, ``path/to/stock-bart`` and
+    ``path/to/bart``,
     ``path/to/marian`` and ``path/to/opus-mt-en-de`` (Marian)."""
 
     def build(out: Path) -> None:
@@ -279,7 +283,8 @@ def _hf_models(folder: Path, cache: Path) -> None:
                                            model_input_names=["input_ids", "attention_mask"])
 
         for name, family, template in (("roberta", "roberta", "<s> $A </s>"), ("llama", "llama", None),
-                                       ("stock-bart", "bart", "<s> $A </s>"), ("marian", "marian", "$A </s>"),
+                                       ("stock-bart", "bart", "<s> $A </s>"), ("bart", "bart", "<s> $A </s>"),
+                                       ("marian", "marian", "$A </s>"),
                                        ("opus-mt-en-de", "marian", "$A </s>")):
             config_class, model_class = STOCK[family]
             torch.manual_seed(0)
