@@ -40,6 +40,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ DOC_FILES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "doc
 RUN_LANGUAGES = {"python": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 LINKED = ("plugin", "user_dir", "hf_models", "scripts")
 TIMEOUT = 900
+PORT_RETRIES = 3  # data-parallel examples use the launchers' default port, which a concurrent run may hold
 
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^`\n]*)$")
 DIRECTIVE = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
@@ -201,9 +203,9 @@ def _toy_corpus(folder: Path, cache: Path) -> None:
 
 @setup("fairseq-checkpoint")
 def _fairseq_checkpoint(folder: Path, cache: Path) -> None:
-    """``data-bin/`` (the toy corpus binarized) and ``checkpoints/checkpoint_best.pt``: a
+    """``data-bin/`` (the toy corpus binarized), ``checkpoints/checkpoint_best.pt``: a
     ``sparse_transformer_tiny`` (sparsemax encoder, learned-alpha decoder, fusedmax cross-attention)
-    trained for 2 epochs by fairseq-train."""
+    trained for 2 epochs by fairseq-train, and ``softmax/checkpoint_last.pt``: the same with softmax."""
 
     def build(out: Path) -> None:
         from tests.user_dir.helpers import write_corpus
@@ -213,12 +215,13 @@ def _fairseq_checkpoint(folder: Path, cache: Path) -> None:
         _check([str(bin_dir / "fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",
                 "--trainpref", str(corpus / "train"), "--validpref", str(corpus / "valid"),
                 "--testpref", str(corpus / "test"), "--destdir", str(out / "data-bin"), "--workers", "1"], out)
-        _check([str(bin_dir / "fairseq-train"), str(out / "data-bin"), "--user-dir", str(ROOT / "user_dir"),
-                "--arch", "sparse_transformer_tiny", "--encoder-attn", "sparsemax",
-                "--decoder-attn", "entmax:alpha=learned", "--cross-attn", "fusedmax:lam=0.5",
-                "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "1000", "--max-epoch", "2",
-                "--required-batch-size-multiple", "1", "--save-dir", str(out / "checkpoints"),
-                "--no-epoch-checkpoints", "--no-progress-bar", "--num-workers", "0", "--cpu"], out)
+        for save, specs in (("checkpoints", ["sparsemax", "entmax:alpha=learned", "fusedmax:lam=0.5"]),
+                            ("softmax", ["softmax"] * 3)):
+            _check([str(bin_dir / "fairseq-train"), str(out / "data-bin"), "--user-dir", str(ROOT / "user_dir"),
+                    "--arch", "sparse_transformer_tiny", "--encoder-attn", specs[0], "--decoder-attn", specs[1],
+                    "--cross-attn", specs[2], "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "1000",
+                    "--max-epoch", "2", "--required-batch-size-multiple", "1", "--save-dir", str(out / save),
+                    "--no-epoch-checkpoints", "--no-progress-bar", "--num-workers", "0", "--cpu"], out)
         shutil.rmtree(corpus)
 
     _copy_into(_cached(cache, "fairseq-checkpoint", build), folder)
@@ -227,7 +230,8 @@ def _fairseq_checkpoint(folder: Path, cache: Path) -> None:
 @setup("finetune-data")
 def _finetune_data(folder: Path, cache: Path) -> None:
     """Tiny local data for scripts/finetune.py: English -> German number words as
-    ``{train,valid}.jsonl`` and ``data/{train,valid}.jsonl`` (columns ``en``, ``de``), and a
+    ``{train,valid}.jsonl`` and ``data/{train,valid}.jsonl`` (columns ``en``, ``de`` and the same as
+    ``source``, ``target``), and a
     sentence classification set ``{train,valid}.csv`` (columns ``sentence``, ``label``)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -237,8 +241,9 @@ def _finetune_data(folder: Path, cache: Path) -> None:
     rng = random.Random(0)
     for split, n in (("train", 24), ("valid", 6)):
         numbers = rng.sample(range(1, 100), n)
-        lines = "".join(json.dumps({"en": words(x, "en"), "de": words(x, "de")}, ensure_ascii=False) + "\n"
-                        for x in numbers)
+        pairs = [(words(x, "en"), words(x, "de")) for x in numbers]
+        lines = "".join(json.dumps({"en": en, "de": de, "source": en, "target": de}, ensure_ascii=False) + "\n"
+                        for en, de in pairs)
         for name in (f"{split}.jsonl", f"data/{split}.jsonl"):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(lines, encoding="utf-8")
@@ -249,7 +254,8 @@ def _finetune_data(folder: Path, cache: Path) -> None:
 @setup("hf-models")
 def _hf_models(folder: Path, cache: Path) -> None:
     """Tiny stock models, each with a word-level tokenizer, saved where the examples load them:
-    ``path/to/roberta`` (sequence classification), ``path/to/llama``, ``path/to/stock-bart``,
+    ``path/to/roberta`` (sequence classification), ``path/to/llama``, ``path/to/stock-bart`` and
+    ``path/to/bart``,
     ``path/to/marian`` and ``path/to/opus-mt-en-de`` (Marian)."""
 
     def build(out: Path) -> None:
@@ -277,7 +283,8 @@ def _hf_models(folder: Path, cache: Path) -> None:
                                            model_input_names=["input_ids", "attention_mask"])
 
         for name, family, template in (("roberta", "roberta", "<s> $A </s>"), ("llama", "llama", None),
-                                       ("stock-bart", "bart", "<s> $A </s>"), ("marian", "marian", "$A </s>"),
+                                       ("stock-bart", "bart", "<s> $A </s>"), ("bart", "bart", "<s> $A </s>"),
+                                       ("marian", "marian", "$A </s>"),
                                        ("opus-mt-en-de", "marian", "$A </s>")):
             config_class, model_class = STOCK[family]
             torch.manual_seed(0)
@@ -355,7 +362,11 @@ def test_block_runs_as_written(block: Block, tmp_path: Path, setup_cache: Path) 
         script = folder / f".doc_block_{n}.{'py' if lang == 'python' else 'sh'}"
         script.write_text(source, encoding="utf-8")
         cmd = [sys.executable, script.name] if lang == "python" else ["bash", "-e", "-o", "pipefail", script.name]
-        proc = subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+        for attempt in range(PORT_RETRIES + 1):
+            proc = subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+            if proc.returncode == 0 or "EADDRINUSE" not in proc.stdout + proc.stderr or attempt == PORT_RETRIES:
+                break
+            time.sleep(30)  # another data-parallel run on this machine holds the default port 29500
         assert proc.returncode == 0, (
             f"{block.id} failed (exit {proc.returncode}) running:\n{source}\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
