@@ -31,7 +31,7 @@ demo: venv
 	$(PY) scripts/demo.py --size $(SIZE) --out $(OUT)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 lint: venv
 	$(PY) -m ruff check plugin user_dir hf_models scripts tests

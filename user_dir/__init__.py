@@ -33,7 +33,8 @@ from .quiet import silence_known_fairseq_logs, silence_known_fairseq_warnings  #
 silence_known_fairseq_warnings()
 silence_known_fairseq_logs()
 
-from .checkpoint_globals import allow_fairseq_checkpoint_globals  # noqa: E402
+from .checkpoint_globals import allow_fairseq_checkpoint_globals, reallow_at_each_load  # noqa: E402
 from .models import sparse_transformer  # noqa: E402, F401  (registers the model and architectures)
 
 allow_fairseq_checkpoint_globals()
+reallow_at_each_load()

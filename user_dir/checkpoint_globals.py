@@ -16,12 +16,17 @@ allows already):
 Nothing that runs arbitrary code is allowed; a checkpoint containing any other global
 still fails to load, and torch's message names it (add it with
 ``torch.serialization.add_safe_globals`` after checking it is a plain data type).
-Importing the user dir calls :func:`allow_fairseq_checkpoint_globals`.
+Importing the user dir calls :func:`allow_fairseq_checkpoint_globals` and
+:func:`reallow_at_each_load`: torch's ``serialization.safe_globals`` context removes its globals
+on exit even when they were allow-listed before it (transformers' ``Trainer`` enters one with
+numpy's ``_reconstruct``, ``ndarray`` and ``dtype`` when it resumes from a checkpoint), so
+the allow-list is applied again each time fairseq loads a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any
 
 import numpy as np
@@ -54,3 +59,20 @@ def fairseq_checkpoint_globals() -> list[Any]:
 def allow_fairseq_checkpoint_globals() -> None:
     """Add :func:`fairseq_checkpoint_globals` to torch's weights-only allow-list (idempotent)."""
     torch.serialization.add_safe_globals(fairseq_checkpoint_globals())
+
+
+def reallow_at_each_load() -> None:
+    """Make fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` re-apply the allow-list first (idempotent)."""
+    from fairseq import checkpoint_utils
+
+    load = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(load, "_reallows_fairseq_globals", False):
+        return
+
+    @functools.wraps(load)
+    def load_checkpoint_to_cpu(*args: Any, **kwargs: Any) -> Any:
+        allow_fairseq_checkpoint_globals()
+        return load(*args, **kwargs)
+
+    load_checkpoint_to_cpu._reallows_fairseq_globals = True  # type: ignore[attr-defined]
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

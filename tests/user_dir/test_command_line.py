@@ -420,3 +420,17 @@ def test_architectures_keep_fairseq_defaults(data_bin):
         tiny["encoder_layers"],
         tiny["encoder_attention_heads"],
     ) == (64, 128, 2, 4)
+
+
+def test_checkpoints_load_after_a_safe_globals_context_removed_the_allow_list(user_run):
+    """torch's safe_globals context removes its globals on exit even when they were allowed before
+    (transformers' Trainer enters one when it resumes); fairseq checkpoints must still load."""
+    import numpy as np
+    from fairseq import checkpoint_utils
+
+    reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+    with torch.serialization.safe_globals([reconstruct, np.ndarray, np.dtype]):
+        pass
+    assert reconstruct not in torch.serialization.get_safe_globals()  # the allow-list really was removed
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(user_run / "checkpoint_best.pt"))
+    assert "model" in state
