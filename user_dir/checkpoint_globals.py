@@ -20,7 +20,9 @@ Importing the user dir calls :func:`allow_fairseq_checkpoint_globals` and
 :func:`reallow_at_each_load`: torch's ``serialization.safe_globals`` context removes its globals
 on exit even when they were allow-listed before it (transformers' ``Trainer`` enters one with
 numpy's ``_reconstruct``, ``ndarray`` and ``dtype`` when it resumes from a checkpoint), so
-the allow-list is applied again each time fairseq loads a checkpoint.
+the allow-list is applied again each time fairseq loads a checkpoint. Code that calls
+``torch.load`` on a fairseq checkpoint itself after such a context calls
+:func:`allow_fairseq_checkpoint_globals` first.
 """
 
 from __future__ import annotations

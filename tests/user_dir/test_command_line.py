@@ -87,6 +87,11 @@ def test_train_then_generate_with_print_alignment(user_run, data_bin):
 
 
 def test_checkpoint_holds_the_specs_and_the_trained_alpha(user_run):
+    from user_dir.checkpoint_globals import allow_fairseq_checkpoint_globals
+
+    # importing user_dir did this once; a transformers Trainer resume earlier in the same test process
+    # (torch's safe_globals context) removes numpy's globals again, so re-apply it as a user would
+    allow_fairseq_checkpoint_globals()
     state = torch.load(user_run / "checkpoint_last.pt")  # torch's default: weights_only=True
     args = state["cfg"]["model"]
     assert (args.encoder_attn, args.decoder_attn, args.cross_attn) == USER_RUN
