@@ -274,6 +274,12 @@ class EntmaxNormalizer(nn.Module):
                 raise ValueError("entmax: alpha='learned' needs num_heads (one alpha per attention head)")
             self.learned = LearnableAlpha(num_heads, init=init)
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The current parameters, as the fast paths read them: ``alpha`` a float or the :class:`LearnableAlpha`."""
+        alpha = self.fixed_alpha()
+        return {"alpha": self.learned if alpha is None else alpha}
+
     def fixed_alpha(self) -> float | None:
         """The float alpha this normalizer computes with now, or None when the learned alpha runs."""
         if self.learned is None:
