@@ -231,9 +231,9 @@ def threshold_family(alpha: Value = 2.0, gamma: Value = 1.0) -> tuple[Path, ...]
         return reason
 
     def chunked_build(call: Call) -> Runner:
-        from .kernels.chunked import chunked_entmax_attention
+        from .kernels.chunked import run_chunked_entmax
 
-        return _scaled_runner(chunked_entmax_attention, config(call), backend="c")
+        return _scaled_runner(run_chunked_entmax, config(call), backend="c")
 
     def torch_supports(call: Call) -> str | None:
         result = _threshold(alpha, gamma, call)
@@ -252,9 +252,9 @@ def threshold_family(alpha: Value = 2.0, gamma: Value = 1.0) -> tuple[Path, ...]
         return None
 
     def torch_build(call: Call) -> Runner:
-        from .kernels.chunked import chunked_entmax_attention
+        from .kernels.chunked import run_chunked_entmax
 
-        return _scaled_runner(chunked_entmax_attention, config(call), backend="torch")
+        return _scaled_runner(run_chunked_entmax, config(call), backend="torch")
 
     return (
         Path("triton", triton_supports, triton_build),
