@@ -107,20 +107,21 @@ class AttentionMechanism(nn.Module):
     def current_spec(self) -> str:
         """The spec this mechanism computes now: ``spec`` with a schedule's current value filled in."""
         value = self.scheduled_value()
-        if value is None:
+        if value is None or self.schedule is None:
             return self.spec
         part = self._discrete_part
-        name = self.schedule.param  # type: ignore[union-attr]
+        name = self.schedule.param
         now = ParsedSpec(part.variant, {**part.params, name: value}, tuple(dict.fromkeys(part.given + (name,))))
         return "+".join([str(now)] + self.spec.split("+")[1:])
 
     def _learned_took_over(self) -> bool:
-        return getattr(self.normalizer, "learned", None) is not None and (
-            self.schedule_step_value >= self.schedule.final_step  # type: ignore[union-attr]
+        return self.schedule is not None and getattr(self.normalizer, "learned", None) is not None and (
+            self.schedule_step_value >= self.schedule.final_step
         )
 
     def _apply_schedule(self) -> None:
-        self.normalizer.set_param(self.schedule.param, self.scheduled_value())  # type: ignore[union-attr]
+        if self.schedule is not None:
+            self.normalizer.set_param(self.schedule.param, self.scheduled_value())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

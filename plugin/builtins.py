@@ -61,24 +61,18 @@ register_normalizer(
     summary="alpha-entmax (1 = softmax, 2 = sparsemax); alpha fixed, learned per head, or scheduled",
     paths=(*sdpa_softmax(when=_alpha_is_one), *threshold_family(alpha="alpha")),
 )
-register_normalizer(
-    "fusedmax",
-    fusedmax,
-    # lam: fusion strength (>= 0): 0 gives sparsemax, large values uniform segments
-    params=(Param("lam", 1.0, float, low=0), GAMMA),
-    formula="sparsemax(prox_{lam TV}(x / gamma)), TV = sum_i |y_{i+1} - y_i| over consecutive allowed keys",
-    summary="sparse and structured: equal weights on contiguous segments (fused lasso)",
-    paths=structured_chunked("tv"),
-)
-register_normalizer(
-    "oscarmax",
-    oscarmax,
-    # lam: clustering strength (>= 0): 0 gives sparsemax, large values one cluster
-    params=(Param("lam", 1.0, float, low=0), GAMMA),
-    formula="argmax_{y in simplex} y.x - gamma (||y||^2 / 2 + lam sum_{i<j} max(|y_i|, |y_j|)) (exact, sort + PAV)",
-    summary="sparse and structured: equal weights on clusters of similar scores (OSCAR)",
-    paths=structured_chunked("oscar_ordered"),
-)
+# lam: the structure strength (>= 0): 0 gives sparsemax; large values give one segment (fusedmax) or
+# one cluster (oscarmax)
+for _name, _function, _kind, _formula, _summary in (
+    ("fusedmax", fusedmax, "tv",
+     "sparsemax(prox_{lam TV}(x / gamma)), TV = sum_i |y_{i+1} - y_i| over consecutive allowed keys",
+     "sparse and structured: equal weights on contiguous segments (fused lasso)"),
+    ("oscarmax", oscarmax, "oscar_ordered",
+     "argmax_{y in simplex} y.x - gamma (||y||^2 / 2 + lam sum_{i<j} max(|y_i|, |y_j|)) (exact, sort + PAV)",
+     "sparse and structured: equal weights on clusters of similar scores (OSCAR)"),
+):
+    register_normalizer(_name, _function, params=(Param("lam", 1.0, float, low=0), GAMMA), formula=_formula,
+                        summary=_summary, paths=structured_chunked(_kind))
 
 # ----------------------------------------------------------------------------- continuous
 

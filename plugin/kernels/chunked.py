@@ -574,8 +574,8 @@ def chunked_entmax_attention(
     (``ValueError``); the attention path calls :func:`run_chunked_entmax`, which trusts them.
     """
     _check_arguments(q.shape[1], k.shape[1], alpha, backend)
-    return run_chunked_entmax(q, k, v, alpha, mask=mask, bias=bias, causal=causal, scale=scale,
-                              chunk_rows=chunk_rows, backend=backend)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    return run_chunked_entmax(q, k, v, alpha, mask, bias, causal, scale, chunk_rows, backend)
 
 
 def _check_arguments(H: int, Hkv: int, alpha: float | Tensor, backend: str) -> None:
@@ -596,22 +596,10 @@ def _check_arguments(H: int, Hkv: int, alpha: float | Tensor, backend: str) -> N
                 raise ValueError(f"{name}: alpha must lie in (1, 2]; got values outside it")
 
 
-def run_chunked_entmax(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    alpha: float | Tensor,
-    mask: Tensor | None = None,
-    bias: Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    chunk_rows: int | None = None,
-    backend: str = "c",
-) -> Tensor:
+def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, mask: Tensor | None, bias: Tensor | None,
+                       causal: bool, scale: float, chunk_rows: int | None = None, backend: str = "c") -> Tensor:
     """:func:`chunked_entmax_attention` for arguments already checked (by :func:`plugin.attention`'s boundary)."""
-    H, D = q.shape[1], q.shape[3]
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+    H = q.shape[1]
     if isinstance(alpha, Tensor):
         alpha_t = alpha.reshape(-1)
         if alpha_t.numel() == 1:
