@@ -51,6 +51,7 @@ class AttentionMechanism(nn.Module):
         self.role = role
         self.num_heads = num_heads
         self.continuous: nn.Module | None = None
+        self._variant: Variant | None = None  # the discrete variant, whose paths the dispatcher tries
         self.schedule: Schedule | None = None
         self.schedule_step_value = 0
         if isinstance(spec, nn.Module) or callable(spec) and not isinstance(spec, str):
@@ -70,11 +71,12 @@ class AttentionMechanism(nn.Module):
         # A continuous-only spec places its density by the moments of a discrete softmax
         # over the same keys; only the continuous context is returned.
         base = discrete[0] if discrete else parse_spec("softmax")[0]
-        self._variant: Variant | None = base.variant
+        self._variant = base.variant
         self.normalizer = build_normalizer(base.variant, num_heads, base.params)
         self.discrete_context = bool(discrete)
         if continuous:
             c = continuous[0]
+            assert c.variant.factory is not None  # register_continuous requires one
             self.continuous = c.variant.factory(num_heads=num_heads, **c.params)
         self.learnable = any(True for _ in self.parameters())
         if schedule is not None:
