@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import availability  # read through the module at each call (tests replace its checks)
+from .kernels import PATHS, availability  # read through the module at each call (tests replace its checks)
 
 __all__ = [
     "Call",
@@ -97,6 +97,11 @@ class Path:
     name: str
     supports: Callable[[Call], str | None]
     build: Callable[[Call], Runner]
+
+    def __post_init__(self) -> None:
+        names = [n for n in PATHS if n != "reference"]
+        if self.name not in names:
+            raise ValueError(f"Path: name must be one of {', '.join(names)}, got {self.name!r}")
 
 
 def _value(spec: Value, call: Call) -> Any:

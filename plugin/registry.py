@@ -232,6 +232,11 @@ def register_normalizer(
     _check_name(name)
     if function is None and factory is None:
         raise ValueError("register_normalizer needs 'function' or 'factory'")
+    for path in paths:
+        if not (isinstance(getattr(path, "name", None), str) and callable(getattr(path, "supports", None))
+                and callable(getattr(path, "build", None))):
+            raise ValueError(f"register_normalizer: paths must hold plugin.paths.Path values (from the factories of "
+                             f"plugin.paths: sdpa_softmax, threshold_family, structured_chunked), got {path!r}")
     variant = Variant(name, "discrete", factory, tuple(params), formula, summary, function, tuple(paths))
     _add(variant, replace)
     return variant

@@ -119,3 +119,13 @@ def test_the_plain_function_of_a_variant_keeps_its_paths():
         "cpu_chunked" if c_kernel_available() else "reference")
     assert plugin.explain_path(q, k, v, plugin.AttentionMechanism(plugin.softmax)).name == "sdpa"
     assert plugin.explain_path(q, k, v, plugin.AttentionMechanism(lambda s, dim=-1, mask=None: s)).name == "reference"
+
+
+def test_declared_paths_are_checked():
+    with pytest.raises(ValueError, match="paths must hold plugin.paths.Path"):
+        plugin.register_normalizer("bad_paths", scaled_sparsemax, paths=["cpu_chunked"])
+    assert "bad_paths" not in plugin.variants()
+    with pytest.raises(ValueError, match="name must be one of sdpa, cpu_chunked"):
+        plugin.paths.Path("fastest", lambda call: None, lambda call: None)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        plugin.paths.structured_chunked("oscar")
