@@ -37,6 +37,15 @@ class Case:
             mask[0, Lk - 4:] = False
             mask[1, :3] = False
             return {"mask": mask}
+        if self.masking == "per_head":  # a key mask that differs between heads
+            mask = torch.ones(B, H, 1, Lk, dtype=torch.bool)
+            for h in range(H):
+                mask[:, h, :, : 2 * h] = False
+            return {"mask": mask}
+        if self.masking == "empty_batch_element":  # no key at all in one batch element
+            mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+            mask[1] = False
+            return {"mask": mask}
         if self.masking == "per_query":
             return {"mask": torch.rand(B, H, Lq, Lk, generator=g) > 0.3}
         if self.masking == "causal":
@@ -61,6 +70,8 @@ class Case:
 CASES = {
     "plain": Case(),
     "key_padding": Case("key_padding"),
+    "per_head_mask": Case("per_head"),
+    "empty_batch_element": Case("empty_batch_element"),
     "per_query_mask": Case("per_query"),
     "causal": Case("causal", Lq=13),
     "causal_decoding": Case("causal+padding", Lq=5),  # Lq < Lk: the queries are the last ones
