@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels.maths import entmax_alpha_grad, entmax_backward
 from ..kernels.ops import checked_alpha
 from .base import compute_dtype, finish, prepare, shift_by_max
 from .softmax import softmax
-from .sparsemax import SparsemaxFunction
+from .sparsemax import SparsemaxFunction, clipped_power_probs
 
 ALPHA_MIN = 1.01  # LearnableAlpha's lower end; a free alpha near 1 makes 1/(alpha-1) explode
 
@@ -78,29 +79,17 @@ def entmax15_threshold_sorted(x: Tensor) -> Tensor:
     return tau.gather(-1, support_size - 1)
 
 
-def _entmax_jvp(p: Tensor, grad: Tensor, exponent: Tensor | float) -> Tensor:
-    """Closed-form backward of entmax: ``g = p^(2 - alpha)``, ``dz = g dp - g sum(g dp) / sum(g)``."""
-    support = p > 0
-    g = torch.where(support, p.clamp(min=torch.finfo(p.dtype).tiny) ** exponent, torch.zeros_like(p))
-    gsum = g.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
-    return g * grad - g * ((g * grad).sum(-1, keepdim=True) / gsum)
-
-
 class Entmax15Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:  # type: ignore[override]
-        x, _ = shift_by_max(z, allowed)
-        x = torch.where(allowed, x / 2, torch.full_like(x, -2.0))
-        tau = entmax15_threshold(x)
-        p = torch.clamp(x - tau, min=0) ** 2
-        p = torch.where(allowed, p, torch.zeros_like(p))
+    def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:
+        p = clipped_power_probs(z, allowed, entmax15_threshold, divisor=2.0, power=2)
         ctx.save_for_backward(p)
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
-        return _entmax_jvp(p, grad, 0.5), None
+        return entmax_backward(p, grad, 1.5), None
 
 
 def _bisection_steps(dtype: torch.dtype) -> int:
@@ -112,7 +101,7 @@ class EntmaxBisectFunction(torch.autograd.Function):
     """General alpha by bisection on tau, then renormalization; closed-form gradients for z and alpha."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, allowed: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, allowed: Tensor, alpha: Tensor) -> Tensor:
         zs, _ = shift_by_max(z, allowed)
         zs = torch.where(allowed, zs, torch.zeros_like(zs))
         am1 = alpha - 1
@@ -135,22 +124,10 @@ class EntmaxBisectFunction(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:
         p, zs, alpha = ctx.saved_tensors
-        dz = _entmax_jvp(p, grad, 2 - alpha)
-        dalpha = None
-        if ctx.needs_input_grad[2]:
-            # Correia et al. 2019: with g = p^(2-alpha) on the support,
-            # dp/dalpha = (-p log p + g (z - tau')) / (alpha - 1),
-            # tau' = (sum g z - sum p log p) / sum g.
-            support = p > 0
-            tiny = torch.finfo(p.dtype).tiny
-            g = torch.where(support, p.clamp(min=tiny) ** (2 - alpha), torch.zeros_like(p))
-            plogp = torch.where(support, p * torch.log(p.clamp(min=tiny)), torch.zeros_like(p))
-            gsum = g.sum(-1, keepdim=True).clamp(min=tiny)
-            tau_prime = ((g * zs).sum(-1, keepdim=True) - plogp.sum(-1, keepdim=True)) / gsum
-            dp_dalpha = (-plogp + g * (zs - tau_prime)) / (alpha - 1)
-            dalpha = (grad * dp_dalpha).sum(-1, keepdim=True)
+        dz = entmax_backward(p, grad, alpha)
+        dalpha = entmax_alpha_grad(p, grad, zs, alpha) if ctx.needs_input_grad[2] else None
         return dz, None, dalpha
 
 
@@ -277,7 +254,7 @@ class EntmaxNormalizer(nn.Module):
     def fixed_alpha(self) -> float | None:
         """The float alpha this normalizer computes with now, or None when the learned alpha runs."""
         if self.learned is None:
-            return float(self.alpha)  # type: ignore[arg-type]
+            return float(self.alpha)
         return self.warmup_alpha
 
     def set_param(self, name: str, value: float | None) -> None:
@@ -293,17 +270,23 @@ class EntmaxNormalizer(nn.Module):
         alpha = self.fixed_alpha()
         if alpha is not None:
             return entmax(scores, alpha=alpha, dim=dim, mask=mask)
-        heads = self.learned.num_heads  # type: ignore[union-attr]
+        learned = self.learned
+        assert learned is not None  # fixed_alpha() is None only while a learned alpha runs
+        heads = learned.num_heads
         if dim % scores.dim() != scores.dim() - 1 or scores.dim() < 3 or scores.shape[-3] != heads:
             raise ValueError(
                 f"entmax with a learned alpha expects scores (..., num_heads={heads}, Lq, Lk) normalized "
                 f"over dim=-1; got shape {tuple(scores.shape)} and dim={dim}"
             )
-        return entmax(scores, alpha=self.learned().to(compute_dtype(scores.dtype)), dim=-1, mask=mask)  # type: ignore[misc]
+        return entmax(scores, alpha=learned().to(compute_dtype(scores.dtype)), dim=-1, mask=mask)
 
     def current_alpha(self) -> Tensor | float:
         alpha = self.fixed_alpha()
-        return alpha if alpha is not None else self.learned().detach().squeeze(-1)  # type: ignore[misc]
+        if alpha is not None:
+            return alpha
+        learned = self.learned
+        assert learned is not None  # fixed_alpha() is None only while a learned alpha runs
+        return learned().detach().squeeze(-1)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"

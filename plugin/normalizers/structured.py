@@ -115,7 +115,7 @@ class GroupedProxFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str,  # type: ignore[override]
+    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str,
                 drop_row_shift: bool = False) -> Tensor:
         y, groups = structured_prox(kind, x, allowed, lam, drop_row_shift)
         ctx.save_for_backward(groups)
@@ -123,7 +123,7 @@ class GroupedProxFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (groups,) = ctx.saved_tensors
         return group_mean(grad, groups), None, None, None, None
 
@@ -139,14 +139,14 @@ class OscarProxFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, allowed: Tensor, lam: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, allowed: Tensor, lam: float) -> Tensor:
         y, groups = structured_prox("oscar", x, allowed, lam)
         ctx.save_for_backward(groups, torch.sign(x).to(torch.int8))
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         groups, sign = ctx.saved_tensors
         s = sign.to(grad.dtype)
         return s * group_mean(s * grad, groups), None, None

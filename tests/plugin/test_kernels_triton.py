@@ -191,6 +191,7 @@ def test_triton_kernels_compile_for_a_cuda_gpu_without_one():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from plugin.kernels import constants
     from plugin.kernels import triton_entmax as te
 
     def signature(fn, constexprs):
@@ -201,7 +202,7 @@ def test_triton_kernels_compile_for_a_cuda_gpu_without_one():
 
     flags = {"KIND": 1, "CAUSAL": True, "HAS_MASK": True, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 64,
              "BLOCK_D": 64, "PREC": "tf32"}
-    kernels = [(te._entmax_fwd, {"MAX_ITERS": te.MAX_NEWTON, "TOL": te.GENERAL_TOL}),
+    kernels = [(te._entmax_fwd, {"MAX_ITERS": constants.NEWTON_MAX_ITERS, "TOL": constants.NEWTON_TOL}),
                (te._entmax_bwd_dq, {"WANT_DALPHA": True}), (te._entmax_bwd_dkdv, {})]
     for fn, extra in kernels:
         constexprs = {**flags, **extra}

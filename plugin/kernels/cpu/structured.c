@@ -344,7 +344,10 @@ static void oscar_prox_row(const double *z, double *y, int32_t *g, int64_t n, do
 }
 
 /* ------------------------------------------------------------------------------------- */
-/* batched drivers: gather the allowed entries of a row, solve, scatter back */
+/* batched drivers, the exported entry points structured_prox_f32 / _f64: gather the allowed
+ * entries of a row, solve the prox of the given kind (KIND_TV, KIND_OSCAR,
+ * KIND_OSCAR_ORDERED), scatter back. Return 0 on success, 1 if scratch memory could not be
+ * allocated. */
 
 enum { KIND_TV = 0, KIND_OSCAR = 1, KIND_OSCAR_ORDERED = 2 };
 
@@ -362,8 +365,9 @@ static void solve_row(int kind, double *dbuf, int64_t *ibuf, int32_t *gid, int64
 }
 
 #define DEFINE_DRIVER(T, SUFFIX)                                                               \
-    static int run_##SUFFIX(int kind, const T *x, const uint8_t *allowed, T *out, int32_t *group, \
-                            int64_t rows, int64_t d, double lam, int threads)                  \
+    int structured_prox_##SUFFIX(int kind, const T *x, const uint8_t *allowed, T *out,         \
+                                 int32_t *group, int64_t rows, int64_t d, double lam,          \
+                                 int threads)                                                  \
     {                                                                                          \
         int failed = 0;                                                                        \
         int64_t width = d > 0 ? d : 1;                                                         \
@@ -425,43 +429,6 @@ static void solve_row(int kind, double *dbuf, int64_t *ibuf, int32_t *gid, int64
 
 DEFINE_DRIVER(float, f32)
 DEFINE_DRIVER(double, f64)
-
-/* exported entry points; return 0 on success, 1 if scratch memory could not be allocated */
-int tv_prox_f32(const float *x, const uint8_t *allowed, float *y, int32_t *group, int64_t rows,
-                int64_t d, double lam, int threads)
-{
-    return run_f32(KIND_TV, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int tv_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *group, int64_t rows,
-                int64_t d, double lam, int threads)
-{
-    return run_f64(KIND_TV, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_prox_f32(const float *x, const uint8_t *allowed, float *y, int32_t *group, int64_t rows,
-                   int64_t d, double lam, int threads)
-{
-    return run_f32(KIND_OSCAR, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *group, int64_t rows,
-                   int64_t d, double lam, int threads)
-{
-    return run_f64(KIND_OSCAR, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_ordered_prox_f32(const float *x, const uint8_t *allowed, float *y, int32_t *group, int64_t rows,
-                           int64_t d, double lam, int threads)
-{
-    return run_f32(KIND_OSCAR_ORDERED, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_ordered_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *group, int64_t rows,
-                           int64_t d, double lam, int threads)
-{
-    return run_f64(KIND_OSCAR_ORDERED, x, allowed, y, group, rows, d, lam, threads);
-}
 
 /* ------------------------------------------------------------------------------------- */
 /* backward of the proxes: replace each entry of a row by the mean of its group (groups from
