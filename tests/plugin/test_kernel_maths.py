@@ -11,17 +11,14 @@ package's bisection and autograd through it.
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import entmax as entmax_pkg
 import pytest
 import torch
 
 from plugin.kernels import constants, maths
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.triton_interpreter import interpreter_results as run_interpreter_worker
 
 # one tolerance for C and Triton against Python (and for Python against the references)
 TOL = {"t": 1e-6, "inv": 1e-5, "out": 2e-6, "grad": 1e-5}
@@ -210,18 +207,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600, check=False)
-    results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            results[row.pop("case")] = row
-    if not results:
-        raise AssertionError(f"the interpreter worker produced no results:\n{done.stderr[-3000:]}")
-    return results
+    return run_interpreter_worker(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,12 +10,13 @@ end need a CUDA GPU and are skipped without one.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.triton_interpreter import interpreter_results as run_interpreter_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,18 +152,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600, check=False)
-    results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            results[row.pop("case")] = row
-    if not results:
-        raise AssertionError(f"the interpreter worker produced no results:\n{done.stderr[-3000:]}")
-    return results
+    return run_interpreter_worker(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))
