@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .cbuild import CompileError, load_c_library
 
-__all__ = ["Arg", "CFunction", "CLibrary", "tensor_kinds"]
+__all__ = ["Arg", "CFunction", "CLibrary", "Sizes", "tensor_kinds"]
 
 # tensor kinds: the dtype a pointer argument must have
 _TENSOR_DTYPES = {

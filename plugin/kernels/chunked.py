@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .cbinding import Arg, CFunction, CLibrary
+from .cbinding import Arg, CFunction, CLibrary, Sizes
 from .cbuild import CompileError
 from .chunks import ChunkedAttentionFunction, Chunks, dense_chunk_grads, kept_budget
 from .constants import ENTMAX15, GENERAL, SPARSEMAX, c_defines
@@ -69,12 +69,12 @@ def _flag_sets() -> tuple[tuple[str, ...], ...]:
     )
 
 
-def _groups(a: dict) -> int:
+def _groups(a: Sizes) -> int:
     """Key/value groups of the sparse kernels' rows (``rows / rows_per_group``, rounded up)."""
     return -(-a["rows"] // a["rows_per_group"])
 
 
-def _nnz(a: dict) -> int:
+def _nnz(a: Sizes) -> int:
     return int(a["offsets"][a["rows"]]) if a["offsets"].numel() > a["rows"] else 0
 
 

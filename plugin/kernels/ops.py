@@ -69,9 +69,10 @@ def _check_attention(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | No
         raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be (B, H, Lq, D), "
                          f"(B, Hkv, Lk, D), (B, Hkv, Lk, Dv) with Hkv dividing H")
     target = torch.Size((B, H, Lq, Lk))
-    for label, t, types in (("mask", mask, (torch.bool,)), ("bias", bias, (q.dtype,))):
-        if t is None:
+    for label, extra, types in (("mask", mask, (torch.bool,)), ("bias", bias, (q.dtype,))):
+        if extra is None:
             continue
+        t = extra
         _check(f"{op}: {label}", t, types, 4, contiguous=False)
         if torch.broadcast_shapes(t.shape, target) != target:
             raise ValueError(f"{op}: {label} {tuple(t.shape)} is not broadcastable to (B, H, Lq, Lk) = {tuple(target)}")
@@ -131,8 +132,9 @@ def chunked_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Ten
         dout, q, k, v, alpha, bias, mask, stats if backend == "c" else None, {}, kind, causal, scale, chunk_rows,
         backend, (True, True, True, need_alpha, need_bias),
     )
-    return (dq, dk, dv, dalpha if need_alpha else alpha.new_empty(0),
-            dbias if need_bias else q.new_empty(0))
+    assert dq is not None and dk is not None and dv is not None  # asked for
+    return (dq, dk, dv, dalpha if dalpha is not None else alpha.new_empty(0),
+            dbias if dbias is not None else q.new_empty(0))
 
 
 @chunked_entmax_bwd.register_fake

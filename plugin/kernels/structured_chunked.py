@@ -201,7 +201,7 @@ def _uniform_probs(S: Tensor, chunks: Chunks, ch: Chunk, masked: bool) -> None:
 
 
 def _sparse_backward(
-    kept: tuple[Tensor, Tensor, Tensor, Tensor | None],
+    kept: tuple[Tensor, Tensor, Tensor, Tensor],
     chunks: Chunks,
     ch: Chunk,
     qs: Tensor,
@@ -273,6 +273,7 @@ def structured_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, all
             P3 = _sparsemax_rows_torch(y).view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
             out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
             continue
+        assert stats is not None  # float32: the C rows
         counts = torch.empty(ch.rows, dtype=torch.int32)
         st = rows_forward(y, _ONE, SPARSEMAX, counts=counts)  # y -> P in place
         stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
@@ -316,7 +317,6 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
     chunks = Chunks(q, k, causal, chunk_rows)
     B, H, _, D = q.shape
     Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-    use_c = stats is not None
     qs = q * scale
     kr = k.reshape(B * Hkv, Lk, D)
     vr = v.reshape(B * Hkv, Lk, Dv)
@@ -325,7 +325,7 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
     dq = torch.zeros_like(q) if need_q else None
     dk = torch.zeros(B * Hkv, Lk, D, dtype=k.dtype) if need_k else None
     dv = torch.zeros(B * Hkv, Lk, Dv, dtype=v.dtype) if need_v else None
-    dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias else None
+    dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias and bias is not None else None
     for ch in chunks:
         if ch.kend == 0:
             continue
@@ -334,7 +334,7 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
         entry = kept.get(ch.key)
         if entry is not None:
             uniform = entry[4]
-            if uniform is not None and need_v:
+            if uniform is not None and dv is not None:
                 # P = 1 / n on the n allowed keys of the uniform rows (their dS is 0)
                 if masked:  # the scores only tell which keys are masked
                     P = chunks.scores(qs, kT, bias, allowed, ch)
@@ -349,7 +349,7 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
         dP = chunks.buffer("grad", (nkv, chunks.G * c, ch.kend))
         torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
         dP2 = dP.view(ch.rows, ch.kend)
-        if use_c:
+        if stats is not None:
             st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()  # C reads it flat
             rows_backward(y, dP2, st, _ONE, SPARSEMAX)  # y -> P, dP -> sparsemax backward, in place
             P = y
@@ -362,8 +362,8 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
                            (dq, dk, dv, dbias), (need_q, need_k, need_v, need_bias))
     return (
         dq,
-        dk.view(k.shape) if need_k else None,
-        dv.view(v.shape) if need_v else None,
+        dk.view(k.shape) if dk is not None else None,
+        dv.view(v.shape) if dv is not None else None,
         dbias,
     )
 

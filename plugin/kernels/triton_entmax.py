@@ -538,8 +538,8 @@ def _check_launch(op: str, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask:
     if alpha.dtype != torch.float32 or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
         raise ValueError(f"{op}: alpha must be a float32 (H,) tensor on q's device, got {alpha.dtype} "
                          f"{tuple(alpha.shape)} on {alpha.device}")
-    for label, t in (("mask", mask), ("bias", bias)):
-        if t is not None and (t.dim() != 4 or t.device != q.device):
+    for label, extra in (("mask", mask), ("bias", bias)):
+        if extra is not None and (extra.dim() != 4 or extra.device != q.device):
             raise ValueError(f"{op}: {label} must be a 4-D tensor on q's device")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"{op}: mask must be a bool tensor, got {mask.dtype}")

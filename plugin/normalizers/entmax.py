@@ -174,14 +174,15 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point():
             raise ValueError(f"entmax: alpha must be a floating-point tensor, got {alpha.dtype}")
+        alpha_t = alpha
         if torch.compiler.is_compiling():
-            alpha = checked_alpha(alpha)  # the range check as an op: no host sync in the graph
+            alpha_t = checked_alpha(alpha)  # the range check as an op: no host sync in the graph
         else:
             with torch.no_grad():
                 if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
                     raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
         z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
-        a = _alpha_tensor(alpha.to(z.dtype), scores, d)
+        a = _alpha_tensor(alpha_t.to(z.dtype), scores, d)
         p = EntmaxBisectFunction.apply(z, allowed, a)
         return finish(p, d, scores.dtype, invalid)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 <= alpha <= 2:

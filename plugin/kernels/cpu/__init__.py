@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..cbinding import Arg, CFunction, CLibrary
+from ..cbinding import Arg, CFunction, CLibrary, Sizes
 from ..cbuild import CompileError, cache_dir
 
 __all__ = ["cache_dir", "effective_lam", "group_mean_cpu", "load_library", "structured_prox"]
@@ -37,7 +37,7 @@ def _flag_sets() -> tuple[tuple[str, ...], ...]:
     return _BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS
 
 
-def _elements(a: dict) -> int:
+def _elements(a: Sizes) -> int:
     return a["rows"] * a["d"]
 
 
