@@ -333,7 +333,7 @@ def resolve_implementation(name: Any, model_class: type | None = None) -> Any:
     """
     if not isinstance(name, str):
         return name
-    if not compat.is_builtin_attention_name(name):
+    if not compat.is_registered_attention_name(name):
         try:
             name = register_spec(name)
         except ValueError as err:

@@ -70,8 +70,8 @@ def boolean_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
-def is_builtin_attention_name(name: str) -> bool:
-    """Whether ``name`` is already an ``attn_implementation`` name (``"eager"`` or a registered one).
+def is_registered_attention_name(name: str) -> bool:
+    """Whether transformers already accepts ``name`` as ``attn_implementation`` (``"eager"`` or any registered name).
 
     Relies on ``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS`` supporting ``in``.
     """

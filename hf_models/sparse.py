@@ -129,10 +129,17 @@ class SparseAttentionConfigMixin(_ConfigBase):
 class SparseAttentionModelMixin(_ModelBase):
     """Per-role attention mechanisms for a stock transformers model class.
 
-    A subclass lists ``_attention_module_classes`` (the family's attention modules) and puts
-    this mixin first in its bases; construction then validates the config's specs, selects
+    A subclass sets ``config_class`` (a :class:`SparseAttentionConfigMixin` config) and
+    ``_attention_module_classes`` (the family's attention modules), and puts this mixin before
+    the stock class in its bases, the stock class last::
+
+        class SparseBartModel(SparseAttentionModelMixin, BartModel):
+            config_class = SparseBartConfig
+            _attention_module_classes = (BartAttention,)
+
+    Construction then validates the config's specs, selects
     :data:`~hf_models.attention.PER_MODULE` and gives every attention module its
-    ``attention_mechanism``.
+    ``attention_mechanism``. A subclass without a docstring gets one naming the stock class.
     """
 
     _attention_module_classes: tuple[type[nn.Module], ...] = ()
