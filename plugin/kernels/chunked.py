@@ -38,7 +38,8 @@ from torch import Tensor
 
 from .cbuild import CompileError, load_c_library
 
-__all__ = ["c_kernel_available", "c_kernel_error", "chunked_entmax_attention", "rows_backward", "rows_forward"]
+__all__ = ["c_kernel_available", "c_kernel_error", "chunked_entmax_attention", "rows_backward", "rows_forward",
+           "run_chunked_entmax"]
 
 SPARSEMAX, ENTMAX15, GENERAL = 0, 1, 2
 # score elements per chunk (float32): 2^21 = 8 MiB, a few of them live at once
@@ -569,33 +570,43 @@ def chunked_entmax_attention(
 
     Returns
     -------
-    (B, H, Lq, Dv) tensor; a query with no allowed key gives zeros.
+    (B, H, Lq, Dv) tensor; a query with no allowed key gives zeros. The arguments are checked
+    (``ValueError``); the attention path calls :func:`run_chunked_entmax`, which trusts them.
     """
+    _check_arguments(q.shape[1], k.shape[1], alpha, backend)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    return run_chunked_entmax(q, k, v, alpha, mask, bias, causal, scale, chunk_rows, backend)
+
+
+def _check_arguments(H: int, Hkv: int, alpha: float | Tensor, backend: str) -> None:
+    name = "chunked_entmax_attention"
     if backend not in ("c", "torch"):
-        raise ValueError(f"chunked_entmax_attention: backend must be 'c' or 'torch', got {backend!r}")
-    H, D = q.shape[1], q.shape[3]
-    Hkv = k.shape[1]
+        raise ValueError(f"{name}: backend must be 'c' or 'torch', got {backend!r}")
     if H % Hkv:
-        raise ValueError(f"chunked_entmax_attention: query heads H={H} must be a multiple of key/value heads {Hkv}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+        raise ValueError(f"{name}: query heads H={H} must be a multiple of key/value heads {Hkv}")
+    if not isinstance(alpha, Tensor):
+        if not 1 < float(alpha) <= 2:
+            raise ValueError(f"{name}: alpha must lie in (1, 2], got {alpha!r}")
+        return
+    if alpha.numel() not in (1, H):
+        raise ValueError(f"{name}: alpha must have one value per head (H={H}), got {tuple(alpha.shape)}")
+    if not torch.compiler.is_compiling():  # compiled, the op checks it (no host sync in the graph)
+        with torch.no_grad():
+            if not bool(((alpha > 1) & (alpha <= 2)).all()):
+                raise ValueError(f"{name}: alpha must lie in (1, 2]; got values outside it")
+
+
+def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, mask: Tensor | None, bias: Tensor | None,
+                       causal: bool, scale: float, chunk_rows: int | None = None, backend: str = "c") -> Tensor:
+    """:func:`chunked_entmax_attention` for arguments already checked (by :func:`plugin.attention`'s boundary)."""
+    H = q.shape[1]
     if isinstance(alpha, Tensor):
         alpha_t = alpha.reshape(-1)
         if alpha_t.numel() == 1:
             alpha_t = alpha_t.expand(H)
-        if alpha_t.numel() != H:
-            raise ValueError(
-                f"chunked_entmax_attention: alpha must have one value per head (H={H}), got {tuple(alpha.shape)}"
-            )
-        if not torch.compiler.is_compiling():  # compiled, the op checks it (no host sync in the graph)
-            with torch.no_grad():
-                if not bool(((alpha_t > 1) & (alpha_t <= 2)).all()):
-                    raise ValueError("chunked_entmax_attention: alpha must lie in (1, 2]; got values outside it")
         kind = GENERAL
     else:
         a = float(alpha)
-        if not 1 < a <= 2:
-            raise ValueError(f"chunked_entmax_attention: alpha must lie in (1, 2], got {alpha!r}")
         kind = SPARSEMAX if a == 2 else ENTMAX15 if a == 1.5 else GENERAL
         alpha_t = torch.full((H,), a)
     work = torch.float64 if (backend == "torch" and q.dtype == torch.float64) else torch.float32

@@ -51,7 +51,10 @@ def simplex_threshold_sorted(x: Tensor) -> Tensor:
 
 
 class SparsemaxFunction(torch.autograd.Function):
-    """Forward by sorting; backward in closed form: on the support S, ``dx = dy - mean_S(dy)``."""
+    """Forward by the sort-free :func:`simplex_threshold`; backward in closed form.
+
+    On the support S, ``dx = dy - mean_S(dy)``.
+    """
 
     @staticmethod
     def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:  # type: ignore[override]
