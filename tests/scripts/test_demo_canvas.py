@@ -85,3 +85,18 @@ def test_classifier_outputs_and_bad_mechanism():
         assert torch.allclose(extra["weights"].sum((-1, -2)), torch.ones(2), atol=1e-5)
     with pytest.raises(ValueError, match="mechanism"):
         dc.CanvasClassifier("softmax")
+
+
+def test_clutter_grows_from_none_to_every_fragment_over_the_ramp():
+    steps = 100
+    counts = [dc.clutter_at(s, steps) for s in range(1, steps + 1)]
+    assert counts[0] == 0 and counts[-1] == dc.FRAGMENTS
+    assert counts == sorted(counts)
+    assert counts.index(dc.FRAGMENTS) <= int(dc.CLUTTER_RAMP * steps) + 1  # full clutter after the ramp
+    splits = dc.load_digit_splits(seed=0, n_test=50)
+    canvases, _, boxes = dc.make_canvases(*splits["test"], 4, torch.Generator().manual_seed(1), fragments=0)
+    for i in range(4):  # without clutter, only faint noise lies outside the digit's box
+        top, left = boxes[i].tolist()
+        outside = canvases[i].clone()
+        outside[top : top + dc.DIGIT, left : left + dc.DIGIT] = 0
+        assert float(outside.max()) < 0.05
