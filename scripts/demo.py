@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         import demo_canvas
 
         results["canvas_test"] = size["canvas_test"]
+        results["canvas_steps"], results["canvas_batch"] = size["canvas_steps"], demo_canvas.BATCH
         results["canvas_fragments"] = demo_canvas.FRAGMENTS
         demo_canvas.plot_canvas(out, [g["runs"][0] for g in results["canvas"]])
     if "fairseq" in tasks:

@@ -31,6 +31,7 @@ GRID = 16  # feature cells per side (2 x 2 pixels each)
 FRAGMENTS = 4
 QUERY_INIT = 1.0  # standard deviation of the learned query's initial entries
 LR = 1e-2
+BATCH = 32  # training canvases per step
 #: clutter curriculum: the number of fragments on a training canvas grows from 0 to FRAGMENTS over
 #: this share of the training steps (test canvases always carry FRAGMENTS). On clean canvases any
 #: attention that finds ink finds the digit, which gives the classifier a signal from the start.
@@ -249,7 +250,7 @@ def run_canvas_job(label: str, seed: int, steps: int, n_test: int, out_dir: Path
     t0 = time.time()
     model.train()
     for step in range(1, steps + 1):
-        x, y, _ = make_canvases(*splits["train"], 32, g_train, clutter_at(step, steps))
+        x, y, _ = make_canvases(*splits["train"], BATCH, g_train, clutter_at(step, steps))
         logits, _ = model(x)
         loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad()

@@ -717,7 +717,9 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
             "",
             f"A scikit-learn 8x8 digit at a random place on a 32x32 canvas with {results.get('canvas_fragments', 4)} "
             "fragments of other digits; local features (16x16 cells, each seeing 8x8 pixels); the classifier "
-            "sees only the attended context, so the attention has to find the digit. Test: "
+            "sees only the attended context, so the attention has to find the digit. Training: "
+            f"{results.get('canvas_steps', '?')} steps of {results.get('canvas_batch', '?')} fresh canvases, "
+            "clean at first, with clutter growing to the full count over the first half of the steps. Test: "
             f"{results.get('canvas_test', '?')} canvases of held-out digits. *mass in box*: share of the "
             "attention weight inside the digit's true box; *IoU*: overlap of the attended region (nonzero cells, "
             "support ellipse, or 2-sigma ellipse for continuous softmax) with the box; *area*: the attended "
@@ -777,6 +779,10 @@ def time_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: a canvas model below this test accuracy has not learned to find the digit (chance: 0.1)
+LEARNED_ACCURACY = 0.3
+
+
 def canvas_summary(groups: list[dict[str, Any]]) -> str:
     """Plain words for the 2-D task: each mechanism against discrete softmax, beyond the spread only."""
     base = next((g for g in groups if g["mechanism"] == "discrete softmax"), groups[0])
@@ -793,5 +799,9 @@ def canvas_summary(groups: list[dict[str, Any]]) -> str:
             verdict = "beyond the spread" if exceeds_noise(g[key], base[key]) else "within the spread"
             words.append(f"{what} {d:+.1f} points ({verdict})")
         parts.append(f"{g['mechanism']}: " + ", ".join(words) + f"; IoU {fmt(g['iou'], 100)}%.")
+    failed = [f"{g['mechanism']} seed {r['seed']} ({100 * r['accuracy']:.0f}%)" for g in groups for r in g["runs"]
+              if r["accuracy"] < LEARNED_ACCURACY]
+    parts.append(f"Seeds that did not learn (test accuracy below {100 * LEARNED_ACCURACY:.0f}%; chance is 10%): "
+                 + (", ".join(failed) if failed else "none") + ".")
     return " ".join(parts)
 

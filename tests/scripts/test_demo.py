@@ -119,6 +119,14 @@ def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypat
     assert traj[0]["updates"] == 0 and traj[-1]["updates"] == fs[1]["runs"][0]["updates"]
     assert len(traj[-1]["alpha"]) == 2 and len(traj[-1]["alpha"][0]) == 4  # 2 decoder layers x 4 heads
     assert results["hf"][0]["spec"] == "sparsemax" and results["hf"][0]["beam_bleu"]["n"] == 2
+    config = json.loads((out / "hf" / "sparsemax_seed1" / "config.json").read_text())
+    assert config["model_type"] == "sparse_marian"  # the HF route's family (demo_tasks.HF_ARCH)
+    # every job's wall and CPU time, and the run's CPU time, which holds every job's
+    assert len(results["jobs"]) == 2 * (3 + 1 + 2)
+    assert all(j["wall_seconds"] > 0 and j["cpu_seconds"] > 0 for j in results["jobs"])
+    hf_job = next(j for j in results["jobs"] if j["task"] == "hf")
+    assert hf_job["cpu_seconds"] > 5  # finetune.py runs in a subprocess: its CPU time is counted
+    assert results["total_cpu_seconds"] >= sum(j["cpu_seconds"] for j in results["jobs"])
     canvas = results["canvas"]
     assert [g["mechanism"] for g in canvas] == ["discrete sparsemax", "continuous sparsemax"]
     for g in canvas:
@@ -126,7 +134,8 @@ def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypat
 
     report = (out / "report.md").read_text()
     for heading in ["Translation with fairseq", "HuggingFace", "digit on a cluttered canvas", "greedy BLEU",
-                    "beam 5, fairseq's stop", "mass in box", "Learned alpha"]:
+                    "beam 5, fairseq's stop", "mass in box", "Learned alpha", "## Time", "CPU per job",
+                    "did not learn", demo_tasks.SUMMARY_START, demo_tasks.SUMMARY_END]:
         assert heading in report
     for png in ["fairseq_attention_heatmaps.png", "fairseq_training_curves.png", "fairseq_alpha.png",
                 "canvas_attention.png"]:
