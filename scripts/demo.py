@@ -1,8 +1,8 @@
 """The main job: train and compare attention mechanisms on embedded data, over several seeds; write a report.
 
-    python scripts/demo.py                      # the default run: 3 seeds, 42 models (about 23 min of CPU
-                                                # time: 12 min on 2 idle cores; measured 64 min on 2 shared ones)
-    python scripts/demo.py --size tiny          # a smoke run (one seed, a few updates; 1.5 min of CPU time)
+    python scripts/demo.py                      # the default run: 3 seeds, 42 models (the report gives
+                                                # its wall and CPU time, in total and per job)
+    python scripts/demo.py --size tiny          # a smoke run (one seed, a few updates)
     python scripts/demo.py --size large         # more data, training and seeds, closer to convergence
     python scripts/demo.py --only fairseq,canvas --out outputs/demo
     python scripts/demo.py --publish            # copy outputs/demo's results into README.md and docs/
@@ -40,7 +40,7 @@ SIZES = {
     # corpus sizes, fairseq epochs, HF epochs, canvas training steps and test canvases, seeds
     "tiny": dict(train=300, valid=30, test=40, fairseq_epochs=1, hf_epochs=1, canvas_steps=10, canvas_test=60,
                  seeds=1, canvas_entmax15=True),
-    "small": dict(train=3000, valid=200, test=300, fairseq_epochs=6, hf_epochs=6, canvas_steps=300,
+    "small": dict(train=3000, valid=200, test=300, fairseq_epochs=6, hf_epochs=6, canvas_steps=600,
                   canvas_test=300, seeds=3, canvas_entmax15=False),
     "large": dict(train=8000, valid=400, test=500, fairseq_epochs=25, hf_epochs=15, canvas_steps=1500,
                   canvas_test=500, seeds=5, canvas_entmax15=True),
