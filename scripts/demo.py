@@ -198,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
         bar.close()
 
-    results["jobs"] = timing
     results["machine"] = {"cpus": os.cpu_count(), "workers": workers, "threads": args.threads,
                           "load_start": load_start, "load_end": round(os.getloadavg()[0], 1)}
     order = {"fairseq": [m for m, _ in FAIRSEQ_MECHANISMS], "hf": [m for m, _ in HF_MECHANISMS],
              "canvas": CANVAS_MECHANISMS}
+    results["jobs"] = sorted(timing, key=lambda j: (TASKS.index(j["task"]), order[j["task"]].index(j["mechanism"]),
+                                                    j["seed"]))
     keys = {
         "fairseq": ["greedy_bleu", "beam_bleu", "stock_beam_bleu", "greedy_exact", "beam_exact", "stock_beam_exact",
                     "support_fraction"],

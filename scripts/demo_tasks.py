@@ -515,19 +515,24 @@ def _alpha_summary(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def alpha_sentence(alpha: dict[str, Any]) -> str:
     """Plain words on the learned alpha: where it went, and how far Adam could have taken it."""
-    ratio = alpha["max_move"] / alpha["bound"] if alpha["bound"] > 0 else float("nan")
+    ratio = alpha["max_move"] / alpha["bound"] if alpha["bound"] > 0 else 0.0
+    if alpha["bound"] < 0.01:
+        why = (f"With this learning-rate schedule Adam could move alpha by at most about {alpha['bound']:.4f} in "
+               f"{alpha['updates']} updates: far too few updates for alpha to move.")
+    else:
+        why = (f"With this learning-rate schedule Adam could move alpha by about {alpha['bound']:.2f} if every "
+               "update pushed it the same way (summed learning rate x the largest slope of alpha in its weight, "
+               f"0.99/4); the largest measured move is {100 * ratio:.0f}% of that, so "
+               + ("the mean of alpha's gradient is small against its batch-to-batch spread: within this run the "
+                  "data pull alpha only weakly." if ratio < 0.5 else
+                  "the data push alpha consistently: it moves at a good part of the fastest rate Adam allows."))
     return (
         f"Learned alpha (entmax, one per head and decoder layer, every head starting at {alpha['start']:.2f}; "
         f"plot below): after {alpha['updates']} updates the {alpha['heads']} final values (heads x layers x seeds) "
         f"lie in {alpha['final_min']:.2f}-{alpha['final_max']:.2f}, {alpha['down']} below the start (towards "
         f"softmax) and {alpha['up']} above (towards sparsemax); every value seen during training lies in "
         f"{alpha['range_min']:.2f}-{alpha['range_max']:.2f} (median move {alpha['median_move']:.3f}, largest "
-        f"{alpha['max_move']:.3f}). With this learning-rate schedule Adam could move alpha by about "
-        f"{alpha['bound']:.2f} if every update pushed it the same way (summed learning rate x the largest slope "
-        f"of alpha in its weight, 0.99/4); the largest measured move is {100 * ratio:.0f}% of that, so "
-        + ("the mean of alpha's gradient is small against its batch-to-batch spread: within this run the data "
-           "do not pull alpha firmly either way." if ratio < 0.5 else
-           "the data push alpha consistently: it moves at a good part of the fastest rate Adam allows.")
+        f"{alpha['max_move']:.3f}). " + why
     )
 
 

@@ -182,8 +182,9 @@ def test_alpha_bound_sums_fairseqs_inverse_sqrt_schedule():
             "down": 20, "up": 4, "median_move": 0.01, "updates": 186}
     text = demo_tasks.alpha_sentence({**base, "max_move": 0.02, "bound": 0.1})
     assert "20 below the start (towards softmax) and 4 above" in text
-    assert "20% of that" in text and "do not pull alpha firmly" in text
+    assert "20% of that" in text and "pull alpha only weakly" in text
     assert "push alpha consistently" in demo_tasks.alpha_sentence({**base, "max_move": 0.09, "bound": 0.1})
+    assert "far too few updates" in demo_tasks.alpha_sentence({**base, "max_move": 0.0, "bound": 0.0001})
 
 
 def test_results_block_is_copied_into_the_readme(tmp_path):
