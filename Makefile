@@ -33,8 +33,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 tests
 
+# mypy's cache lives outside the repository
+MYPY_CACHE ?= $(or $(TMPDIR),/tmp)/sparse-attention-mypy-cache
+
 lint: venv
 	$(PY) -m ruff check plugin user_dir hf_models scripts tests
+	$(PY) -m mypy --cache-dir "$(MYPY_CACHE)" plugin user_dir hf_models
 
 clean:
 	rm -rf $(VENV) build *.egg-info

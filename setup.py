@@ -31,6 +31,7 @@ setup(
             "entmax==1.3",
             "scipy",
             "ruff",
+            "mypy==2.4.1",
             "matplotlib",
             "num2words",
             "scikit-learn",

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import PreTrainedModel
 
 import plugin
+
+from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,6 @@ transformers does not write ``attn_implementation`` to ``config.json``; this att
 written, and a model loaded without an explicit ``attn_implementation`` (with ``hf_models``
 imported) runs the recorded spec again.
 """
-
-# transformers gives these names their own dispatch (see transformers.modeling_utils
-# PreTrainedModel._check_and_adjust_attn_implementation and transformers.integrations.hub_kernels.is_kernel):
-# "flash" anywhere -> flash-attention paths, "sdpa"/"flex_attention" -> their own checks,
-# "org/name" -> a kernel downloaded from the Hub, "paged|" -> paged attention.
-_RESERVED_SUBSTRINGS = ("flash", "sdpa", "flex_attention", "/", "|")
-_TRANSFORMERS_NAMES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "paged|eager")
 
 _LOCK = threading.Lock()
 _SPEC_OF_NAME: dict[str, str] = {}  # registered attn_implementation name -> canonical spec (PER_MODULE -> "")
@@ -100,11 +94,11 @@ def register_spec(spec: str) -> str:
     name = plugin.canonical_spec(spec)
     if name in _SPEC_OF_NAME:
         return name
-    bad = [s for s in _RESERVED_SUBSTRINGS if s in name]
-    if bad or name in _TRANSFORMERS_NAMES:
+    bad = [s for s in compat.RESERVED_SUBSTRINGS if s in name]
+    if bad or name in compat.TRANSFORMERS_NAMES:
         raise ValueError(
             f"attention spec {spec!r} cannot be an attn_implementation name: transformers gives names containing "
-            f"{', '.join(repr(s) for s in _RESERVED_SUBSTRINGS)} their own dispatch (found {bad or name!r})"
+            f"{', '.join(repr(s) for s in compat.RESERVED_SUBSTRINGS)} their own dispatch (found {bad or name!r})"
         )
     _check_generic_spec(name)
     _register(name, name)
@@ -113,8 +107,7 @@ def register_spec(spec: str) -> str:
 
 def _register(name: str, spec: str) -> None:
     with _LOCK:
-        AttentionInterface.register(name, sparse_attention_forward)
-        AttentionMaskInterface.register(name, sparse_attention_mask)
+        compat.register_attention(name, sparse_attention_forward, sparse_attention_mask)
         _SPEC_OF_NAME[name] = spec
 
 
@@ -159,7 +152,7 @@ def sparse_attention_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     :func:`sparse_attention_forward` then applies from ``module.is_causal`` (as a flag, which
     lets fast paths skip the masked half instead of reading a mask).
     """
-    return sdpa_mask(*args, **kwargs)
+    return compat.boolean_mask(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the attention function
@@ -168,18 +161,9 @@ def sparse_attention_mask(*args: Any, **kwargs: Any) -> Tensor | None:
 def infer_role(module: nn.Module) -> str:
     """The role of an attention module: ``"encoder"``, ``"decoder"`` (causal self-attention) or ``"cross"``.
 
-    Read from the attributes transformers' attention modules carry: ``is_cross_attention``
-    (GPT-2, BERT's wrapper) or a ``CrossAttention`` class name (BERT), ``is_causal`` (decoder
-    self-attention), ``is_decoder`` without ``is_causal`` (the encoder-decoder attention of
-    BART, Marian, mBART, Pegasus and T5).
+    Read from the attributes transformers' attention modules carry (:func:`hf_models.compat.attention_role`).
     """
-    if getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__:
-        return "cross"
-    if getattr(module, "is_causal", False):
-        return "decoder"
-    if getattr(module, "is_decoder", False):
-        return "cross"
-    return "encoder"
+    return compat.attention_role(module)
 
 
 _SHARED: dict[tuple[str, str, int, str], plugin.AttentionMechanism] = {}
@@ -207,14 +191,7 @@ def _weights_requested(kwargs: dict[str, Any]) -> bool:
     Some modules consume ``output_attentions`` themselves (GPT-2), so the flag is also read from
     transformers' output collector, which is active while a model records its attentions.
     """
-    if kwargs.get("output_attentions"):
-        return True
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # a transformers without the collector: the kwarg is the only signal
-        return False
-    collected = _active_collector.get()
-    return bool(collected) and any("attentions" in key for key in collected)
+    return bool(kwargs.get("output_attentions")) or compat.collecting_attentions()
 
 
 def _translate_mask(
@@ -281,7 +258,7 @@ def sparse_attention_forward(
     attn_weights : (B, H, Lq, Lk) when attentions are requested (``output_attentions``) and
         the mechanism has discrete weights, else None.
     """
-    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    implementation = compat.attn_implementation(getattr(module, "config", None))
     if implementation == PER_MODULE:
         mech = getattr(module, MECHANISM_ATTRIBUTE, None)
         if not isinstance(mech, plugin.AttentionMechanism):
@@ -331,18 +308,14 @@ def sparse_attention_forward(
 def supports_attention_interface(model_class: type) -> bool:
     """Whether ``model_class`` routes its attention through transformers' ``AttentionInterface``.
 
-    Uses transformers' own test (``PreTrainedModel._can_set_attn_implementation``, which reads
-    the modeling source: attention modules that never call ``ALL_ATTENTION_FUNCTIONS.get_interface``
-    ignore ``attn_implementation``).
+    Uses transformers' own test (:func:`hf_models.compat.routes_attention_through_interface`):
+    attention modules that never call the interface ignore ``attn_implementation``.
     """
-    check = getattr(model_class, "_can_set_attn_implementation", None)
-    return bool(check()) if check is not None else False
+    return compat.routes_attention_through_interface(model_class)
 
 
 def _unknown_name_error(name: str, reason: str) -> ValueError:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    builtin = ["eager"] + [k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if k not in _SPEC_OF_NAME]
+    builtin = [k for k in compat.attention_names() if k not in _SPEC_OF_NAME]
     return ValueError(
         f"attn_implementation={name!r} is neither one of transformers' implementations ({', '.join(builtin)}) "
         f"nor a valid sparse-attention spec ({reason}); sparse variants: {', '.join(sorted(plugin.variants()))}, "
@@ -360,13 +333,11 @@ def resolve_implementation(name: Any, model_class: type | None = None) -> Any:
     """
     if not isinstance(name, str):
         return name
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if name != "eager" and name not in ALL_ATTENTION_FUNCTIONS:
+    if not compat.is_registered_attention_name(name):
         try:
             name = register_spec(name)
         except ValueError as err:
-            if any(s in name for s in _RESERVED_SUBSTRINGS) or name.startswith("paged"):
+            if any(s in name for s in compat.RESERVED_SUBSTRINGS) or name.startswith("paged"):
                 return name  # transformers' own kinds of names: leave its error to transformers
             if "trainable parameters" in str(err):
                 raise
@@ -380,9 +351,6 @@ def resolve_implementation(name: Any, model_class: type | None = None) -> Any:
     return name
 
 
-_ORIGINAL_GET_CORRECT = PreTrainedModel.get_correct_attn_implementation
-
-
 def _get_correct_attn_implementation(self: PreTrainedModel, requested_attention: str | None,
                                      is_init_check: bool = False) -> str:
     from_config = requested_attention is None
@@ -394,7 +362,7 @@ def _get_correct_attn_implementation(self: PreTrainedModel, requested_attention:
         if not from_config or requested_attention is None:
             raise
         raise ValueError(f"config field {CONFIG_FIELD!r}={requested_attention!r}: {err}") from None
-    chosen = _ORIGINAL_GET_CORRECT(self, requested_attention, is_init_check)
+    chosen = compat.stock_implementation_check(self, requested_attention, is_init_check)
     if chosen == PER_MODULE:  # Sparse* configs persist their per-role fields instead
         return chosen
     if is_sparse_implementation(chosen):
@@ -431,5 +399,4 @@ def install_implementation_check() -> None:
     records a chosen spec in ``config.attention_spec`` (:data:`CONFIG_FIELD`) so that
     ``save_pretrained`` keeps it.
     """
-    if PreTrainedModel.get_correct_attn_implementation is not _get_correct_attn_implementation:
-        PreTrainedModel.get_correct_attn_implementation = _get_correct_attn_implementation  # type: ignore[method-assign]
+    compat.install_implementation_check(_get_correct_attn_implementation)

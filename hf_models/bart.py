@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
-    BartForSequenceClassification,
-    BartModel,
-)
-from transformers.models.bart.modeling_bart import BartAttention
+from transformers import BartConfig, BartForConditionalGeneration, BartForSequenceClassification, BartModel
 
+from .compat import ATTENTION_MODULE_CLASSES
 from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
 
 
@@ -22,30 +17,20 @@ class SparseBartConfig(SparseAttentionConfigMixin, BartConfig):
     """
 
     model_type = "sparse_bart"
-    encoder_attn: str = "softmax"
-    decoder_attn: str = "softmax"
-    cross_attn: str = "softmax"
-    encoder_attn_schedule: str | None = None
-    decoder_attn_schedule: str | None = None
-    cross_attn_schedule: str | None = None
 
 
-class SparseBartModel(SparseAttentionModelMixin, BartModel):
-    """:class:`transformers.BartModel` whose attention runs ``config.<role>_attn``."""
-
+class _SparseBart(SparseAttentionModelMixin):
     config_class = SparseBartConfig
-    _attention_module_classes = (BartAttention,)
+    _attention_module_classes = (ATTENTION_MODULE_CLASSES["bart"],)
 
 
-class SparseBartForConditionalGeneration(SparseAttentionModelMixin, BartForConditionalGeneration):
-    """:class:`transformers.BartForConditionalGeneration` whose attention runs ``config.<role>_attn``."""
-
-    config_class = SparseBartConfig
-    _attention_module_classes = (BartAttention,)
+class SparseBartModel(_SparseBart, BartModel):
+    pass
 
 
-class SparseBartForSequenceClassification(SparseAttentionModelMixin, BartForSequenceClassification):
-    """:class:`transformers.BartForSequenceClassification` whose attention runs ``config.<role>_attn``."""
+class SparseBartForConditionalGeneration(_SparseBart, BartForConditionalGeneration):
+    pass
 
-    config_class = SparseBartConfig
-    _attention_module_classes = (BartAttention,)
+
+class SparseBartForSequenceClassification(_SparseBart, BartForSequenceClassification):
+    pass

@@ -1,10 +1,13 @@
-"""Marian with per-role sparse attention: ``SparseMarianConfig`` and the ``SparseMarian*`` models."""
+"""Marian with per-role sparse attention: ``SparseMarianConfig`` and the ``SparseMarian*`` models.
+
+Their sinusoidal position tables stay frozen (:mod:`hf_models.positions`).
+"""
 
 from __future__ import annotations
 
 from transformers import MarianConfig, MarianModel, MarianMTModel
-from transformers.models.marian.modeling_marian import MarianAttention
 
+from .compat import ATTENTION_MODULE_CLASSES
 from .positions import FixedPositionTablesMixin
 from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
 
@@ -16,29 +19,16 @@ class SparseMarianConfig(SparseAttentionConfigMixin, MarianConfig):
     """
 
     model_type = "sparse_marian"
-    encoder_attn: str = "softmax"
-    decoder_attn: str = "softmax"
-    cross_attn: str = "softmax"
-    encoder_attn_schedule: str | None = None
-    decoder_attn_schedule: str | None = None
-    cross_attn_schedule: str | None = None
 
 
-class SparseMarianModel(FixedPositionTablesMixin, SparseAttentionModelMixin, MarianModel):
-    """:class:`transformers.MarianModel` whose attention runs ``config.<role>_attn``.
-
-    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
-    """
-
+class _SparseMarian(FixedPositionTablesMixin, SparseAttentionModelMixin):
     config_class = SparseMarianConfig
-    _attention_module_classes = (MarianAttention,)
+    _attention_module_classes = (ATTENTION_MODULE_CLASSES["marian"],)
 
 
-class SparseMarianMTModel(FixedPositionTablesMixin, SparseAttentionModelMixin, MarianMTModel):
-    """:class:`transformers.MarianMTModel` whose attention runs ``config.<role>_attn``.
+class SparseMarianModel(_SparseMarian, MarianModel):
+    pass
 
-    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
-    """
 
-    config_class = SparseMarianConfig
-    _attention_module_classes = (MarianAttention,)
+class SparseMarianMTModel(_SparseMarian, MarianMTModel):
+    pass

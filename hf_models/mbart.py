@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import (
-    MBartConfig,
-    MBartForConditionalGeneration,
-    MBartForSequenceClassification,
-    MBartModel,
-)
-from transformers.models.mbart.modeling_mbart import MBartAttention
+from transformers import MBartConfig, MBartForConditionalGeneration, MBartForSequenceClassification, MBartModel
 
+from .compat import ATTENTION_MODULE_CLASSES
 from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
 
 
@@ -22,30 +17,20 @@ class SparseMBartConfig(SparseAttentionConfigMixin, MBartConfig):
     """
 
     model_type = "sparse_mbart"
-    encoder_attn: str = "softmax"
-    decoder_attn: str = "softmax"
-    cross_attn: str = "softmax"
-    encoder_attn_schedule: str | None = None
-    decoder_attn_schedule: str | None = None
-    cross_attn_schedule: str | None = None
 
 
-class SparseMBartModel(SparseAttentionModelMixin, MBartModel):
-    """:class:`transformers.MBartModel` whose attention runs ``config.<role>_attn``."""
-
+class _SparseMBart(SparseAttentionModelMixin):
     config_class = SparseMBartConfig
-    _attention_module_classes = (MBartAttention,)
+    _attention_module_classes = (ATTENTION_MODULE_CLASSES["mbart"],)
 
 
-class SparseMBartForConditionalGeneration(SparseAttentionModelMixin, MBartForConditionalGeneration):
-    """:class:`transformers.MBartForConditionalGeneration` whose attention runs ``config.<role>_attn``."""
-
-    config_class = SparseMBartConfig
-    _attention_module_classes = (MBartAttention,)
+class SparseMBartModel(_SparseMBart, MBartModel):
+    pass
 
 
-class SparseMBartForSequenceClassification(SparseAttentionModelMixin, MBartForSequenceClassification):
-    """:class:`transformers.MBartForSequenceClassification` whose attention runs ``config.<role>_attn``."""
+class SparseMBartForConditionalGeneration(_SparseMBart, MBartForConditionalGeneration):
+    pass
 
-    config_class = SparseMBartConfig
-    _attention_module_classes = (MBartAttention,)
+
+class SparseMBartForSequenceClassification(_SparseMBart, MBartForSequenceClassification):
+    pass

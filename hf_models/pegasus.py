@@ -1,10 +1,13 @@
-"""Pegasus with per-role sparse attention: ``SparsePegasusConfig`` and the ``SparsePegasus*`` models."""
+"""Pegasus with per-role sparse attention: ``SparsePegasusConfig`` and the ``SparsePegasus*`` models.
+
+Their sinusoidal position tables stay frozen (:mod:`hf_models.positions`).
+"""
 
 from __future__ import annotations
 
 from transformers import PegasusConfig, PegasusForConditionalGeneration, PegasusModel
-from transformers.models.pegasus.modeling_pegasus import PegasusAttention
 
+from .compat import ATTENTION_MODULE_CLASSES
 from .positions import FixedPositionTablesMixin
 from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
 
@@ -16,31 +19,16 @@ class SparsePegasusConfig(SparseAttentionConfigMixin, PegasusConfig):
     """
 
     model_type = "sparse_pegasus"
-    encoder_attn: str = "softmax"
-    decoder_attn: str = "softmax"
-    cross_attn: str = "softmax"
-    encoder_attn_schedule: str | None = None
-    decoder_attn_schedule: str | None = None
-    cross_attn_schedule: str | None = None
 
 
-class SparsePegasusModel(FixedPositionTablesMixin, SparseAttentionModelMixin, PegasusModel):
-    """:class:`transformers.PegasusModel` whose attention runs ``config.<role>_attn``.
-
-    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
-    """
-
+class _SparsePegasus(FixedPositionTablesMixin, SparseAttentionModelMixin):
     config_class = SparsePegasusConfig
-    _attention_module_classes = (PegasusAttention,)
+    _attention_module_classes = (ATTENTION_MODULE_CLASSES["pegasus"],)
 
 
-class SparsePegasusForConditionalGeneration(
-    FixedPositionTablesMixin, SparseAttentionModelMixin, PegasusForConditionalGeneration
-):
-    """:class:`transformers.PegasusForConditionalGeneration` whose attention runs ``config.<role>_attn``.
+class SparsePegasusModel(_SparsePegasus, PegasusModel):
+    pass
 
-    Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical.
-    """
 
-    config_class = SparsePegasusConfig
-    _attention_module_classes = (PegasusAttention,)
+class SparsePegasusForConditionalGeneration(_SparsePegasus, PegasusForConditionalGeneration):
+    pass

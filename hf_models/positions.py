@@ -9,16 +9,23 @@ classes keep the tables frozen after construction and after ``from_pretrained``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from . import compat
+
+if TYPE_CHECKING:  # the mixin is always combined with a transformers model class
+    from transformers import PreTrainedModel as _ModelBase
+else:
+    _ModelBase = object
+
 
 def freeze_position_tables(model: nn.Module) -> list[str]:
-    """Mark the parameters of every ``*SinusoidalPositionalEmbedding`` as not trainable; their names."""
+    """Mark the parameters of every sinusoidal position table as not trainable; their names."""
     frozen = []
     for name, module in model.named_modules():
-        if "SinusoidalPositionalEmbedding" in type(module).__name__:
+        if compat.is_fixed_position_table(module):
             for pname, param in module.named_parameters():
                 if param.requires_grad:
                     param.requires_grad_(False)
@@ -26,15 +33,21 @@ def freeze_position_tables(model: nn.Module) -> list[str]:
     return frozen
 
 
-class FixedPositionTablesMixin:
+class FixedPositionTablesMixin(_ModelBase):
     """Keeps a model's sinusoidal position tables frozen (put it first in the bases)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        freeze_position_tables(self)  # type: ignore[arg-type]
+        freeze_position_tables(self)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        loaded = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+        loaded = super().from_pretrained(*args, **kwargs)
         freeze_position_tables(loaded[0] if isinstance(loaded, tuple) else loaded)  # output_loading_info=True
         return loaded
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        note = "Its sinusoidal position tables stay frozen, so a trained, saved and reloaded model is identical."
+        if cls.__doc__ and note not in cls.__doc__:
+            cls.__doc__ += "\n\n" + note

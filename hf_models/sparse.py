@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import initialization as hf_init
+from transformers import PretrainedConfig, PreTrainedModel
 
 import plugin
 
+from . import compat
 from .attention import MECHANISM_ATTRIBUTE, PER_MODULE, ROLES, infer_role
+
+if TYPE_CHECKING:  # the mixins are always combined with these classes of transformers
+    _ConfigBase = PretrainedConfig
+    _ModelBase = PreTrainedModel
+else:
+    _ConfigBase = _ModelBase = object
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +50,17 @@ def _canonical(field: str, value: Any) -> str:
         raise ValueError(f"{field}={value!r}: {err}") from None
 
 
-class SparseAttentionConfigMixin:
-    """Validation and access for the ``encoder_attn`` / ``decoder_attn`` / ``cross_attn`` fields.
+@dataclass(init=False, repr=False, eq=False, kw_only=True)
+class SparseAttentionConfigMixin(_ConfigBase):
+    """The ``encoder_attn`` / ``decoder_attn`` / ``cross_attn`` fields, their schedules, validation and access.
 
-    transformers 5 configs are dataclasses, so each config class declares the three fields
-    itself (a mixin's annotations are not dataclass fields); this mixin canonicalizes them
+    Put it first in the bases of a stock config class and set ``model_type``::
+
+        class SparseBartConfig(SparseAttentionConfigMixin, BartConfig):
+            model_type = "sparse_bart"
+
+    transformers 5 configs are dataclasses, and this mixin is one too, so its six fields become
+    fields of the config class (written to ``config.json``). The spec fields are canonicalized
     with :func:`plugin.canonical_spec` (raising ValueError for an invalid spec). The optional
     ``<role>_attn_schedule`` fields (``encoder_attn_schedule``...) move a parameter of the
     role's spec with the training step (``plugin.schedule``, e.g. ``"cosine:start=1,steps=500"``
@@ -54,9 +68,16 @@ class SparseAttentionConfigMixin:
     and written in canonical form.
     """
 
+    encoder_attn: str = "softmax"
+    decoder_attn: str = "softmax"
+    cross_attn: str = "softmax"
+    encoder_attn_schedule: str | None = None
+    decoder_attn_schedule: str | None = None
+    cross_attn_schedule: str | None = None
+
     def __post_init__(self, **kwargs: Any) -> None:
         self.validate_attention_specs()
-        super().__post_init__(**kwargs)  # type: ignore[misc]
+        super().__post_init__(**kwargs)
         # a stock config.json sets model_type on the instance; ours is the class's ("sparse_bart", ...)
         vars(self).pop("model_type", None)
 
@@ -64,8 +85,9 @@ class SparseAttentionConfigMixin:
     def stock_model_type(cls) -> str:
         """``model_type`` of the stock config this class extends (``"bart"`` for ``SparseBartConfig``)."""
         for base in cls.__mro__[1:]:
-            if not issubclass(base, SparseAttentionConfigMixin) and getattr(base, "model_type", ""):
-                return base.model_type
+            model_type = getattr(base, "model_type", "")
+            if not issubclass(base, SparseAttentionConfigMixin) and model_type:
+                return str(model_type)
         return ""
 
     @classmethod
@@ -75,10 +97,10 @@ class SparseAttentionConfigMixin:
         Converting a stock checkpoint is what these classes are for, so transformers' warning
         about a model-type mismatch is replaced by an info message.
         """
-        config_dict, kwargs = super().get_config_dict(*args, **kwargs)  # type: ignore[misc]
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
         if config_dict.get("model_type") == cls.stock_model_type():
-            logger.info("reading a %r config as %r", config_dict["model_type"], cls.model_type)  # type: ignore[attr-defined]
-            config_dict = dict(config_dict, model_type=cls.model_type)  # type: ignore[attr-defined]
+            logger.info("reading a %r config as %r", config_dict["model_type"], cls.model_type)
+            config_dict = dict(config_dict, model_type=cls.model_type)
         return config_dict, kwargs
 
     def validate_attention_specs(self) -> None:
@@ -104,36 +126,41 @@ class SparseAttentionConfigMixin:
         return getattr(self, f"{role}_attn")
 
 
-def _num_heads(module: nn.Module) -> int:
-    for attr in ("num_heads", "n_heads", "num_attention_heads"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot find the number of heads of {type(module).__name__} (num_heads / n_heads)")
-
-
-class SparseAttentionModelMixin:
+class SparseAttentionModelMixin(_ModelBase):
     """Per-role attention mechanisms for a stock transformers model class.
 
-    A subclass lists ``_attention_module_classes`` (the family's attention modules) and puts
-    this mixin first in its bases; construction then validates the config's specs, selects
+    A subclass sets ``config_class`` (a :class:`SparseAttentionConfigMixin` config) and
+    ``_attention_module_classes`` (the family's attention modules), and puts this mixin before
+    the stock class in its bases, the stock class last::
+
+        class SparseBartModel(SparseAttentionModelMixin, BartModel):
+            config_class = SparseBartConfig
+            _attention_module_classes = (BartAttention,)
+
+    Construction then validates the config's specs, selects
     :data:`~hf_models.attention.PER_MODULE` and gives every attention module its
-    ``attention_mechanism``.
+    ``attention_mechanism``. A subclass without a docstring gets one naming the stock class.
     """
 
     _attention_module_classes: tuple[type[nn.Module], ...] = ()
     config: Any
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        stock = cls.__bases__[-1]  # "class SparseBartModel(..., BartModel)"
+        if cls.__doc__ is None and issubclass(stock, nn.Module):
+            cls.__doc__ = f":class:`transformers.{stock.__name__}` whose attention runs ``config.<role>_attn``."
+
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         _prepare_config(config, type(self))
-        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(config, *args, **kwargs)
         self._attach_attention_mechanisms()
 
     # -- mechanisms
 
     def attention_modules(self) -> Iterator[tuple[str, nn.Module, str]]:
         """``(name, module, role)`` of every attention module of the model."""
-        for name, module in self.named_modules():  # type: ignore[attr-defined]
+        for name, module in self.named_modules():
             if isinstance(module, self._attention_module_classes):
                 yield name, module, infer_role(module)
 
@@ -145,7 +172,7 @@ class SparseAttentionModelMixin:
         for _, module, role in self.attention_modules():
             if role not in roles:
                 continue
-            mech = _build_mechanism(self.config.role_spec(role), _num_heads(module), role,
+            mech = _build_mechanism(self.config.role_spec(role), compat.attention_heads(module), role,
                                     self.config.role_schedule(role))
             reference = next(module.parameters(), None)
             if reference is not None:
@@ -180,7 +207,7 @@ class SparseAttentionModelMixin:
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained``; the schedules then continue from the loaded step."""
-        loaded = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+        loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         for _, mech in plugin.schedule.scheduled_mechanisms(model):
             mech.set_schedule_step(int(mech.schedule_step))  # the loaded buffer -> the value in use
@@ -200,7 +227,7 @@ class SparseAttentionModelMixin:
                 state[role] = {"step": mech.schedule_step_value, "value": mech.scheduled_value(),
                                "spec": mech.current_spec()}
         setattr(self.config, SCHEDULE_STATE_FIELD, state or None)
-        return super().save_pretrained(*args, **kwargs)  # type: ignore[misc]
+        return super().save_pretrained(*args, **kwargs)
 
     # -- transformers hooks
 
@@ -208,7 +235,7 @@ class SparseAttentionModelMixin:
         """Only :data:`~hf_models.attention.PER_MODULE` applies; change mechanisms with :meth:`set_attention_specs`."""
         if attn_implementation != PER_MODULE:
             raise ValueError(_implementation_error(type(self), attn_implementation))
-        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)  # type: ignore[misc]
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -221,9 +248,9 @@ class SparseAttentionModelMixin:
         from a freshly built mechanism of the same spec; loaded ones are left alone
         (``transformers.initialization.copy_`` skips tensors marked as loaded).
         """
-        super().initialize_weights()  # type: ignore[misc]
-        fresh: dict[tuple[str, Any], dict[str, torch.Tensor]] = {}
-        for module in self.modules():  # type: ignore[attr-defined]
+        super().initialize_weights()
+        fresh: dict[tuple[str, int | None, str | None], dict[str, torch.Tensor]] = {}
+        for module in self.modules():
             if not isinstance(module, plugin.AttentionMechanism):
                 continue
             schedule = str(module.schedule) if module.schedule is not None else None
@@ -233,7 +260,7 @@ class SparseAttentionModelMixin:
                 fresh[key] = dict(built.named_parameters()) | dict(built.named_buffers())
             for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
                 if tensor.device.type != "meta":
-                    hf_init.copy_(tensor, fresh[key][name].to(tensor.dtype))
+                    compat.copy_unless_loaded(tensor, fresh[key][name].to(tensor.dtype))
 
 
 def _build_mechanism(
@@ -263,6 +290,7 @@ def _prepare_config(config: Any, model_class: type) -> None:
             f"with {model_class.__name__}.from_pretrained(path, cross_attn=...)"
         )
     config.validate_attention_specs()
-    if config._attn_implementation not in (None, PER_MODULE):
-        raise ValueError(_implementation_error(model_class, config._attn_implementation))
-    config._attn_implementation = PER_MODULE
+    requested = compat.attn_implementation(config)
+    if requested not in (None, PER_MODULE):
+        raise ValueError(_implementation_error(model_class, requested))
+    compat.set_attn_implementation(config, PER_MODULE)

@@ -13,8 +13,8 @@ from transformers import (
     T5ForSequenceClassification,
     T5Model,
 )
-from transformers.models.t5.modeling_t5 import T5Attention
 
+from .compat import ATTENTION_MODULE_CLASSES
 from .sparse import SparseAttentionConfigMixin, SparseAttentionModelMixin
 
 
@@ -25,37 +25,24 @@ class SparseT5Config(SparseAttentionConfigMixin, T5Config):
     """
 
     model_type = "sparse_t5"
-    encoder_attn: str = "softmax"
-    decoder_attn: str = "softmax"
-    cross_attn: str = "softmax"
-    encoder_attn_schedule: str | None = None
-    decoder_attn_schedule: str | None = None
-    cross_attn_schedule: str | None = None
 
 
-class SparseT5Model(SparseAttentionModelMixin, T5Model):
-    """:class:`transformers.T5Model` whose attention runs ``config.<role>_attn``."""
-
+class _SparseT5(SparseAttentionModelMixin):
     config_class = SparseT5Config
-    _attention_module_classes = (T5Attention,)
+    _attention_module_classes = (ATTENTION_MODULE_CLASSES["t5"],)
 
 
-class SparseT5ForConditionalGeneration(SparseAttentionModelMixin, T5ForConditionalGeneration):
-    """:class:`transformers.T5ForConditionalGeneration` whose attention runs ``config.<role>_attn``."""
-
-    config_class = SparseT5Config
-    _attention_module_classes = (T5Attention,)
+class SparseT5Model(_SparseT5, T5Model):
+    pass
 
 
-class SparseT5EncoderModel(SparseAttentionModelMixin, T5EncoderModel):
+class SparseT5ForConditionalGeneration(_SparseT5, T5ForConditionalGeneration):
+    pass
+
+
+class SparseT5EncoderModel(_SparseT5, T5EncoderModel):
     """:class:`transformers.T5EncoderModel` whose self-attention runs ``config.encoder_attn``."""
 
-    config_class = SparseT5Config
-    _attention_module_classes = (T5Attention,)
 
-
-class SparseT5ForSequenceClassification(SparseAttentionModelMixin, T5ForSequenceClassification):
-    """:class:`transformers.T5ForSequenceClassification` whose attention runs ``config.<role>_attn``."""
-
-    config_class = SparseT5Config
-    _attention_module_classes = (T5Attention,)
+class SparseT5ForSequenceClassification(_SparseT5, T5ForSequenceClassification):
+    pass

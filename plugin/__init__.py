@@ -4,20 +4,28 @@ Normalizers (scores -> probabilities): :func:`softmax`, :func:`sparsemax`, :func
 :func:`entmax`, :func:`fusedmax`, :func:`oscarmax`. One attention function,
 :func:`attention`, and its module form :class:`AttentionMechanism`. Every variant lives in
 the registry (:func:`get_normalizer`, :func:`available_normalizers`,
-:func:`register_normalizer`) and is named by a spec string such as ``"entmax:alpha=1.3"``.
+:func:`register_normalizer`) and is named by a spec string such as ``"entmax:alpha=1.3"``;
+it declares its fast paths (:mod:`plugin.paths`), which :mod:`plugin.dispatch` chooses from
+(:func:`explain_path` tells which and why). See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import continuous, recording
-from .attention import AttentionMechanism, attention
+from . import (
+    builtins,  # noqa: F401  (registers the built-in variants)
+    continuous,
+    paths,
+    recording,
+)
+from .attention import AttentionMechanism, attention, explain_path
 from .continuous import ContinuousAttention
 from .kernels import reference_path, use_path
 from .normalizers import (
     LearnableAlpha,
     Normalizer,
+    build_normalizer,
     entmax,
     entmax15,
     softmax,
@@ -32,6 +40,7 @@ from .registry import (
     parse_spec,
     register_continuous,
     register_normalizer,
+    unregister,
     variants,
 )
 from .schedule import (
@@ -61,14 +70,7 @@ def get_normalizer(spec: str, num_heads: int | None = None) -> Any:
             f"plugin.attention / plugin.AttentionMechanism)"
         )
     p = parts[0]
-    return p.variant.factory(num_heads=num_heads, **p.params)
-
-
-def build_attention(
-    spec: str, num_heads: int | None = None, role: str | None = None, schedule: str | None = None
-) -> AttentionMechanism:
-    """An :class:`AttentionMechanism` for ``spec`` (the adapters' entry point), optionally scheduled."""
-    return AttentionMechanism(spec, num_heads=num_heads, role=role, schedule=schedule)
+    return build_normalizer(p.variant, num_heads, p.params)
 
 
 __all__ = [
@@ -82,17 +84,18 @@ __all__ = [
     "Schedule",
     "attention",
     "available_normalizers",
-    "build_attention",
     "canonical_spec",
     "continuous",
     "entmax",
     "entmax15",
+    "explain_path",
     "finish_schedules",
     "fusedmax",
     "get_normalizer",
     "oscarmax",
     "parse_schedule",
     "parse_spec",
+    "paths",
     "record_calls",
     "recording",
     "reference_path",
@@ -102,6 +105,7 @@ __all__ = [
     "set_schedule_step",
     "softmax",
     "sparsemax",
+    "unregister",
     "use_path",
     "variants",
 ]

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import kernels
-from .continuous.modules import ContinuousContext
+from .dispatch import Choice, select
 from .inputs import (
     check_flag,
     check_qkv,
@@ -20,9 +19,9 @@ from .inputs import (
     scores_may_overflow,
     split_mask,
 )
-from .normalizers.base import Normalizer
+from .normalizers.base import Normalizer, build_normalizer
 from .recording import CallRecord, notify, recording
-from .registry import ParsedSpec, canonical_spec, parse_spec
+from .registry import ParsedSpec, Variant, canonical_spec, parse_spec, variant_of_function
 from .schedule import Schedule, parse_schedule
 
 
@@ -61,6 +60,8 @@ class AttentionMechanism(nn.Module):
             self.normalizer = spec if isinstance(spec, nn.Module) else Normalizer(spec, name=self.spec)
             self.discrete_context = True
             self.learnable = any(True for _ in self.normalizer.parameters())
+            # a registered variant's plain function (also inside a Normalizer) keeps the variant's paths
+            self._variant = variant_of_function(getattr(self.normalizer, "function", None))
             return
         parts = parse_spec(spec)
         self.spec = "+".join(str(p) for p in parts)
@@ -69,7 +70,8 @@ class AttentionMechanism(nn.Module):
         # A continuous-only spec places its density by the moments of a discrete softmax
         # over the same keys; only the continuous context is returned.
         base = discrete[0] if discrete else parse_spec("softmax")[0]
-        self.normalizer = base.variant.factory(num_heads=num_heads, **base.params)
+        self._variant: Variant | None = base.variant
+        self.normalizer = build_normalizer(base.variant, num_heads, base.params)
         self.discrete_context = bool(discrete)
         if continuous:
             c = continuous[0]
@@ -105,20 +107,21 @@ class AttentionMechanism(nn.Module):
     def current_spec(self) -> str:
         """The spec this mechanism computes now: ``spec`` with a schedule's current value filled in."""
         value = self.scheduled_value()
-        if value is None:
+        if value is None or self.schedule is None:
             return self.spec
         part = self._discrete_part
-        name = self.schedule.param  # type: ignore[union-attr]
+        name = self.schedule.param
         now = ParsedSpec(part.variant, {**part.params, name: value}, tuple(dict.fromkeys(part.given + (name,))))
         return "+".join([str(now)] + self.spec.split("+")[1:])
 
     def _learned_took_over(self) -> bool:
-        return getattr(self.normalizer, "learned", None) is not None and (
-            self.schedule_step_value >= self.schedule.final_step  # type: ignore[union-attr]
+        return self.schedule is not None and getattr(self.normalizer, "learned", None) is not None and (
+            self.schedule_step_value >= self.schedule.final_step
         )
 
     def _apply_schedule(self) -> None:
-        self.normalizer.set_param(self.schedule.param, self.scheduled_value())  # type: ignore[union-attr]
+        if self.schedule is not None:
+            self.normalizer.set_param(self.schedule.param, self.scheduled_value())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -150,30 +153,29 @@ class AttentionMechanism(nn.Module):
         Lk = k.shape[-2]
 
         if B == 0 or Lq == 0 or Lk == 0:
-            path = "empty"
+            choice = Choice("empty", None, {"*": "an empty input"})
             weights = q.new_zeros(B, H, Lq, Lk)  # no allowed key: zero weights
             out = torch.matmul(weights, _repeat_kv(k, v, H)[1])
             bad = None
         else:
-            path, out, weights, bad = self._compute(q, k, v, allowed, additive, causal, scale, dropout_p,
+            choice, out, weights, bad = self._compute(q, k, v, allowed, additive, causal, scale, dropout_p,
                                                     return_weights)
         out = mark_invalid(out, bad, invalid_rows)
         weights = mark_invalid(weights, bad, invalid_rows)
         if torch.compiler.is_compiling():
-            _record_traced_call(self.spec, self.role, path, self.training)
+            _record_traced_call(self.spec, self.role, choice.name, self.training)
         elif recording():
             spec = self.current_spec()
-            notify(CallRecord(spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), path, self.training))
+            notify(CallRecord(spec, self.role, tuple(q.shape), (B, H, Lk, k.shape[-1]), choice.name, self.training,
+                              dict(choice.refused)))
         if return_weights:
             return out, weights
         return out
 
     def _compute(self, q, k, v, allowed, additive, causal, scale, dropout_p, return_weights):
-        """``(path, out, weights, bad_slices)`` for a non-empty call that passed the checks."""
+        """``(choice, out, weights, bad_slices)`` for a non-empty call that passed the checks."""
         B, H, Lq, D = q.shape
         Lk = k.shape[-2]
-        path = "reference"
-        fast = None
         if torch.compiler.is_compiling():
             # no host sync in a graph: the non-finite slices are found and cleared unconditionally,
             # and the magnitudes are not read (the bound for score overflow is not checked)
@@ -186,62 +188,29 @@ class AttentionMechanism(nn.Module):
                 bad, q, k, v = nonfinite_slices(q, k, v)
                 qmax, kmax, vmax = input_magnitudes(q, k, v)
             overflow = scores_may_overflow(qmax, kmax, D, scale)
-        if overflow:
-            pass  # the reference path computes the scores and applies the rules for +-inf scores
-        elif self.continuous is None:
-            # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
-            fast = kernels.select_path(self, q, k, v, allowed, causal, dropout_p, return_weights, additive)
-        elif not (return_weights or dropout_p > 0 or causal or additive is not None):
-            fast = self._continuous_fast_path(q, k, v, allowed)
-        if fast is not None:
-            path, fn = fast
-            return path, fn(q, k, v, allowed, additive, causal, scale), None, bad
+        if overflow:  # the reference path computes the scores and applies the rules for +-inf scores
+            choice = Choice("reference", None, {"*": "the scores could overflow float32 (see plugin.inputs)"})
+        else:  # fast paths take k/v with Hkv heads and causality as a flag (no (Lq, Lk) mask built)
+            choice = select(self, q, k, v, allowed, causal, dropout_p, return_weights, additive)
+        if choice.runner is not None:
+            return choice, choice.runner(q, k, v, allowed, additive, causal, scale), None, bad
         k, v = _repeat_kv(k, v, H)
         if causal:
             allowed = _with_causal(allowed, Lq, Lk, q.device)
         out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
-        return path, out, weights, bad
+        return choice, out, weights, bad
 
-    def _continuous_fast_path(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None):
-        """A fast path for a continuous spec with a per-key mask, or None.
+    # -- fast paths (plugin.dispatch)
 
-        The density is placed by the mean and variance of the key positions under the
-        discrete attention. Appending the positions ``t - 1/2`` and ``(t - 1/2)^2`` to the
-        values as two more columns, the discrete attention's fast path (SDPA for softmax, the
-        chunked kernels for sparsemax/entmax) returns both moments along with the discrete
-        context, and no (Lq, Lk) matrix is formed; the continuous context then needs only the
-        (J, Lk) regression operators. Masks that vary per query (causal, arbitrary) keep the
-        reference path.
-        """
-        if not isinstance(self.continuous, ContinuousContext) or kernels.reference_forced():
-            return None
-        B, H, Lq, D = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        keys = self.continuous._reduce_mask(allowed, (B, H, Lq, Lk), q.device)
-        if keys.shape[2] != 1 or keys.shape[1] not in (1, Hkv):
-            return None
-        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        counts = keys.sum(-1, keepdim=True).clamp(min=1).to(work)
-        t = ((keys.cumsum(-1) - 1).to(work) + 0.5) / counts - 0.5  # centred positions: less cancellation
-        t = torch.where(keys, t, 0.0).squeeze(2).expand(B, Hkv, Lk).unsqueeze(-1)
-        probe = torch.empty(B, Hkv, Lk, v.shape[-1] + 2, dtype=work, device=v.device)
-        fast = kernels.select_path(self, q.to(work), k.to(work), probe, allowed, False, 0.0, False, None)
-        if fast is None:
-            return None
-        name, discrete = fast
+    @property
+    def paths(self) -> tuple[Any, ...]:
+        """The fast paths of the discrete variant, in the order they are tried (:mod:`plugin.paths`)."""
+        return self._variant.paths if self._variant is not None else ()
 
-        def run(q, k, v, allowed, additive, causal, scale):
-            Dv = v.shape[-1]
-            values = v.to(work)
-            out = discrete(q.to(work), k.to(work), torch.cat([values, t, t * t], -1), allowed, None, False, scale)
-            mean = out[..., Dv]
-            var = out[..., Dv + 1] - mean * mean
-            context = self.continuous.context_from_moments(mean + 0.5, var, values, keys)
-            if self.discrete_context:
-                context = context + out[..., :Dv]
-            return context.to(q.dtype)
-
-        return f"{name}+continuous", run
+    def path_params(self) -> dict[str, Any]:
+        """The discrete variant's parameters now: its defaults, overridden by the normalizer's ``params``."""
+        defaults = self._variant.defaults() if self._variant is not None else {}
+        return {**defaults, **dict(getattr(self.normalizer, "params", None) or {})}
 
     def _reference(self, q, k, v, allowed, additive, scale, dropout_p):
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -383,3 +352,27 @@ def attention(
             f"got {type(normalizer).__name__}"
         )
     return mech(q, k, v, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, return_weights=return_weights)
+
+
+def explain_path(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    normalizer: str | AttentionMechanism = "softmax",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> Choice:
+    """Which path :func:`attention` takes for this call, and why the others were refused (nothing is computed).
+
+    Arguments as in :func:`attention` (a spec string or an :class:`AttentionMechanism`), checked the
+    same way. Returns a :class:`plugin.dispatch.Choice`: ``name`` (``"reference"`` when no fast path
+    applies) and ``refused`` (path name -> reason). Inputs so large that the scores could overflow
+    float32 take the reference path whatever this says (see :mod:`plugin.inputs`).
+    """
+    mech = normalizer if isinstance(normalizer, AttentionMechanism) else AttentionMechanism(normalizer)
+    q, k, v, allowed, additive, causal, _, dropout_p, return_weights, _ = _checked_call(
+        q, k, v, mask, causal, None, dropout_p, return_weights
+    )
+    return select(mech, q, k, v, allowed, causal, dropout_p, return_weights, additive)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["CallRecord", "active_recorders", "notify", "record_calls", "recording"]
 
@@ -28,6 +28,8 @@ class CallRecord:
     key_shape: tuple[int, ...]
     path: str
     training: bool
+    # why the paths tried before ``path`` were refused, by path name ("*": the call as a whole)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 _RECORDERS: contextvars.ContextVar[tuple[list[CallRecord], ...]] = contextvars.ContextVar(

@@ -8,9 +8,11 @@ A *spec string* names an attention mechanism and its parameters::
     "continuous_sparsemax:basis=64"
     "sparsemax+continuous_softmax"          # discrete + continuous context, summed
 
-Every variant is registered exactly once, here, with its parameters, their
-defaults and valid ranges. The fairseq flags, the transformers attention names,
-the docs table and the tests all enumerate this registry.
+Every variant is registered exactly once, with its parameters, their defaults and valid
+ranges, and the fast paths that compute it (the built-ins in ``plugin/builtins.py``, through
+the same functions a user calls). The fairseq flags, the transformers attention names, the
+docs table and the tests all enumerate this registry. This module imports nothing else of the
+plugin: it holds names and values only.
 """
 
 from __future__ import annotations
@@ -21,21 +23,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .recording import CallRecord, record_calls
-
 __all__ = [
     "Param",
     "Variant",
     "ParsedSpec",
     "register_normalizer",
     "register_continuous",
+    "unregister",
     "parse_spec",
     "canonical_spec",
     "get_variant",
     "available_normalizers",
     "variants",
-    "record_calls",
-    "CallRecord",
 ]
 
 LEARNED = "learned"
@@ -58,7 +57,6 @@ class Param:
     low_inclusive: bool = True
     high_inclusive: bool = True
     choices: tuple[str, ...] = ()
-    doc: str = ""
     # for string parameters: a function that raises ValueError on an invalid value, and the
     # description of the valid values shown in errors and in the docs table
     check: Callable[[str], Any] | None = field(default=None, compare=False)
@@ -139,16 +137,21 @@ class Variant:
 
     ``kind`` is ``"discrete"`` (a normalizer: scores -> probabilities over keys) or
     ``"continuous"`` (a context over a continuous domain, see ``plugin.continuous``).
-    ``factory(num_heads=..., **params)`` builds the ``nn.Module`` that computes it.
+    ``factory(num_heads=..., **params)`` builds the ``nn.Module`` that computes it; a discrete
+    variant without a factory is its plain ``function`` wrapped in a :class:`plugin.Normalizer`
+    (:func:`plugin.normalizers.build_normalizer`). A mechanism built from that function gets
+    the variant's ``paths``: its fast paths in the order they are tried (:mod:`plugin.paths`;
+    none = the reference path only).
     """
 
     name: str
     kind: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Any] | None
     params: tuple[Param, ...] = ()
     formula: str = ""
     summary: str = ""
     function: Callable[..., Any] | None = field(default=None, compare=False)
+    paths: tuple[Any, ...] = field(default=(), compare=False)
     # checks the parameters together (for example basis against widths); raises ValueError
     check: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
@@ -212,27 +215,24 @@ def register_normalizer(
     formula: str = "",
     summary: str = "",
     factory: Callable[..., Any] | None = None,
+    paths: Sequence[Any] = (),
     replace: bool = False,
 ) -> Variant:
     """Register a discrete normalizer.
 
-    Either ``function(scores, dim=-1, mask=None, **params) -> probs`` (wrapped in a
-    :class:`plugin.normalizers.Normalizer` module), or ``factory(num_heads=None, **params)
-    -> nn.Module`` whose ``forward(scores, dim=-1, mask=None)`` returns probabilities
-    (use a factory when the variant has learnable state).
+    ``function(scores, dim=-1, mask=None, **params) -> probs`` (wrapped in a
+    :class:`plugin.Normalizer` module), and/or ``factory(num_heads=None, **params) -> nn.Module``
+    whose ``forward(scores, dim=-1, mask=None)`` returns probabilities (use a factory when the
+    variant has learnable state; the function is then the variant's plain-function form).
+
+    ``paths`` lists the fast paths that compute the variant exactly (:mod:`plugin.paths`, e.g.
+    ``plugin.paths.threshold_family(alpha=2.0, gamma="t")`` for a variant of the sparsemax /
+    entmax family), tried in order; without paths every call takes the reference path.
     """
     _check_name(name)
-    if (function is None) == (factory is None):
-        raise ValueError("register_normalizer needs exactly one of 'function' or 'factory'")
-    if factory is None:
-        from .normalizers.base import Normalizer
-
-        fn = function
-
-        def factory(num_heads: int | None = None, **kw: Any) -> Any:  # a plain function has no per-head state
-            return Normalizer(fn, name=name, **kw)
-
-    variant = Variant(name, "discrete", factory, tuple(params), formula, summary, function)
+    if function is None and factory is None:
+        raise ValueError("register_normalizer needs 'function' or 'factory'")
+    variant = Variant(name, "discrete", factory, tuple(params), formula, summary, function, tuple(paths))
     _add(variant, replace)
     return variant
 
@@ -268,9 +268,21 @@ def _add(variant: Variant, replace: bool) -> None:
         _REGISTRY[variant.name] = variant
 
 
+def unregister(name: str) -> Variant:
+    """Remove the variant ``name`` from the registry and return it (for example a variant a test added)."""
+    with _LOCK:
+        if name not in _REGISTRY:
+            raise ValueError(f"unregister: {name!r} is not registered; valid choices: {', '.join(sorted(_REGISTRY))}")
+        return _REGISTRY.pop(name)
+
+
+def variant_of_function(function: Any) -> Variant | None:
+    """The discrete variant registered with ``function`` as its plain function, or None."""
+    return next((v for v in _REGISTRY.values() if v.function is not None and v.function is function), None)
+
+
 def variants(kind: str | None = None) -> dict[str, Variant]:
     """All registered variants (optionally only ``kind`` 'discrete' or 'continuous'), by name."""
-    _ensure_builtins()
     return {n: v for n, v in _REGISTRY.items() if kind is None or v.kind == kind}
 
 
@@ -284,7 +296,6 @@ def available_normalizers(kind: str | None = None) -> dict[str, dict[str, Any]]:
 
 
 def get_variant(name: str) -> Variant:
-    _ensure_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -352,15 +363,3 @@ def canonical_spec(spec: str) -> str:
     """The normalized form of a spec (validates it)."""
     return "+".join(str(p) for p in parse_spec(spec))
 
-
-_BUILTINS_LOADED = False
-
-
-def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from . import (
-            continuous,  # noqa: F401  (registers the continuous variants)
-            normalizers,  # noqa: F401  (registers the discrete variants)
-        )

@@ -226,11 +226,12 @@ def parse_schedule(text: str, spec: str, name: str = "schedule") -> Schedule:
 
 
 def scheduled_mechanisms(module: nn.Module) -> Iterator[tuple[str, Any]]:
-    """``(name, mechanism)`` of every :class:`plugin.AttentionMechanism` in ``module`` that has a schedule."""
-    from .attention import AttentionMechanism
+    """``(name, mechanism)`` of every :class:`plugin.AttentionMechanism` in ``module`` that has a schedule.
 
+    A mechanism is recognized by its :class:`Schedule` (this module does not import the mechanism).
+    """
     for name, m in module.named_modules():
-        if isinstance(m, AttentionMechanism) and m.schedule is not None:
+        if isinstance(getattr(m, "schedule", None), Schedule):
             yield name, m
 
 

@@ -356,7 +356,7 @@ def build_model(args: argparse.Namespace, tokenizer: Any, label2id: dict[str, in
         if args.arch in hf_models.SPARSE_FAMILIES:
             return hf_models.sparse_model_class(args.arch, task)(config)
         if args.attn:
-            config._attn_implementation = args.attn
+            hf_models.compat.set_attn_implementation(config, args.attn)
         return auto.from_config(config)
     stored = AutoConfig.from_pretrained(args.model_dir)
     if label2id is not None and stored.num_labels != len(label2id):
@@ -388,7 +388,7 @@ def describe_attention(model: Any) -> dict[str, str]:
         described = {field: getattr(config, field) for field in hf_models.SPEC_FIELDS}
         described |= {f: getattr(config, f) for f in hf_models.SCHEDULE_FIELDS if getattr(config, f, None)}
         return described
-    return {"attn_implementation": str(config._attn_implementation)}
+    return {"attn_implementation": str(hf_models.compat.attn_implementation(config))}
 
 
 def align_special_tokens(model: Any, tokenizer: Any) -> None:

@@ -33,8 +33,9 @@ import math
 from typing import Any
 
 import torch
-from fairseq.sequence_generator import EnsembleModel
 from torch import Tensor, nn
+
+from .compat import IncrementalState, ensemble
 
 
 class OptimalStopBeamSearch(nn.Module):
@@ -90,7 +91,7 @@ class OptimalStopBeamSearch(nn.Module):
         for key in ("prefix_tokens", "constraints", "bos_token"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"OptimalStopBeamSearch.generate: {key} is not supported")
-        model = EnsembleModel(models).eval()
+        model = ensemble(models).eval()
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
         bsz, src_len = src_tokens.shape[:2]
@@ -99,7 +100,7 @@ class OptimalStopBeamSearch(nn.Module):
         if max_len < self.min_len:
             raise ValueError(f"max_len ({max_len}) is below min_len ({self.min_len}): raise max_len_a / max_len_b")
         model.set_decoder_beam_size(K)
-        incremental = [{} for _ in range(model.models_size)]
+        incremental: list[IncrementalState] = [{} for _ in range(model.models_size)]
         enc = model.forward_encoder(net_input)
         order = torch.arange(bsz, device=src_tokens.device).repeat_interleave(K)
         enc = model.reorder_encoder_out(enc, order)

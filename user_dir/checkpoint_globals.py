@@ -28,7 +28,6 @@ the allow-list is applied again each time fairseq loads a checkpoint. Code that 
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import Any
 
 import numpy as np
@@ -65,16 +64,6 @@ def allow_fairseq_checkpoint_globals() -> None:
 
 def reallow_at_each_load() -> None:
     """Make fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` re-apply the allow-list first (idempotent)."""
-    from fairseq import checkpoint_utils
+    from .compat import run_before_checkpoint_loads
 
-    load = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(load, "_reallows_fairseq_globals", False):
-        return
-
-    @functools.wraps(load)
-    def load_checkpoint_to_cpu(*args: Any, **kwargs: Any) -> Any:
-        allow_fairseq_checkpoint_globals()
-        return load(*args, **kwargs)
-
-    load_checkpoint_to_cpu._reallows_fairseq_globals = True  # type: ignore[attr-defined]
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    run_before_checkpoint_loads(allow_fairseq_checkpoint_globals)

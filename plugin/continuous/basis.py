@@ -87,9 +87,21 @@ def gaussian_basis_2d(grid: int = 10, widths: Any = DEFAULT_WIDTHS_2D) -> tuple[
     return mu, sigma
 
 
+def key_positions(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """The position convention of every 1-D layout: ``t = (rank + 1/2) / n`` along the last dimension.
+
+    ``allowed`` (bool, True = the key exists): ``rank`` counts the existing keys before each key
+    and ``n`` those of its row, so padding on either side and per-query masks are handled. Keys
+    that do not exist get 0.
+    """
+    counts = allowed.sum(-1, keepdim=True).clamp(min=1)
+    rank = allowed.cumsum(-1) - 1
+    return torch.where(allowed, (rank.to(dtype) + 0.5) / counts.to(dtype), 0.0)
+
+
 def sequence_positions(n: int, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:
-    """``t_l = (l + 1/2) / n`` for l = 0..n-1."""
-    return (torch.arange(n, dtype=dtype, device=device) + 0.5) / max(n, 1)
+    """``t_l = (l + 1/2) / n`` for l = 0..n-1 (:func:`key_positions` of ``n`` existing keys)."""
+    return key_positions(torch.ones(n, dtype=torch.bool, device=device), dtype)
 
 
 def grid_positions(height: int, width: int, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:

@@ -25,6 +25,7 @@ from .basis import (
     gaussian_basis_1d,
     gaussian_basis_2d,
     grid_positions,
+    key_positions,
     parse_widths,
 )
 from .density import check_alpha, inv2, scale_from_variance, support_radius
@@ -138,10 +139,10 @@ class ContinuousContext(nn.Module):
             raise ValueError(f"{self._name()}: v must be (B, H, Lk, D) = ({B}, {H}, {Lk}, D), got {got}")
         work = _work_dtype(torch.promote_types(probs.dtype, v.dtype))
         p, values = probs.to(work), v.to(work)
-        allowed = self._reduce_mask(mask, (B, H, Lq, Lk), p.device)
+        allowed = self.reduce_mask(mask, (B, H, Lq, Lk), p.device)
         counts = allowed.sum(-1)  # (b, h, q)
         rank = allowed.cumsum(-1) - 1
-        t = torch.where(allowed, (rank.to(work) + 0.5) / counts.clamp(min=1)[..., None].to(work), 0.0)
+        t = self.key_positions(allowed, work)
         p = torch.where(allowed, p, 0.0)
         mass = p.sum(-1).clamp(min=torch.finfo(work).tiny)
         mu = (p * t).sum(-1) / mass
@@ -189,8 +190,15 @@ class ContinuousContext(nn.Module):
     def _name(self) -> str:
         return {1.0: "continuous_softmax", 1.5: "continuous_entmax15", 2.0: "continuous_sparsemax"}[self.alpha]
 
-    def _reduce_mask(self, mask: Tensor | None, shape: tuple[int, int, int, int], device: Any) -> Tensor:
-        """The mask as a 4-D bool tensor with the batch/head/query dimensions kept only where it varies."""
+    def key_positions(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        """The keys' positions on [0, 1]: ``t = (rank + 1/2) / n`` over the allowed keys of each row (0 elsewhere)."""
+        return key_positions(allowed, dtype)
+
+    def reduce_mask(self, mask: Tensor | None, shape: tuple[int, int, int, int], device: Any) -> Tensor:
+        """The mask as a 4-D bool tensor with the batch/head/query dimensions kept only where it varies.
+
+        ``mask`` is None or bool broadcastable to ``shape`` = (B, H, Lq, Lk), True where the key exists.
+        """
         if mask is None:
             return torch.ones(1, 1, 1, shape[3], dtype=torch.bool, device=device)
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
@@ -245,8 +253,7 @@ class ContinuousContext(nn.Module):
         b, h, _, lk = allowed.shape
         rows = allowed.reshape(-1, lk)
         f64 = torch.float64
-        counts = rows.sum(-1, keepdim=True).clamp(min=1).to(f64)
-        t = ((rows.cumsum(-1) - 1).to(f64) + 0.5) / counts
+        t = key_positions(rows, f64)
         basis_mu = self.basis_mu.to(device=allowed.device, dtype=f64)
         basis_sigma = self.basis_sigma.to(device=allowed.device, dtype=f64)
         f = (evaluate_basis(t, basis_mu, basis_sigma) * rows[..., None].to(f64)).transpose(-1, -2)  # (rows, J, lk)
@@ -388,6 +395,7 @@ class ContinuousAttention(nn.Module):
         else:
             if value_dim is None:
                 raise ValueError("value_dim is needed for location='attention' (the key projection)")
+            from ..normalizers.base import build_normalizer
             from ..registry import parse_spec
 
             parts = parse_spec(normalizer)
@@ -395,7 +403,7 @@ class ContinuousAttention(nn.Module):
                 raise ValueError(
                     f"normalizer must be a discrete spec such as 'softmax' or 'sparsemax', got {normalizer!r}"
                 )
-            self.normalizer = parts[0].variant.factory(num_heads=1, **parts[0].params)
+            self.normalizer = build_normalizer(parts[0].variant, 1, parts[0].params)
             dim = value_dim if attn_dim is None else attn_dim
             self.query_proj = nn.Linear(query_dim, dim, bias=False)
             self.key_proj = nn.Linear(value_dim, dim, bias=False)
@@ -456,10 +464,10 @@ class ContinuousAttention(nn.Module):
         mu = torch.sigmoid(head[..., 0])
         var = F.softplus(head[..., 1]) + self.min_var
         sigma_sq = scale_from_variance(var, self.alpha)
-        allowed = ctx._reduce_mask(None if mask is None else mask[:, None, None, :], (B, 1, 1, L), q.device)
+        allowed = ctx.reduce_mask(None if mask is None else mask[:, None, None, :], (B, 1, 1, L), q.device)
         counts = allowed.sum(-1)
         rank = allowed.cumsum(-1) - 1
-        t = torch.where(allowed, (rank.to(q.dtype) + 0.5) / counts.clamp(min=1)[..., None].to(q.dtype), 0.0)
+        t = ctx.key_positions(allowed, q.dtype)
         coef = (ctx.operators(counts, rank, allowed, q.dtype) @ v[:, None])[:, 0]  # (B, J, D)
         e = expected_basis(mu, sigma_sq, self.basis_mu, self.basis_sigma, self.alpha, validate=False)
         weights = ctx.density_at(t[:, 0], allowed[:, 0], mu, sigma_sq)  # (B, Lq, L)

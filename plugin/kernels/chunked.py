@@ -42,7 +42,8 @@ from .chunks import ChunkedAttentionFunction, Chunks, dense_chunk_grads, kept_bu
 from .constants import ENTMAX15, GENERAL, SPARSEMAX, c_defines
 from .maths import entmax_alpha_grad, entmax_backward, head_alphas
 
-__all__ = ["c_kernel_available", "c_kernel_error", "chunked_entmax_attention", "rows_backward", "rows_forward"]
+__all__ = ["c_kernel_available", "c_kernel_error", "chunked_entmax_attention", "rows_backward", "rows_forward",
+           "run_chunked_entmax"]
 
 __all__ += ["ENTMAX15", "GENERAL", "SPARSEMAX"]  # the row kinds, from plugin.kernels.constants
 
@@ -419,21 +420,31 @@ def chunked_entmax_attention(
 
     Returns
     -------
-    (B, H, Lq, Dv) tensor; a query with no allowed key gives zeros.
+    (B, H, Lq, Dv) tensor; a query with no allowed key gives zeros. The arguments are checked
+    (``ValueError``); the attention path calls :func:`run_chunked_entmax`, which trusts them.
     """
+    _check_arguments(q.shape[1], k.shape[1], alpha, backend)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    return run_chunked_entmax(q, k, v, alpha, mask, bias, causal, scale, chunk_rows, backend)
+
+
+def _check_arguments(H: int, Hkv: int, alpha: float | Tensor, backend: str) -> None:
+    name = "chunked_entmax_attention"
     if backend not in ("c", "torch"):
-        raise ValueError(f"chunked_entmax_attention: backend must be 'c' or 'torch', got {backend!r}")
-    H, D = q.shape[1], q.shape[3]
-    Hkv = k.shape[1]
+        raise ValueError(f"{name}: backend must be 'c' or 'torch', got {backend!r}")
     if H % Hkv:
-        raise ValueError(f"chunked_entmax_attention: query heads H={H} must be a multiple of key/value heads {Hkv}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    kind, alpha_t = head_alphas(alpha, H, "chunked_entmax_attention")
+        raise ValueError(f"{name}: query heads H={H} must be a multiple of key/value heads {Hkv}")
+    _, alpha_t = head_alphas(alpha, H, name)
     if isinstance(alpha, Tensor) and not torch.compiler.is_compiling():  # compiled, the op checks it (no host sync)
         with torch.no_grad():
             if not bool(((alpha_t > 1) & (alpha_t <= 2)).all()):
-                raise ValueError("chunked_entmax_attention: alpha must lie in (1, 2]; got values outside it")
+                raise ValueError(f"{name}: alpha must lie in (1, 2]; got values outside it")
+
+
+def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, mask: Tensor | None, bias: Tensor | None,
+                       causal: bool, scale: float, chunk_rows: int | None = None, backend: str = "c") -> Tensor:
+    """:func:`chunked_entmax_attention` for arguments already checked (by :func:`plugin.attention`'s boundary)."""
+    kind, alpha_t = head_alphas(alpha, q.shape[1], "chunked_entmax_attention")
     work = torch.float64 if (backend == "torch" and q.dtype == torch.float64) else torch.float32
     qw, kw, vw = (t.to(work).contiguous() for t in (q, k, v))
     alpha_t = alpha_t.to(work)

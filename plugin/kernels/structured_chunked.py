@@ -44,12 +44,12 @@ of :mod:`plugin.normalizers.sparsemax`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..inputs import check_qkv
 from .cbuild import CompileError
 from .chunked import rows_backward, rows_forward, sparse_matmul, sparse_rows
 from .chunks import Chunk, ChunkedAttentionFunction, Chunks, Pool, dense_chunk_grads, kept_budget
@@ -58,10 +58,9 @@ from .maths import sparsemax_backward
 
 __all__ = [
     "KINDS",
-    "StructuredConfig",
+    "run_structured_chunked",
     "structured_chunked_attention",
     "structured_chunked_available",
-    "structured_config",
 ]
 
 # prox kind of each normalizer: fusedmax -> total variation, oscarmax -> ordered OSCAR sum
@@ -72,49 +71,8 @@ KINDS = ("tv", "oscar_ordered")
 SPARSE_MAX_DENSITY = 0.1
 
 
-@dataclass(frozen=True)
-class StructuredConfig:
-    """What the chunked path needs to know about a fusedmax / oscarmax normalizer.
-
-    ``kind`` is ``"tv"`` (fusedmax) or ``"oscar_ordered"`` (oscarmax); the normalizer is
-    ``sparsemax(prox_{lam g}(scores / gamma))``.
-    """
-
-    kind: str
-    lam: float
-    gamma: float = 1.0
-
-
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def structured_config(normalizer: Any) -> StructuredConfig | None:
-    """The :class:`StructuredConfig` of a built-in fusedmax / oscarmax normalizer, else None.
-
-    Recognizes the :class:`plugin.normalizers.Normalizer` modules the registry builds for
-    ``"fusedmax:lam=...,gamma=..."`` and ``"oscarmax:..."`` (parameters ``lam >= 0`` and
-    ``gamma > 0``); anything else (other parameters, invalid values, which the reference path
-    reports) gives None.
-    """
-    from ..normalizers.base import Normalizer
-    from ..normalizers.structured import fusedmax, oscarmax
-
-    if not isinstance(normalizer, Normalizer):
-        return None
-    if normalizer.function is fusedmax:
-        kind = "tv"
-    elif normalizer.function is oscarmax:
-        kind = "oscar_ordered"
-    else:
-        return None
-    params = dict(normalizer.params)
-    if not set(params) <= {"lam", "gamma"}:
-        return None
-    lam, gamma = params.get("lam", 1.0), params.get("gamma", 1.0)
-    if not (_number(lam) and _number(gamma) and lam >= 0 and gamma > 0):
-        return None
-    return StructuredConfig(kind=kind, lam=float(lam), gamma=float(gamma))
 
 
 def structured_chunked_available() -> bool:
@@ -410,50 +368,70 @@ def structured_chunked_attention(
     Returns
     -------
     (B, H, Lq, Dv) tensor, differentiable with respect to q, k, v and bias; a query with no
-    allowed key gives zeros (and zero gradients).
+    allowed key gives zeros (and zero gradients). The arguments are checked (``ValueError``);
+    the attention path calls :func:`run_structured_chunked`, which trusts them.
     """
-    name = "structured_chunked_attention"
+    _check_scalars(kind, lam, scale, gamma, chunk_rows)
+    _check_tensors(q, k, v, mask, bias)
+    return run_structured_chunked(q, k, v, kind, lam, mask=mask, bias=bias, causal=causal, scale=scale, gamma=gamma,
+                                  chunk_rows=chunk_rows)
+
+
+_NAME = "structured_chunked_attention"
+
+
+def _check_scalars(kind: Any, lam: Any, scale: Any, gamma: Any, chunk_rows: Any) -> None:
     if kind not in KINDS:
-        raise ValueError(f"{name}: kind must be one of {', '.join(repr(x) for x in KINDS)}, got {kind!r}")
+        raise ValueError(f"{_NAME}: kind must be one of {', '.join(repr(x) for x in KINDS)}, got {kind!r}")
     if not _number(lam) or lam < 0:
-        raise ValueError(f"{name}: lam must be a number >= 0, got {lam!r}")
+        raise ValueError(f"{_NAME}: lam must be a number >= 0, got {lam!r}")
     if not _number(gamma) or gamma <= 0:
-        raise ValueError(f"{name}: gamma must be a number > 0, got {gamma!r}")
+        raise ValueError(f"{_NAME}: gamma must be a number > 0, got {gamma!r}")
     if not _number(scale):
-        raise ValueError(f"{name}: scale must be a finite number, got {scale!r}")
+        raise ValueError(f"{_NAME}: scale must be a finite number, got {scale!r}")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"{name}: chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
-    for label, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name}: {label} must be a 4-D floating tensor, got {shape}")
-        if t.device.type != "cpu":
-            raise ValueError(f"{name}: {label} must be a CPU tensor, got device {t.device}")
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D or tuple(v.shape[:3]) != (B, Hkv, Lk):
-        raise ValueError(
-            f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, Hkv, Lk, D={D}) and (B, Hkv, Lk, Dv)"
-        )
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"{name}: query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
-    target = (B, H, Lq, Lk)
+        raise ValueError(f"{_NAME}: chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
+
+
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> None:
+    check_qkv(q, k, v)
+    if q.device.type != "cpu":
+        raise ValueError(f"{_NAME}: q, k and v must be CPU tensors, got device {q.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool):
+        raise ValueError(f"{_NAME}: mask must be a bool tensor (True = attend), got "
+                         f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+    if bias is not None and (not isinstance(bias, Tensor) or not bias.is_floating_point()):
+        raise ValueError(f"{_NAME}: bias must be a floating-point tensor, got "
+                         f"{bias.dtype if isinstance(bias, Tensor) else type(bias).__name__}")
     for label, t in (("mask", mask), ("bias", bias)):
-        if t is None:
-            continue
-        if label == "mask" and (not isinstance(t, Tensor) or t.dtype != torch.bool):
-            raise ValueError(f"{name}: mask must be a bool tensor (True = attend), got "
-                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-        if label == "bias" and (not isinstance(t, Tensor) or not t.is_floating_point()):
-            raise ValueError(f"{name}: bias must be a floating-point tensor, got "
-                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-        try:
-            ok = t.dim() <= 4 and torch.broadcast_shapes(t.shape, target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{name}: {label} of shape {tuple(t.shape)} is not broadcastable to (B, H, Lq, Lk) = "
+        if t is not None and not _broadcasts(t, target):
+            raise ValueError(f"{_NAME}: {label} of shape {tuple(t.shape)} is not broadcastable to (B, H, Lq, Lk) = "
                              f"{target}")
+
+
+def _broadcasts(t: Tensor, target: tuple[int, ...]) -> bool:
+    try:
+        return t.dim() <= 4 and torch.broadcast_shapes(t.shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def run_structured_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kind: str,
+    lam: float,
+    *,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    scale: float,
+    gamma: float,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """:func:`structured_chunked_attention` for arguments already checked (by :func:`plugin.attention`'s boundary)."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qw, kw, vw = (t.to(work).contiguous() for t in (q, k, v))
     allowed = _as4d(mask).to("cpu") if mask is not None else None

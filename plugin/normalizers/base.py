@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..registry import Param
+from ..registry import Param, Variant
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -21,8 +21,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # gamma divides the scores, so the gradient grows as 1 / gamma: below this it overflows
 # float32 for ordinary scores (fairseq then stops with "gradients are Nan/Inf")
 GAMMA_MIN = 1e-6
-GAMMA = Param("gamma", 1.0, float, low=GAMMA_MIN,
-              doc=f"temperature (>= {GAMMA_MIN:g}): the scores are divided by gamma")
+GAMMA = Param("gamma", 1.0, float, low=GAMMA_MIN)  # temperature: the scores are divided by gamma
 
 
 def check_param(param: Param, value: Any, variant: str) -> float:
@@ -130,3 +129,11 @@ class Normalizer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join([self.name] + [f"{k}={v}" for k, v in self.params.items()])
+
+
+def build_normalizer(variant: Variant, num_heads: int | None, params: dict[str, Any]) -> nn.Module:
+    """The module of a discrete variant: its factory's, or its plain function in a :class:`Normalizer`."""
+    if variant.factory is not None:
+        return variant.factory(num_heads=num_heads, **params)
+    assert variant.function is not None  # register_normalizer requires one of them
+    return Normalizer(variant.function, name=variant.name, **params)

@@ -2,7 +2,7 @@
 
 ``entmax_alpha(z) = argmax_{p in simplex} p.z + H^T_alpha(p)`` (Tsallis entropy), i.e.
 ``p_i = [(alpha - 1) z_i - tau]_+ ** (1 / (alpha - 1))`` with ``tau`` such that ``sum p = 1``.
-alpha = 2 is sparsemax, alpha = 1.5 has an exact closed-form threshold, and alpha -> 1 tends to
+alpha = 2 is sparsemax, alpha = 1.5 has an exact (sort-free) threshold, and alpha -> 1 tends to
 softmax; ``entmax(x, alpha=1)`` computes softmax exactly, so a schedule can move alpha
 continuously from softmax to a sparse mechanism (:mod:`plugin.schedule`).
 """
@@ -153,7 +153,10 @@ def _alpha_tensor(alpha: Tensor, scores: Tensor, dim: int) -> Tensor:
 
 
 def entmax15(scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
-    """Exact 1.5-entmax along ``dim`` (sort-free exact threshold). Mask semantics as :func:`plugin.softmax`."""
+    """Exact 1.5-entmax along ``dim`` (the sort-free :func:`entmax15_threshold`).
+
+    Mask semantics as :func:`plugin.softmax`.
+    """
     z, allowed, dim, invalid = prepare(scores, dim, mask, "entmax15")
     return finish(Entmax15Function.apply(z, allowed), dim, scores.dtype, invalid)
 
@@ -167,7 +170,7 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
     alpha : a float in [1, 2], or a tensor in (1, 2] broadcastable to ``scores`` with ``dim``
         reduced (dropped, or kept with size 1). A tensor alpha receives a gradient (Correia et
         al. 2019), so alpha can be learned (see :class:`LearnableAlpha`). As floats, alpha = 1
-        is softmax (the limit alpha -> 1), 2 and 1.5 use exact sort-free thresholds, other
+        is softmax (the limit alpha -> 1), 2 and 1.5 use the exact sort-free thresholds, other
         values bisection on the threshold.
     dim, mask : as in :func:`plugin.softmax`.
     """
@@ -251,6 +254,12 @@ class EntmaxNormalizer(nn.Module):
             if num_heads is None:
                 raise ValueError("entmax: alpha='learned' needs num_heads (one alpha per attention head)")
             self.learned = LearnableAlpha(num_heads, init=init)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The current parameters, as the fast paths read them: ``alpha`` a float or the :class:`LearnableAlpha`."""
+        alpha = self.fixed_alpha()
+        return {"alpha": self.learned if alpha is None else alpha}
 
     def fixed_alpha(self) -> float | None:
         """The float alpha this normalizer computes with now, or None when the learned alpha runs."""

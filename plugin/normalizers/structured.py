@@ -43,13 +43,13 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels.ops import group_mean as group_mean_op
 from ..kernels.ops import structured_prox
-from ..registry import Param, register_normalizer
+from ..registry import Param
 from .base import GAMMA, check_param, finish, prepare, scaled_by_gamma, shift_by_max
 from .sparsemax import SparsemaxFunction
 
 # any finite lam >= 0 computes exactly: beyond the value at which a row is one group, the
 # kernels use that value (see plugin.kernels.cpu.structured_prox)
-LAM = Param("lam", 1.0, float, low=0, doc="strength of the structure penalty (a finite number >= 0)")
+LAM = Param("lam", 1.0, float, low=0)  # strength of the structure penalty (a finite number >= 0)
 
 __all__ = [
     "GroupedProxFunction",
@@ -330,26 +330,3 @@ def oscarmax(
     """
     # sparsemax ignores the per-row shift of the ordered prox beyond the pooling point
     return _prox_then_sparsemax(scores, lam, gamma, dim, mask, "oscarmax", "oscar_ordered", drop_row_shift=True)
-
-
-
-register_normalizer(
-    "fusedmax",
-    fusedmax,
-    params=(
-        Param("lam", 1.0, float, low=0, doc="fusion strength (>= 0): 0 gives sparsemax, large values uniform segments"),
-        GAMMA,
-    ),
-    formula="sparsemax(prox_{lam TV}(x / gamma)), TV = sum_i |y_{i+1} - y_i| over consecutive allowed keys",
-    summary="sparse and structured: equal weights on contiguous segments (fused lasso)",
-)
-register_normalizer(
-    "oscarmax",
-    oscarmax,
-    params=(
-        Param("lam", 1.0, float, low=0, doc="clustering strength (>= 0): 0 gives sparsemax, large values one cluster"),
-        GAMMA,
-    ),
-    formula="argmax_{y in simplex} y.x - gamma (||y||^2 / 2 + lam sum_{i<j} max(|y_i|, |y_j|)) (exact, sort + PAV)",
-    summary="sparse and structured: equal weights on clusters of similar scores (OSCAR)",
-)

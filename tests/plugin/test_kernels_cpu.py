@@ -368,13 +368,12 @@ def test_forcing_a_path_that_cannot_run_raises():
 
 def test_without_a_c_compiler_large_inputs_use_the_torch_chunked_path(monkeypatch):
     monkeypatch.setattr(chunked, "c_kernel_available", lambda: False)
-    mech = plugin.AttentionMechanism("sparsemax")
     small = torch.randn(1, 2, 16, 8)
-    assert kernels.select_path(mech, small, small, small, None, False, 0.0, False) is None
+    assert plugin.explain_path(small, small, small, "sparsemax").name == "reference"
     big = torch.randn(1, 1, 4096, 8)  # 4096 x 4096 scores
-    assert kernels.select_path(mech, big, big, big, None, False, 0.0, False)[0] == "cpu_chunked_torch"
+    assert plugin.explain_path(big, big, big, "sparsemax").name == "cpu_chunked_torch"
     with pytest.raises(ValueError, match="compiler"), kernels.use_path("cpu_chunked"):
-        kernels.select_path(mech, small, small, small, None, False, 0.0, False)
+        plugin.explain_path(small, small, small, "sparsemax")
 
 
 def test_c_library_builds_once_into_the_cache_and_reports_compile_errors(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 import plugin
 from plugin import kernels
 from plugin.kernels import structured_chunked as sc
-from plugin.kernels.structured_chunked import StructuredConfig, structured_chunked_attention, structured_config
+from plugin.kernels.structured_chunked import structured_chunked_attention
 
 # (spec, kind, lam): oscarmax with a large lam makes every row one group (uniform attention)
 SPECS = [
@@ -257,15 +257,17 @@ def test_the_backward_strategies_are_exercised(monkeypatch):
     assert out.grad_fn is None
 
 
-def test_structured_config_recognizes_the_registry_normalizers():
-    def config(spec):
-        return structured_config(plugin.AttentionMechanism(spec, num_heads=2).normalizer)
+def test_the_registry_structured_normalizers_declare_the_chunked_path():
+    q = torch.randn(1, 2, 5, 8)
 
-    assert config("fusedmax:lam=0.3") == StructuredConfig("tv", 0.3, 1.0)
-    assert config("oscarmax:lam=0.7,gamma=2") == StructuredConfig("oscar_ordered", 0.7, 2.0)
-    assert config("oscarmax") == StructuredConfig("oscar_ordered", 1.0, 1.0)
-    assert config("sparsemax") is None and config("softmax") is None and config("entmax15") is None
-    assert structured_config(None) is None
+    def path(spec):
+        return plugin.explain_path(q, q, q, spec).name
+
+    assert path("fusedmax:lam=0.3") == path("oscarmax:lam=0.7,gamma=2") == path("oscarmax") == "cpu_chunked"
+    assert path("softmax") == "sdpa"
+    with kernels.use_path("cpu_chunked"):  # structured kernels in float64 when forced
+        assert plugin.explain_path(q.double(), q.double(), q.double(), "fusedmax").name == "cpu_chunked"
+    assert plugin.explain_path(q.double(), q.double(), q.double(), "fusedmax").name == "reference"
 
 
 @pytest.mark.parametrize("kwargs,match", [

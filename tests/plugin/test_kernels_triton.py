@@ -79,7 +79,9 @@ def _run_case(spec, masking, dtype_name, sizes):
     if mech.normalizer.__class__.__name__ == "EntmaxNormalizer" and mech.normalizer.learned is not None:
         with torch.no_grad():
             mech.normalizer.learned.weight.copy_(torch.tensor([-1.0, 1.5]))
-    config = kernels.entmax_config(mech.normalizer)
+    params = mech.path_params()  # what the declared paths read: alpha (a float or the learned module), gamma
+    alpha = {"sparsemax": 2.0, "entmax15": 1.5}.get(mech.spec.split(":")[0], params.get("alpha"))
+    gamma = float(params.get("gamma", 1.0))
     weight = None
 
     def run(fn, cast):
@@ -97,9 +99,10 @@ def _run_case(spec, masking, dtype_name, sizes):
     bias = mask.to(dtype) if mask is not None and mask.is_floating_point() else None
 
     def fast(q, k, v):
-        scale = 1.0 / q.shape[-1] ** 0.5 / config.gamma
-        b = bias / config.gamma if bias is not None else None
-        return triton_entmax_attention(q, k, v, config.alpha_value(), mask=bool_mask, bias=b,
+        scale = 1.0 / q.shape[-1] ** 0.5 / gamma
+        b = bias / gamma if bias is not None else None
+        a = alpha() if isinstance(alpha, torch.nn.Module) else float(alpha)
+        return triton_entmax_attention(q, k, v, a, mask=bool_mask, bias=b,
                                        causal=kw.get("causal", False), scale=scale, block_m=16, block_n=16)
 
     def reference(q, k, v):

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import plugin
-from plugin import registry
 
 from .helpers import run_cli, train_argv
 from .test_variants_in_the_model import (
@@ -40,9 +39,9 @@ class StandinContinuous(nn.Module):
 @pytest.fixture(scope="module", autouse=True)
 def standin():
     assert NAME not in plugin.variants()
-    registry.register_continuous(NAME, lambda num_heads=None: StandinContinuous())
+    plugin.register_continuous(NAME, lambda num_heads=None: StandinContinuous())
     yield
-    registry._REGISTRY.pop(NAME)  # leave the registry as the other tests expect it
+    plugin.unregister(NAME)  # leave the registry as the other tests expect it
 
 
 CONFIGS = [("sparsemax", "entmax15", NAME), ("softmax", "sparsemax", f"entmax15+{NAME}")]

@@ -12,36 +12,20 @@ a learned alpha keep their initial values).
 
 from __future__ import annotations
 
-from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
-    TransformerConfig,
     TransformerDecoderBase,
     TransformerEncoderBase,
     TransformerModel,
     base_architecture,
     transformer_iwslt_de_en,
 )
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 import plugin
 
-from ..modules.transformer_layer import (
-    SparseTransformerDecoderLayer,
-    SparseTransformerEncoderLayer,
-    use_stock_dropout_names,
-)
+from ..compat import name_dropouts, transformer_config, wrap_layer
+from ..modules.transformer_layer import SparseTransformerDecoderLayer, SparseTransformerEncoderLayer
 from ..options import DEFAULT_SPEC, add_attention_args, fill_attention_defaults
-
-
-def _wrap_layer(layer, cfg):
-    """Activation checkpointing and FSDP wrapping, as fairseq's encoder and decoder do."""
-    checkpoint = cfg.checkpoint_activations
-    if checkpoint:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-    # with checkpointing, FSDP always wraps the checkpointed layer (fairseq's rule)
-    min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
-    return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
 
 class SparseTransformerEncoder(TransformerEncoderBase):
@@ -52,12 +36,12 @@ class SparseTransformerEncoder(TransformerEncoderBase):
         self.attention_spec = attention_spec  # read by build_encoder_layer in the base constructor
         self.attention_schedule = attention_schedule
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
-        use_stock_dropout_names(self, "TransformerEncoder")
+        name_dropouts(self, "TransformerEncoder")
 
     def build_encoder_layer(self, cfg):
         layer = SparseTransformerEncoderLayer(cfg, attention_spec=self.attention_spec, return_fc=self.return_fc,
                                               attention_schedule=self.attention_schedule)
-        return _wrap_layer(layer, cfg)
+        return wrap_layer(layer, cfg)
 
 
 class SparseTransformerDecoder(TransformerDecoderBase):
@@ -83,7 +67,7 @@ class SparseTransformerDecoder(TransformerDecoderBase):
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )
-        use_stock_dropout_names(self, "TransformerDecoder")
+        name_dropouts(self, "TransformerDecoder")
 
     def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
         layer = SparseTransformerDecoderLayer(
@@ -94,7 +78,7 @@ class SparseTransformerDecoder(TransformerDecoderBase):
             self_attention_schedule=self.self_attention_schedule,
             cross_attention_schedule=self.cross_attention_schedule,
         )
-        return _wrap_layer(layer, cfg)
+        return wrap_layer(layer, cfg)
 
 
 def _spec(cfg, name: str) -> str:
@@ -142,13 +126,13 @@ class SparseTransformerModel(TransformerModel):
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
-        cfg = TransformerConfig.from_namespace(cfg)
+        cfg = transformer_config(cfg)
         return SparseTransformerEncoder(cfg, src_dict, embed_tokens, attention_spec=_spec(cfg, "encoder_attn"),
                                         attention_schedule=_schedule(cfg, "encoder_attn_schedule"))
 
     @classmethod
     def build_decoder(cls, cfg, tgt_dict, embed_tokens):
-        cfg = TransformerConfig.from_namespace(cfg)
+        cfg = transformer_config(cfg)
         return SparseTransformerDecoder(
             cfg,
             tgt_dict,

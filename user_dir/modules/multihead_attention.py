@@ -20,9 +20,10 @@ from torch import Tensor
 
 import plugin
 
-logger = logging.getLogger(__name__)
+from .. import compat
+from ..compat import IncrementalState
 
-IncrementalState = dict[str, dict[str, Tensor | None]]
+logger = logging.getLogger(__name__)
 
 
 class PluggableMultiheadAttention(MultiheadAttention):
@@ -87,7 +88,7 @@ class PluggableMultiheadAttention(MultiheadAttention):
         )
         self.mechanism = plugin.AttentionMechanism(spec, num_heads=num_heads, role=role, schedule=schedule)
         # fairseq's name, so --retain-dropout-modules lists stay those of the stock model
-        self.dropout_module.module_name = "MultiheadAttention"
+        compat.name_dropouts(self, "MultiheadAttention")
 
     @property
     def spec(self) -> str:
@@ -155,7 +156,7 @@ class PluggableMultiheadAttention(MultiheadAttention):
 
         saved_state: dict[str, Tensor | None] | None = None
         if incremental_state is not None:
-            saved_state = self._get_input_buffer(incremental_state)
+            saved_state = compat.input_buffer(self, incremental_state)
             if "prev_key" in saved_state and static_kv:
                 # encoder keys and values were projected at the first step: reuse them
                 key = value = None
@@ -164,8 +165,8 @@ class PluggableMultiheadAttention(MultiheadAttention):
             query, key, value, key_padding_mask, bsz, incremental=incremental_state is not None
         )
         q = q * self.scaling
-        if self.bias_k is not None:
-            k, v, key_padding_mask, attn_mask = self._add_bias(k, v, key_padding_mask, attn_mask, bsz)
+        if self.bias_k is not None and k is not None and v is not None:  # reused cached keys already hold it
+            k, v, key_padding_mask, attn_mask = compat.add_bias_kv(self, k, v, key_padding_mask, attn_mask, bsz)
 
         heads, head_dim = self.num_heads, self.head_dim
         q = q.contiguous().view(tgt_len, bsz, heads, head_dim).permute(1, 2, 0, 3)  # (bsz, H, T, D)
@@ -176,19 +177,17 @@ class PluggableMultiheadAttention(MultiheadAttention):
         if v is not None:
             v = v.contiguous().view(-1, kv_bsz, heads, head_dim).permute(1, 2, 0, 3)
 
-        if saved_state is not None:
+        if incremental_state is not None and saved_state is not None:
             first_step = "prev_key" not in saved_state
             k, v, key_padding_mask, kv_bsz = self._update_cache(saved_state, k, v, key_padding_mask, static_kv)
-            incremental_state = self._set_input_buffer(incremental_state, saved_state)
+            incremental_state = compat.set_input_buffer(self, incremental_state, saved_state)
             if first_step and kv_bsz != bsz:
                 self.set_incremental_state(incremental_state, "beam_share", {"factor": torch.tensor(bsz // kv_bsz)})
         assert k is not None and v is not None
         if key_padding_mask is not None and key_padding_mask.dim() == 0:
             key_padding_mask = None
         if self.add_zero_attn:
-            k, v, key_padding_mask, attn_mask = self._append_zero_attn(
-                k=k, v=v, key_padding_mask=key_padding_mask, attn_mask=attn_mask
-            )
+            k, v, key_padding_mask, attn_mask = compat.append_zero_attn(self, k, v, key_padding_mask, attn_mask)
         src_len = k.size(2)
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (kv_bsz, src_len):
             raise ValueError(
@@ -210,7 +209,7 @@ class PluggableMultiheadAttention(MultiheadAttention):
             if mask is not None and mask.size(-2) != 1:  # (1, 1, T, S) or (kv_bsz, 1, T, S)
                 mask = mask.repeat(1, 1, beam, 1)
 
-        dropout_p = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
+        dropout_p = compat.attention_dropout_p(self)
         # fairseq passes truthy values such as print_alignment's "soft"; the core takes booleans
         need_weights = bool(need_weights)
         result = self.mechanism(q, k, v, mask=mask, scale=1.0, dropout_p=dropout_p, return_weights=need_weights)
@@ -287,7 +286,9 @@ class PluggableMultiheadAttention(MultiheadAttention):
         beam search keeps hypotheses in groups of ``factor`` per sentence, so new group ``i``
         continues sentence ``new_order[i * factor] // factor``.
         """
-        buffer = self._get_input_buffer(incremental_state)
+        if incremental_state is None:
+            return incremental_state
+        buffer = compat.input_buffer(self, incremental_state)
         if not buffer:
             return incremental_state
         factor = self._beam_share_factor(incremental_state)
@@ -302,7 +303,7 @@ class PluggableMultiheadAttention(MultiheadAttention):
         for name, tensor in buffer.items():
             if tensor is not None:
                 buffer[name] = tensor.index_select(0, order)
-        return self._set_input_buffer(incremental_state, buffer)
+        return compat.set_input_buffer(self, incremental_state, buffer)
 
     def _update_cache(
         self,
@@ -317,18 +318,20 @@ class PluggableMultiheadAttention(MultiheadAttention):
         prev_key = saved_state.get("prev_key")
         if prev_key is not None:
             kv_bsz = prev_key.size(0)
-            k = prev_key if static_kv else torch.cat([prev_key, k], dim=2)
+            if static_kv:
+                k = prev_key
+            elif k is not None:
+                k = torch.cat([prev_key, k], dim=2)
         prev_value = saved_state.get("prev_value")
         if prev_value is not None:
-            v = prev_value if static_kv else torch.cat([prev_value, v], dim=2)
-        if k is None or v is None or kv_bsz is None:
+            if static_kv:
+                v = prev_value
+            elif v is not None:
+                v = torch.cat([prev_value, v], dim=2)
+        if k is None or v is None or kv_bsz is None:  # also: new keys missing while not static_kv
             raise ValueError("incremental attention step without keys: the cache holds no prev_key/prev_value")
-        key_padding_mask = MultiheadAttention._append_prev_key_padding_mask(
-            key_padding_mask=key_padding_mask,
-            prev_key_padding_mask=saved_state.get("prev_key_padding_mask"),
-            batch_size=kv_bsz,
-            src_len=k.size(2),
-            static_kv=static_kv,
+        key_padding_mask = compat.append_prev_key_padding_mask(
+            key_padding_mask, saved_state.get("prev_key_padding_mask"), kv_bsz, k.size(2), static_kv
         )
         saved_state["prev_key"] = k.contiguous()
         saved_state["prev_value"] = v.contiguous()

@@ -6,30 +6,35 @@ Only the documented hooks are overridden (``build_self_attention``,
 
 from __future__ import annotations
 
-from fairseq.modules.fairseq_dropout import FairseqDropout
+from typing import Any
+
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
+from torch import nn
 
+from ..compat import name_dropouts, quant_noise_args, xformers_config
 from .multihead_attention import PluggableMultiheadAttention
 
 
-def use_stock_dropout_names(module, name: str) -> None:
-    """Name the module's own dropouts as in the stock model, so ``--retain-dropout-modules``
-    takes fairseq's names (``TransformerEncoderLayerBase``, ``TransformerDecoder``...)."""
-    for attr in ("dropout_module", "activation_dropout_module"):
-        dropout = getattr(module, attr, None)
-        if isinstance(dropout, FairseqDropout):
-            dropout.module_name = name
+def _attention(
+    layer: nn.Module, cfg: Any, embed_dim: int, *, heads: int, side: str, spec: str, role: str,
+    schedule: str | None, **kwargs: Any,
+) -> PluggableMultiheadAttention:
+    """A :class:`PluggableMultiheadAttention` built as fairseq's layer builds its attention.
 
-
-def _refuse_xformers(config: str | None, where: str) -> None:
+    ``side`` (``"encoder"`` / ``"decoder"``) is the part of ``cfg`` whose xformers option would
+    replace the mechanism: a set one is refused, naming the flag. ``kwargs`` go to the module.
+    """
+    config = xformers_config(cfg, side)
     if config:
         raise ValueError(
-            f"--{where}-xformers-att-config is set ({config!r}): xformers attention would replace the plugin's "
+            f"--{side}-xformers-att-config is set ({config!r}): xformers attention would replace the plugin's "
             f"mechanism with softmax; leave it unset with the sparse_transformer architectures"
         )
+    return PluggableMultiheadAttention(embed_dim, heads, spec=spec, role=role, schedule=schedule,
+                                       dropout=cfg.attention_dropout, **quant_noise_args(layer), **kwargs)
 
 
 class SparseTransformerEncoderLayer(TransformerEncoderLayerBase):
@@ -41,21 +46,12 @@ class SparseTransformerEncoderLayer(TransformerEncoderLayerBase):
         self.attention_spec = attention_spec
         self.attention_schedule = attention_schedule
         super().__init__(cfg, return_fc=return_fc)
-        use_stock_dropout_names(self, "TransformerEncoderLayerBase")
+        name_dropouts(self, "TransformerEncoderLayerBase")
 
     def build_self_attention(self, embed_dim: int, cfg) -> PluggableMultiheadAttention:
-        _refuse_xformers(cfg.encoder.xformers_att_config, "encoder")
-        return PluggableMultiheadAttention(
-            embed_dim,
-            cfg.encoder.attention_heads,
-            spec=self.attention_spec,
-            role="encoder",
-            schedule=self.attention_schedule,
-            dropout=cfg.attention_dropout,
-            self_attention=True,
-            q_noise=self.quant_noise,
-            qn_block_size=self.quant_noise_block_size,
-        )
+        return _attention(self, cfg, embed_dim, heads=cfg.encoder.attention_heads, side="encoder",
+                          spec=self.attention_spec, role="encoder", schedule=self.attention_schedule,
+                          self_attention=True)
 
 
 class SparseTransformerDecoderLayer(TransformerDecoderLayerBase):
@@ -78,38 +74,20 @@ class SparseTransformerDecoderLayer(TransformerDecoderLayerBase):
         self.self_attention_schedule = self_attention_schedule
         self.cross_attention_schedule = cross_attention_schedule
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
-        use_stock_dropout_names(self, "TransformerDecoderLayerBase")
+        name_dropouts(self, "TransformerDecoderLayerBase")
 
     def build_self_attention(
         self, embed_dim: int, cfg, add_bias_kv: bool = False, add_zero_attn: bool = False
     ) -> PluggableMultiheadAttention:
-        _refuse_xformers(cfg.decoder.xformers_att_config, "decoder")
-        return PluggableMultiheadAttention(
-            embed_dim,
-            cfg.decoder.attention_heads,
-            spec=self.self_attention_spec,
-            role="decoder",
-            schedule=self.self_attention_schedule,
-            dropout=cfg.attention_dropout,
-            add_bias_kv=add_bias_kv,
-            add_zero_attn=add_zero_attn,
-            self_attention=not cfg.cross_self_attention,
-            q_noise=self.quant_noise,
-            qn_block_size=self.quant_noise_block_size,
+        return _attention(
+            self, cfg, embed_dim, heads=cfg.decoder.attention_heads, side="decoder", spec=self.self_attention_spec,
+            role="decoder", schedule=self.self_attention_schedule, add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn, self_attention=not cfg.cross_self_attention,
         )
 
     def build_encoder_attention(self, embed_dim: int, cfg) -> PluggableMultiheadAttention:
-        _refuse_xformers(cfg.encoder.xformers_att_config, "encoder")
-        return PluggableMultiheadAttention(
-            embed_dim,
-            cfg.decoder.attention_heads,
-            spec=self.cross_attention_spec,
-            role="cross",
-            schedule=self.cross_attention_schedule,
-            kdim=cfg.encoder.embed_dim,
-            vdim=cfg.encoder.embed_dim,
-            dropout=cfg.attention_dropout,
-            encoder_decoder_attention=True,
-            q_noise=self.quant_noise,
-            qn_block_size=self.quant_noise_block_size,
+        return _attention(
+            self, cfg, embed_dim, heads=cfg.decoder.attention_heads, side="encoder", spec=self.cross_attention_spec,
+            role="cross", schedule=self.cross_attention_schedule, kdim=cfg.encoder.embed_dim,
+            vdim=cfg.encoder.embed_dim, encoder_decoder_attention=True,
         )
