@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,24 @@ def interpreter_results(test_file: str) -> dict[str, dict]:
     if not results:
         raise AssertionError(f"the interpreter worker produced no results:\n{done.stderr[-3000:]}")
     return results
+
+
+def print_case_results(run_case: Callable[[str], dict], names: Iterable[str]) -> None:
+    """The worker's side: one JSON line per case; an exception is reported as that case's error."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    for name in names:
+        try:
+            res = run_case(name)
+        except Exception as exc:  # reported per case by the parent test
+            res = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({"case": name, **res}), flush=True)
+
+
+def case_result(results: dict[str, dict], name: str) -> dict:
+    """The result of case ``name``: skipped when the worker skipped it, failed when it did not run."""
+    res = results.get(name)
+    assert res is not None, f"case {name} did not run"
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    assert "error" not in res, res.get("error")
+    return res

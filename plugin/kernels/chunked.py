@@ -282,10 +282,9 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor
     """
     chunks = Chunks(q, k, causal, chunk_rows)
     B, H, Lq, D = q.shape
-    Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-    qs = q * scale
-    kT = k.reshape(B * Hkv, Lk, D).transpose(1, 2)
-    vr = v.reshape(B * Hkv, Lk, Dv)
+    Dv = v.shape[-1]
+    qs, kr, vr = chunks.operands(q, k, v, scale)
+    kT = kr.transpose(1, 2)
     out = q.new_zeros(B, H, Lq, Dv)
     am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
     stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if backend == "c" else None
@@ -329,9 +328,7 @@ def chunked_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tenso
     chunks = Chunks(q, k, causal, chunk_rows)
     B, H, _, D = q.shape
     Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-    qs = q * scale
-    kr = k.reshape(B * Hkv, Lk, D)
-    vr = v.reshape(B * Hkv, Lk, Dv)
+    qs, kr, vr = chunks.operands(q, k, v, scale)
     kT, vT = kr.transpose(1, 2), vr.transpose(1, 2)
     dout = dout.contiguous()
     dq = torch.zeros_like(q) if need_q else None

@@ -127,6 +127,11 @@ class Chunks:
                     kend = min(self.Lk, i1 + self.off) if self.causal else self.Lk
                     yield Chunk(b, hk0, hk1, self.G, self.Hkv, i0, i1, max(kend, 0))
 
+    def operands(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``(qs, kr, vr)``: the scaled queries, and keys / values as (B * Hkv, Lk, D / Dv) batches."""
+        B, Lk = self.B, self.Lk
+        return q * scale, k.reshape(B * self.Hkv, Lk, k.shape[-1]), v.reshape(B * self.Hkv, Lk, v.shape[-1])
+
     def buffer(self, name: str, shape: tuple[int, ...]) -> Tensor:
         """A reusable buffer (q's dtype) viewed as ``shape`` (its contents are garbage)."""
         numel = math.prod(shape)

@@ -211,11 +211,10 @@ def structured_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, all
     P in CSR form, the prox group of each nonzero, and which rows are uniform over their allowed keys)."""
     chunks = Chunks(q, k, causal, chunk_rows)
     B, H, Lq, D = q.shape
-    Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
+    Dv = v.shape[-1]
     use_c = q.dtype == torch.float32
-    qs = q * scale
-    kT = k.reshape(B * Hkv, Lk, D).transpose(1, 2)
-    vr = v.reshape(B * Hkv, Lk, Dv)
+    qs, kr, vr = chunks.operands(q, k, v, scale)
+    kT = kr.transpose(1, 2)
     out = q.new_zeros(B, H, Lq, Dv)
     stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if use_c else None
     budget = kept_budget(q, k, v, out)
@@ -275,9 +274,7 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
     chunks = Chunks(q, k, causal, chunk_rows)
     B, H, _, D = q.shape
     Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-    qs = q * scale
-    kr = k.reshape(B * Hkv, Lk, D)
-    vr = v.reshape(B * Hkv, Lk, Dv)
+    qs, kr, vr = chunks.operands(q, k, v, scale)
     kT, vT = kr.transpose(1, 2), vr.transpose(1, 2)
     dout = dout.to(q.dtype).contiguous()
     dq = torch.zeros_like(q) if need_q else None

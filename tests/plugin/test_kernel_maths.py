@@ -9,8 +9,6 @@ Python functions are themselves checked against independent references: the ``en
 package's bisection and autograd through it.
 """
 
-import json
-import os
 import sys
 
 import entmax as entmax_pkg
@@ -18,6 +16,7 @@ import pytest
 import torch
 
 from plugin.kernels import constants, maths
+from tests.triton_interpreter import case_result, print_case_results
 from tests.triton_interpreter import interpreter_results as run_interpreter_worker
 
 # one tolerance for C and Triton against Python (and for Python against the references)
@@ -196,13 +195,7 @@ def test_the_c_build_takes_the_constants_as_defines_and_a_change_rebuilds(tmp_pa
 
 
 def _worker():
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    for name in CASES:
-        try:
-            res = {"triton": _compare(name, _triton), "c": _compare(name, _c)}
-        except Exception as exc:  # reported per case by the parent test
-            res = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps({"case": name, **res}), flush=True)
+    print_case_results(lambda name: {"triton": _compare(name, _triton), "c": _compare(name, _c)}, CASES)
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +205,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_kernels_match_the_python_maths_and_the_c_kernel(interpreter_results, name):
-    res = interpreter_results.get(name)
-    assert res is not None, f"case {name} did not run"
-    assert "error" not in res, res.get("error")
+    res = case_result(interpreter_results, name)
     _assert_within_tolerance(res["triton"])
     _assert_within_tolerance(res["c"])
 

@@ -8,7 +8,6 @@ every program instance in Python) but span several query and key blocks. The tes
 end need a CUDA GPU and are skipped without one.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.triton_interpreter import case_result, print_case_results
 from tests.triton_interpreter import interpreter_results as run_interpreter_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,18 +139,16 @@ def _interpreter_dot_is_exact(dtype):
     return torch.allclose(out, x.float() @ x.float().T, atol=1e-2, rtol=1e-2)
 
 
+def _worker_case(name):
+    case = CASES[name]
+    dtype = getattr(torch, case[2])
+    if dtype != torch.float32 and not _interpreter_dot_is_exact(dtype):
+        return {"skip": f"Triton's interpreter computes tl.dot of {case[2]} tiles wrongly; the GPU tests cover it"}
+    return _run_case(*case)
+
+
 def _worker():
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    for name, case in CASES.items():
-        dtype = getattr(torch, case[2])
-        if dtype != torch.float32 and not _interpreter_dot_is_exact(dtype):
-            res = {"skip": f"Triton's interpreter computes tl.dot of {case[2]} tiles wrongly; the GPU tests cover it"}
-        else:
-            try:
-                res = _run_case(*case)
-            except Exception as exc:  # reported per case by the parent test
-                res = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps({"case": name, **res}), flush=True)
+    print_case_results(_worker_case, CASES)
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +158,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_kernels_match_the_reference_under_the_interpreter(interpreter_results, name):
-    res = interpreter_results.get(name)
-    assert res is not None, f"case {name} did not run"
-    if "skip" in res:
-        pytest.skip(res["skip"])
-    assert "error" not in res, res.get("error")
+    res = case_result(interpreter_results, name)
     assert res["finite"]
     half = CASES[name][2] != "float32"
     assert res["out"] < (3e-2 if half else 2e-5), res

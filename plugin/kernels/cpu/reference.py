@@ -90,13 +90,13 @@ def oscar_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
     magnitudes, subtract the weights, pool adjacent violators for a non-increasing fit,
     clip at 0, undo the sort, restore the signs.
     """
-    z = np.asarray(z, dtype=np.float64)
-    n = z.shape[0]
-    order = np.argsort(-np.abs(z), kind="stable")
-    fit = np.maximum(_pool_non_increasing(np.abs(z)[order] - lam * (n - 1 - np.arange(n))), 0.0)
+    x = np.asarray(z, dtype=np.float64)
+    n = x.shape[0]
+    order = np.argsort(-np.abs(x), kind="stable")
+    fit = np.maximum(_pool_non_increasing(np.abs(x)[order] - lam * (n - 1 - np.arange(n))), 0.0)
     out = np.empty(n, dtype=np.float64)
     out[order] = fit
-    return np.sign(z) * out
+    return np.sign(x) * out
 
 
 def oscar_ordered_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
@@ -105,11 +105,11 @@ def oscar_ordered_prox_row(z: Sequence[float], lam: float) -> np.ndarray:
     Equal to OSCAR on the non-negative orthant. Sort the values, subtract the weights
     ``lam * (n - k)``, pool adjacent violators for a non-increasing fit, undo the sort.
     """
-    z = np.asarray(z, dtype=np.float64)
-    n = z.shape[0]
-    order = np.argsort(-z, kind="stable")
+    x = np.asarray(z, dtype=np.float64)
+    n = x.shape[0]
+    order = np.argsort(-x, kind="stable")
     out = np.empty(n, dtype=np.float64)
-    out[order] = _pool_non_increasing(z[order] - lam * (n - 1 - np.arange(n)))
+    out[order] = _pool_non_increasing(x[order] - lam * (n - 1 - np.arange(n)))
     return out
 
 
