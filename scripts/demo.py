@@ -1,17 +1,18 @@
 """The main job: train and compare attention mechanisms on embedded data, over several seeds; write a report.
 
-    python scripts/demo.py                      # the default run: 3 seeds, 42 models (about 23 min of CPU
-                                                # time: 12 min on 2 idle cores; measured 64 min on 2 shared ones)
-    python scripts/demo.py --size tiny          # a smoke run (one seed, a few updates; 1.5 min of CPU time)
+    python scripts/demo.py                      # the default run: 3 seeds, 42 models (the report gives
+                                                # its wall and CPU time, in total and per job)
+    python scripts/demo.py --size tiny          # a smoke run (one seed, a few updates)
     python scripts/demo.py --size large         # more data, training and seeds, closer to convergence
     python scripts/demo.py --only fairseq,canvas --out outputs/demo
+    python scripts/demo.py --publish            # copy outputs/demo's results into README.md and docs/
 
 Three tasks, each comparing mechanisms side by side, every mechanism with several seeds:
 1. translation with fairseq: English number expressions -> German number words (num2words,
    generated offline, held-out items), one model per cross-attention mechanism and seed, decoded
    greedily and with beam 5 (fairseq's search, and the optimal-stopping search of
    user_dir/beam_search.py), BLEU with sacreBLEU; the learned alpha of entmax tracked per epoch;
-2. the same data through HuggingFace: a small BART-style model with sparse cross-attention
+2. the same data through HuggingFace: a small Marian-style model with sparse cross-attention
    fine-tuned by scripts/finetune.py (accelerate), greedy and beam 5;
 3. 2-D attention: a digit at a random place on a cluttered 32x32 canvas; accuracy and how well
    the attention (discrete, or a continuous density) localizes the digit's box.
@@ -39,7 +40,7 @@ SIZES = {
     # corpus sizes, fairseq epochs, HF epochs, canvas training steps and test canvases, seeds
     "tiny": dict(train=300, valid=30, test=40, fairseq_epochs=1, hf_epochs=1, canvas_steps=10, canvas_test=60,
                  seeds=1, canvas_entmax15=True),
-    "small": dict(train=3000, valid=200, test=300, fairseq_epochs=6, hf_epochs=6, canvas_steps=300,
+    "small": dict(train=3000, valid=200, test=300, fairseq_epochs=6, hf_epochs=6, canvas_steps=600,
                   canvas_test=300, seeds=3, canvas_entmax15=False),
     "large": dict(train=8000, valid=400, test=500, fairseq_epochs=25, hf_epochs=15, canvas_steps=1500,
                   canvas_test=500, seeds=5, canvas_entmax15=True),
@@ -84,11 +85,19 @@ def _worker_init(threads: int) -> None:
     logging.getLogger().handlers = []
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that have ended and been waited for."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _job(kind: str, kwargs: dict) -> dict:
     import demo_canvas
     import demo_tasks
 
-    t0 = time.time()
+    t0, c0 = time.time(), cpu_seconds()
     if kind == "fairseq":
         result = demo_tasks.run_fairseq_job(**kwargs)
     elif kind == "hf":
@@ -96,6 +105,7 @@ def _job(kind: str, kwargs: dict) -> dict:
     else:
         result = demo_canvas.run_canvas_job(**kwargs)
     result["job_seconds"] = time.time() - t0
+    result["job_cpu_seconds"] = cpu_seconds() - c0  # a subprocess's (finetune.py's) CPU time included
     return result
 
 
@@ -115,7 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0,
                     help="parallel worker processes (0 = one per core, at most 8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
+    ap.add_argument("--publish", action="store_true",
+                    help="train nothing: copy the results block of --out's report.md into README.md (section "
+                    "'The main job') and its plots to docs/demo_*.png")
     args = ap.parse_args(argv)
+    if args.publish:
+        import demo_tasks
+
+        for path in demo_tasks.publish(Path(args.out)):
+            print(f"wrote {path}")
+        return 0
     tasks = [t.strip() for t in args.only.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -139,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     import demo_tasks
     from tqdm import tqdm
 
-    started = time.time()
+    started, cpu_started = time.time(), cpu_seconds()
     load_start = round(os.getloadavg()[0], 1)
     results: dict = {"size": args.size, "seeds": len(seeds), "data_seed": args.data_seed}
     data_dir = out / "data"
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                  work=out / "hf")) for label, spec in HF_MECHANISMS]
 
     done: dict[str, list[dict]] = {t: [] for t in tasks}
+    timing: list[dict] = []
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -172,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             kind, kw = futures[fut]
             result = fut.result()  # a failed job stops the demo with its error
             done[kind].append(result)
+            timing.append({"task": kind, "mechanism": kw["label"], "seed": kw["seed"],
+                           "wall_seconds": result["job_seconds"], "cpu_seconds": result["job_cpu_seconds"]})
             bar.set_postfix_str(f"{kind}: {kw['label']} seed {kw['seed']}")
             bar.update(1)
         bar.close()
@@ -180,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                           "load_start": load_start, "load_end": round(os.getloadavg()[0], 1)}
     order = {"fairseq": [m for m, _ in FAIRSEQ_MECHANISMS], "hf": [m for m, _ in HF_MECHANISMS],
              "canvas": CANVAS_MECHANISMS}
+    results["jobs"] = sorted(timing, key=lambda j: (TASKS.index(j["task"]), order[j["task"]].index(j["mechanism"]),
+                                                    j["seed"]))
     keys = {
         "fairseq": ["greedy_bleu", "beam_bleu", "stock_beam_bleu", "greedy_exact", "beam_exact", "stock_beam_exact",
                     "support_fraction"],
@@ -193,15 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         import demo_canvas
 
         results["canvas_test"] = size["canvas_test"]
+        results["canvas_steps"], results["canvas_batch"] = size["canvas_steps"], demo_canvas.BATCH
         results["canvas_fragments"] = demo_canvas.FRAGMENTS
         demo_canvas.plot_canvas(out, [g["runs"][0] for g in results["canvas"]])
     if "fairseq" in tasks:
         demo_tasks.plot_fairseq(out, results["fairseq"])
         demo_tasks.plot_alpha(out, [r for g in results["fairseq"] for r in g["runs"]])
     results["total_seconds"] = time.time() - started
+    # this process, the corpus preparation and every worker (each joined when the pool closed)
+    results["total_cpu_seconds"] = cpu_seconds() - cpu_started
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     report = demo_tasks.write_report(out, results)
-    print(f"\nreport: {report} ({results['total_seconds'] / 60:.1f} min)")
+    print(f"\nreport: {report} ({results['total_seconds'] / 60:.1f} min wall, "
+          f"{results['total_cpu_seconds'] / 60:.1f} min CPU)")
     return 0
 
 

@@ -31,6 +31,11 @@ GRID = 16  # feature cells per side (2 x 2 pixels each)
 FRAGMENTS = 4
 QUERY_INIT = 1.0  # standard deviation of the learned query's initial entries
 LR = 1e-2
+BATCH = 32  # training canvases per step
+#: clutter curriculum: the number of fragments on a training canvas grows from 0 to FRAGMENTS over
+#: this share of the training steps (test canvases always carry FRAGMENTS). On clean canvases any
+#: attention that finds ink finds the digit, which gives the classifier a signal from the start.
+CLUTTER_RAMP = 0.5
 #: continuous densities are placed by the mean and covariance of this discrete attention, and the
 #: classifier reads the discrete and the continuous contexts summed (Martins et al. 2020). Measured:
 #: with the continuous context alone, continuous sparsemax stayed at its initial canvas-wide spread
@@ -64,15 +69,16 @@ def load_digit_splits(seed: int, n_test: int) -> dict[str, tuple[torch.Tensor, t
 
 
 def make_canvases(
-    digits: torch.Tensor, labels: torch.Tensor, n: int, generator: torch.Generator
+    digits: torch.Tensor, labels: torch.Tensor, n: int, generator: torch.Generator, fragments: int = FRAGMENTS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` canvases (n, 32, 32), their labels (n,) and digit boxes (n, 2) = (top, left) in pixels."""
+    """``n`` canvases (n, 32, 32) with ``fragments`` pieces of clutter each, their labels (n,) and
+    digit boxes (n, 2) = (top, left) in pixels."""
     pick = torch.randint(len(digits), (n,), generator=generator)
     canvases = 0.05 * torch.rand(n, CANVAS, CANVAS, generator=generator)
     boxes = torch.randint(0, CANVAS - DIGIT + 1, (n, 2), generator=generator)
     for i in range(n):
         top, left = boxes[i].tolist()
-        for _ in range(FRAGMENTS):  # fragments of other digits, outside the digit's box
+        for _ in range(fragments):  # fragments of other digits, outside the digit's box
             src = digits[int(torch.randint(len(digits), (1,), generator=generator))]
             fr, fc = torch.randint(0, DIGIT - 4 + 1, (2,), generator=generator).tolist()
             for _attempt in range(20):
@@ -220,6 +226,14 @@ def localization(label: str, extra: dict[str, torch.Tensor], boxes: torch.Tensor
 # ----------------------------------------------------------------------------- one job
 
 
+def clutter_at(step: int, steps: int) -> int:
+    """Fragments per training canvas at ``step`` (1-based) of ``steps``: the clutter curriculum."""
+    ramp = CLUTTER_RAMP * steps
+    if ramp <= 0:
+        return FRAGMENTS
+    return min(FRAGMENTS, int(FRAGMENTS * (step - 1) / ramp))
+
+
 def run_canvas_job(label: str, seed: int, steps: int, n_test: int, out_dir: Path) -> dict[str, Any]:
     """Train one classifier on fresh canvases; evaluate accuracy and localization on fixed test canvases."""
     torch.manual_seed(seed)
@@ -236,7 +250,7 @@ def run_canvas_job(label: str, seed: int, steps: int, n_test: int, out_dir: Path
     t0 = time.time()
     model.train()
     for step in range(1, steps + 1):
-        x, y, _ = make_canvases(*splits["train"], 32, g_train)
+        x, y, _ = make_canvases(*splits["train"], BATCH, g_train, clutter_at(step, steps))
         logits, _ = model(x)
         loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad()

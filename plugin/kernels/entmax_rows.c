@@ -13,6 +13,11 @@
  * (1 up to rounding; it makes general-alpha rows sum to one). Per row the kernel stores
  * stats = (m, t, 1 / norm); the backward recomputes p from the same scores and stats.
  *
+ * The maths is that of plugin/kernels/maths.py (each function below names the one it mirrors);
+ * the kinds and the Newton constants come from plugin/kernels/constants.py as -D defines
+ * (KIND_SPARSEMAX, KIND_ENTMAX15, KIND_GENERAL, NEWTON_MAX_ITERS, NEWTON_TOL), passed by
+ * the build in plugin/kernels/chunked.py.
+ *
  * Threshold (sort-free, exact for alpha = 2 and 1.5): Newton's method on the convex,
  * decreasing phi(t) = f(t)^(1/e) - 1, started at the lower bound t = -1, increases t
  * monotonically towards the root. Each step works on the entries above the current t only
@@ -22,8 +27,8 @@
  *     alpha = 1.5:  t + d,  k d^2 - 2 d sum y + sum y^2 - 1 = 0   (smaller root)
  * which is the exact threshold as soon as every entry of the set stays above it
  * (d <= min y); otherwise the Newton step is taken. For other alpha, Newton stops when
- * f(t) = 1 to 2e-6 or when a step no longer changes t in float32 (the final division by
- * norm absorbs the rest).
+ * f(t) = 1 to NEWTON_TOL or when a step no longer changes t in float32 (the final division
+ * by norm absorbs the rest); every row stops after NEWTON_MAX_ITERS steps.
  *
  * y^e for general alpha uses exp2(e log2 y) with short polynomials (relative error about
  * 1e-7) written so that the compiler vectorizes the loops.
@@ -42,9 +47,10 @@
 #include <omp.h>
 #endif
 
-enum { KIND_SPARSEMAX = 0, KIND_ENTMAX15 = 1, KIND_GENERAL = 2 };
-
-#define MAX_NEWTON 100
+#if !defined(KIND_SPARSEMAX) || !defined(KIND_ENTMAX15) || !defined(KIND_GENERAL) || \
+    !defined(NEWTON_MAX_ITERS) || !defined(NEWTON_TOL)
+#error "build with the -D defines of plugin.kernels.constants.c_defines()"
+#endif
 
 static int64_t row_limit(int64_t r, int64_t n, int causal, int64_t q_start, int64_t c, int64_t off)
 {
@@ -93,7 +99,8 @@ static void zero_row(float *z, int64_t from, int64_t n)
         z[j] = 0.0f;
 }
 
-/* Threshold of one row: returns t, sets *norm. buf (room for lim floats) is scratch. */
+/* Threshold of one row: returns t, sets *norm. buf (room for lim floats) is scratch.
+ * mirrors plugin.kernels.maths.newton_threshold */
 static float row_threshold(const float *z, int64_t lim, float m, float a, int kind, float *buf, float *norm)
 {
     /* compaction of the entries above t = -1 (branch-free, skipping blocks with none) */
@@ -118,7 +125,7 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
     }
     const float e = 1.0f / a;
     float t = -1.0f;
-    for (int it = 0; it < MAX_NEWTON && k > 0; it++) {
+    for (int it = 0; it < NEWTON_MAX_ITERS && k > 0; it++) {
         float d;
         int exact = 0;
         if (kind == KIND_SPARSEMAX) {
@@ -155,7 +162,7 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
                 slope += w;
                 fsum += y * w;
             }
-            if (fabsf(fsum - 1.0f) <= 2e-6f)
+            if (fabsf(fsum - 1.0f) <= NEWTON_TOL)
                 break;
             d = (fsum - powf(fsum, 1.0f - a)) / slope; /* Newton on phi = f^(1/e) - 1 */
         }
@@ -198,7 +205,8 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
     return t;
 }
 
-/* alpha-entmax of one row in place; returns the support size */
+/* alpha-entmax of one row in place; returns the support size.
+ * mirrors plugin.kernels.maths.entmax_from_stats */
 static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, float *buf, float *st)
 {
     float m = -INFINITY;
@@ -246,44 +254,8 @@ static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, 
     return count;
 }
 
-/*
- * Forward: S (rows, n) row-major scores -> probabilities, in place; stats (rows, 3);
- * counts (rows,) the support sizes, or NULL.
- * Returns 0, or 1 if scratch memory could not be allocated.
- */
-int entmax_rows_forward(float *S, int64_t rows, int64_t n, const float *am1, int64_t heads, int kind, int causal,
-                        int64_t q_start, int64_t c, int64_t causal_off, float *stats, int32_t *counts, int nthreads)
-{
-    int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
-#endif
-    {
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
-        if (buf == NULL) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
-        }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)
-#endif
-        for (int64_t r = 0; r < rows; r++) {
-            if (buf == NULL)
-                continue;
-            int64_t lim = row_limit(r, n, causal, q_start, c, causal_off);
-            int32_t count = row_forward(S + r * n, lim, n, am1[(r / c) % heads], kind, buf, stats + 3 * r);
-            if (counts != NULL)
-                counts[r] = count;
-        }
-        free(buf);
-    }
-    (void)nthreads;
-    return failed;
-}
-
-/* Backward of one row; see entmax_rows_backward. g (room for lim floats) is scratch. */
+/* Backward of one row; see entmax_rows_backward. g (room for lim floats) is scratch.
+ * mirrors plugin.kernels.maths.entmax_backward and plugin.kernels.maths.entmax_alpha_grad */
 static void row_backward(float *z, float *dp, int64_t lim, int64_t n, float a, int kind, const float *st, float *g,
                          float *dalpha)
 {
@@ -372,24 +344,25 @@ static void row_backward(float *z, float *dp, int64_t lim, int64_t n, float a, i
     }
 }
 
-/*
- * Backward: S (rows, n) the same scores as in the forward -> p, in place; dP (rows, n) the
- * gradient with respect to p -> the gradient with respect to the scores, in place:
- *     g = p^(2 - alpha) on the support, dz = g (dp - sum(g dp) / sum(g))
- * If dalpha is not NULL it receives, per row, sum_j dp_j d p_j / d alpha.
- * Returns 0, or 1 if scratch memory could not be allocated.
- */
-int entmax_rows_backward(float *S, float *dP, int64_t rows, int64_t n, const float *am1, int64_t heads, int kind,
-                         int causal, int64_t q_start, int64_t c, int64_t causal_off, const float *stats,
-                         float *dalpha, int nthreads)
+/* The rows of a call: forward (dP == NULL) or backward, each thread with its own scratch row. */
+struct rows_call {
+    float *S, *dP, *stats, *dalpha;
+    int32_t *counts;
+    const float *am1;
+    int64_t rows, n, heads, q_start, c, causal_off;
+    int kind, causal;
+};
+
+static int run_rows(const struct rows_call *call, int nthreads)
 {
     int failed = 0;
+    const int64_t n = call->n;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
 #endif
     {
-        float *g = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
-        if (g == NULL) {
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+        if (buf == NULL) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
@@ -398,17 +371,53 @@ int entmax_rows_backward(float *S, float *dP, int64_t rows, int64_t n, const flo
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 16)
 #endif
-        for (int64_t r = 0; r < rows; r++) {
-            if (g == NULL)
+        for (int64_t r = 0; r < call->rows; r++) {
+            if (buf == NULL)
                 continue;
-            int64_t lim = row_limit(r, n, causal, q_start, c, causal_off);
-            row_backward(S + r * n, dP + r * n, lim, n, am1[(r / c) % heads], kind, stats + 3 * r, g,
-                         dalpha != NULL ? dalpha + r : NULL);
+            const int64_t lim = row_limit(r, n, call->causal, call->q_start, call->c, call->causal_off);
+            const float a = call->am1[(r / call->c) % call->heads];
+            if (call->dP == NULL) {
+                int32_t count = row_forward(call->S + r * n, lim, n, a, call->kind, buf, call->stats + 3 * r);
+                if (call->counts != NULL)
+                    call->counts[r] = count;
+            } else {
+                row_backward(call->S + r * n, call->dP + r * n, lim, n, a, call->kind, call->stats + 3 * r, buf,
+                             call->dalpha != NULL ? call->dalpha + r : NULL);
+            }
         }
-        free(g);
+        free(buf);
     }
     (void)nthreads;
     return failed;
+}
+
+/*
+ * Forward: S (rows, n) row-major scores -> probabilities, in place; stats (rows, 3);
+ * counts (rows,) the support sizes, or NULL.
+ * Returns 0, or 1 if scratch memory could not be allocated.
+ */
+int entmax_rows_forward(float *S, int64_t rows, int64_t n, const float *am1, int64_t heads, int kind, int causal,
+                        int64_t q_start, int64_t c, int64_t causal_off, float *stats, int32_t *counts, int nthreads)
+{
+    const struct rows_call call = {S, NULL, stats, NULL, counts, am1, rows, n, heads, q_start, c, causal_off,
+                                   kind, causal};
+    return run_rows(&call, nthreads);
+}
+
+/*
+ * Backward: S (rows, n) the same scores as in the forward -> p, in place; dP (rows, n) the
+ * gradient with respect to p -> the gradient with respect to the scores, in place:
+ *     g = p^(2 - alpha) on the support, dz = g (dp - sum(g dp) / sum(g))
+ * If dalpha is not NULL it receives, per row, sum_j dp_j d p_j / d alpha.
+ * Returns 0, or 1 if scratch memory could not be allocated.
+ */
+int entmax_rows_backward(float *S, float *dP, int64_t rows, int64_t n, const float *am1, int64_t heads, int kind,
+                         int causal, int64_t q_start, int64_t c, int64_t causal_off, float *stats,
+                         float *dalpha, int nthreads)
+{
+    const struct rows_call call = {S, dP, stats, dalpha, NULL, am1, rows, n, heads, q_start, c, causal_off,
+                                   kind, causal};
+    return run_rows(&call, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -447,6 +456,12 @@ void entmax_rows_gather(const float *P, int64_t rows, int64_t n, const int64_t *
     (void)nthreads;
 }
 
+/* g = p^(2 - alpha) of a support entry; mirrors plugin.kernels.maths.gradient_weights */
+static inline float gradient_weight(float p, float a, int kind)
+{
+    return kind == KIND_SPARSEMAX ? 1.0f : (kind == KIND_ENTMAX15 ? sqrtf(p) : powf(p, 1.0f - a));
+}
+
 /* out (rows, Dv) = P @ V with P in sparse storage and V (groups, Lk, Dv). */
 void entmax_sparse_matmul(const int64_t *offsets, const int32_t *idx, const float *val, const float *V, int64_t rows,
                           int64_t rows_per_group, int64_t Lk, int64_t Dv, float *out, int nthreads)
@@ -477,6 +492,7 @@ void entmax_sparse_matmul(const int64_t *offsets, const int32_t *idx, const floa
  * Qs holds the scaled queries of the chunk (rows, D); dO (rows, Dv). ds (nnz) is scratch.
  * dalpha (rows) as in entmax_rows_backward, or NULL. Rows of one group are handled by one
  * thread in the accumulation, so no two threads write the same dK / dV row.
+ * mirrors plugin.kernels.maths.entmax_backward and plugin.kernels.maths.entmax_alpha_grad
  */
 void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const float *val, const float *stats,
                             const float *Qs, const float *K, const float *V, const float *dO, const float *am1,
@@ -506,7 +522,7 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
                 for (int64_t d = 0; d < Dv; d++)
                     dp += dor[d] * vr[d];
                 const float p = val[e];
-                const float g = kind == KIND_SPARSEMAX ? 1.0f : (kind == KIND_ENTMAX15 ? sqrtf(p) : powf(p, 1.0f - a));
+                const float g = gradient_weight(p, a, kind);
                 sg += g;
                 sgd += (double)g * dp;
                 ds[e] = dp;
@@ -523,7 +539,7 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
             const double delta = sg > 0.0 ? sgd / sg : 0.0;
             for (int64_t e = offsets[r]; e < offsets[r + 1]; e++) {
                 const float p = val[e];
-                const float g = kind == KIND_SPARSEMAX ? 1.0f : (kind == KIND_ENTMAX15 ? sqrtf(p) : powf(p, 1.0f - a));
+                const float g = gradient_weight(p, a, kind);
                 const float s = (float)(g * ((double)ds[e] - delta));
                 const float *kr = Kg + (int64_t)idx[e] * D;
                 ds[e] = s;

@@ -31,7 +31,9 @@ the per-query statistics, and the backward op recomputes every chunk.
 import torch
 from torch import Tensor
 
-from .chunked import ENTMAX15, GENERAL, SPARSEMAX, chunked_backward, chunked_forward
+from .chunked import chunked_backward, chunked_forward
+from .chunks import register_stats_autograd
+from .constants import KIND_NAMES
 from .structured_chunked import KINDS, structured_backward, structured_forward
 
 __all__ = [
@@ -43,9 +45,6 @@ __all__ = [
     "structured_chunked_fwd",
     "structured_prox",
 ]
-
-_KIND_NAMES = {SPARSEMAX: "sparsemax", ENTMAX15: "entmax15", GENERAL: "general alpha"}
-
 
 def _check(name: str, t: Tensor, dtypes: tuple, dim: int | None = None, contiguous: bool = True) -> None:
     if t.device.type != "cpu":
@@ -70,9 +69,10 @@ def _check_attention(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | No
         raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be (B, H, Lq, D), "
                          f"(B, Hkv, Lk, D), (B, Hkv, Lk, Dv) with Hkv dividing H")
     target = torch.Size((B, H, Lq, Lk))
-    for label, t, types in (("mask", mask, (torch.bool,)), ("bias", bias, (q.dtype,))):
-        if t is None:
+    for label, extra, types in (("mask", mask, (torch.bool,)), ("bias", bias, (q.dtype,))):
+        if extra is None:
             continue
+        t = extra
         _check(f"{op}: {label}", t, types, 4, contiguous=False)
         if torch.broadcast_shapes(t.shape, target) != target:
             raise ValueError(f"{op}: {label} {tuple(t.shape)} is not broadcastable to (B, H, Lq, Lk) = {tuple(target)}")
@@ -93,8 +93,8 @@ def chunked_entmax_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Ten
     op = "chunked_entmax_fwd"
     if backend not in ("c", "torch"):
         raise ValueError(f"{op}: backend must be 'c' or 'torch', got {backend!r}")
-    if kind not in _KIND_NAMES:
-        raise ValueError(f"{op}: kind must be one of {sorted(_KIND_NAMES)}, got {kind!r}")
+    if kind not in KIND_NAMES:
+        raise ValueError(f"{op}: kind must be one of {sorted(KIND_NAMES)}, got {kind!r}")
     _check_attention(op, q, k, v, bias, mask, (torch.float32,) if backend == "c" else (torch.float32, torch.float64))
     _check(f"{op}: alpha", alpha, (q.dtype,), 1)
     if alpha.numel() != q.shape[1]:
@@ -132,8 +132,9 @@ def chunked_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Ten
         dout, q, k, v, alpha, bias, mask, stats if backend == "c" else None, {}, kind, causal, scale, chunk_rows,
         backend, (True, True, True, need_alpha, need_bias),
     )
-    return (dq, dk, dv, dalpha if need_alpha else alpha.new_empty(0),
-            dbias if need_bias else q.new_empty(0))
+    assert dq is not None and dk is not None and dv is not None  # asked for
+    return (dq, dk, dv, dalpha if dalpha is not None else alpha.new_empty(0),
+            dbias if dbias is not None else q.new_empty(0))
 
 
 @chunked_entmax_bwd.register_fake
@@ -143,22 +144,7 @@ def _(dout, q, k, v, alpha, bias, mask, stats, kind, causal, scale, chunk_rows, 
             bias.new_empty(bias.shape) if need_bias else q.new_empty(0))
 
 
-def _chunked_setup(ctx, inputs, output):
-    q, k, v, alpha, bias, mask, kind, causal, scale, chunk_rows, backend = inputs
-    ctx.save_for_backward(q, k, v, alpha, bias, mask, output[1])
-    ctx.config = (kind, causal, scale, chunk_rows, backend)
-
-
-def _chunked_backward(ctx, dout, _dstats):
-    q, k, v, alpha, bias, mask, stats = ctx.saved_tensors
-    need_alpha, need_bias = bool(ctx.needs_input_grad[3]), bool(ctx.needs_input_grad[4])
-    dq, dk, dv, dalpha, dbias = chunked_entmax_bwd(dout, q, k, v, alpha, bias, mask, stats, *ctx.config, need_alpha,
-                                                   need_bias)
-    return (dq, dk, dv, dalpha if need_alpha else None, dbias if need_bias else None,
-            None, None, None, None, None, None)
-
-
-chunked_entmax_fwd.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+register_stats_autograd(chunked_entmax_fwd, chunked_entmax_bwd, n=6, optional=2)
 
 
 # ----------------------------------------------------------------------------- fusedmax / oscarmax, chunked
@@ -210,20 +196,7 @@ def _(dout, q, k, v, bias, mask, stats, kind, lam, causal, scale, chunk_rows, ma
             bias.new_empty(bias.shape) if need_bias else q.new_empty(0))
 
 
-def _structured_setup(ctx, inputs, output):
-    q, k, v, bias, mask, kind, lam, causal, scale, chunk_rows, masked = inputs
-    ctx.save_for_backward(q, k, v, bias, mask, output[1])
-    ctx.config = (kind, lam, causal, scale, chunk_rows, masked)
-
-
-def _structured_backward(ctx, dout, _dstats):
-    q, k, v, bias, mask, stats = ctx.saved_tensors
-    need_bias = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dbias = structured_chunked_bwd(dout, q, k, v, bias, mask, stats, *ctx.config, need_bias)
-    return dq, dk, dv, dbias if need_bias else None, None, None, None, None, None, None, None
-
-
-structured_chunked_fwd.register_autograd(_structured_backward, setup_context=_structured_setup)
+register_stats_autograd(structured_chunked_fwd, structured_chunked_bwd, n=5, optional=1)
 
 
 # ----------------------------------------------------------------------------- the structured prox

@@ -1,8 +1,8 @@
 """Memory-efficient CPU attention for fusedmax and oscarmax.
 
-The queries are processed in chunks, as in :mod:`plugin.kernels.chunked` (whose chunking,
-:class:`~plugin.kernels.chunked._Chunks`, and sparsemax row kernel this module reuses). Per
-chunk of queries:
+The queries are processed in chunks (:mod:`plugin.kernels.chunks`, shared with
+:mod:`plugin.kernels.chunked`, whose sparsemax row kernel this module reuses). Per chunk of
+queries:
 
     S = scale q k^T + bias            (-inf where masked; ``scale`` and ``bias`` divided by gamma)
     y, groups = prox_{lam g}(S)       (exact, compiled C: ``plugin.kernels.cpu.structured_prox``)
@@ -33,8 +33,8 @@ chunk's backward takes one of three forms, chosen by the forward pass:
 - otherwise recomputed flash style: scores from q and k, prox, sparsemax from the per-query
   statistics saved by the forward pass, then the formulas above with dense products.
 
-The kept forms take at most ``max(SPARSE_MIN_BUDGET, SPARSE_BUDGET_FACTOR x bytes of q, k, v,
-out)``; chunks beyond that are recomputed. Nothing of size Lq x Lk is kept.
+The kept forms take at most :func:`plugin.kernels.chunks.kept_budget` bytes; chunks beyond
+that are recomputed. Nothing of size Lq x Lk is kept.
 
 float32 (and float16 / bfloat16, computed in float32) uses the C sparsemax row kernel of
 :mod:`plugin.kernels.chunked`; float64 is computed in float64, with the sparsemax threshold
@@ -51,16 +51,10 @@ from torch import Tensor
 
 from ..inputs import check_qkv
 from .cbuild import CompileError
-from .chunked import (
-    SPARSEMAX,
-    _Chunk,
-    _Chunks,
-    _dense_chunk_grads,
-    rows_backward,
-    rows_forward,
-    sparse_matmul,
-    sparse_rows,
-)
+from .chunked import rows_backward, rows_forward, sparse_matmul, sparse_rows
+from .chunks import Chunk, ChunkedAttentionFunction, Chunks, Pool, dense_chunk_grads, kept_budget
+from .constants import SPARSEMAX
+from .maths import sparsemax_backward
 
 __all__ = [
     "KINDS",
@@ -75,10 +69,6 @@ KINDS = ("tv", "oscar_ordered")
 # sparsely and, when a backward pass will follow, kept in sparse form for it: the backward pass
 # of such a chunk needs neither the prox nor a dense product (see _sparse_backward)
 SPARSE_MAX_DENSITY = 0.1
-# the sparse forms kept take at most this many bytes, or this many times the bytes of q, k, v
-# and the output, whichever is larger; chunks beyond that are recomputed in the backward pass
-SPARSE_MIN_BUDGET = 64 << 20
-SPARSE_BUDGET_FACTOR = 2.0
 
 
 def _number(value: Any) -> bool:
@@ -106,8 +96,8 @@ _ONE = torch.ones(1, dtype=torch.float32)  # alpha - 1 of sparsemax, for the C r
 
 
 def _prox_chunk(
-    chunks: _Chunks,
-    ch: _Chunk,
+    chunks: Chunks,
+    ch: Chunk,
     qs: Tensor,
     kT: Tensor,
     bias: Tensor | None,
@@ -120,8 +110,7 @@ def _prox_chunk(
     from .cpu import effective_lam, structured_prox
 
     S = chunks.scores(qs, kT, bias, allowed, ch)
-    if chunks.causal:
-        S.view(ch.h1 - ch.h0, ch.c, ch.kend).masked_fill_(chunks.causal_blocked(ch, S.device), float("-inf"))
+    chunks.mask_causal(S, ch)
     S2 = S.view(ch.rows, ch.kend)
     # masked keys: a bool mask, causality, or -inf in the bias (as the reference's `scores != -inf`)
     keep = S2 != float("-inf") if masked else None
@@ -157,23 +146,22 @@ def _uniform_rows(groups: Tensor, counts: Tensor, masked: bool) -> Tensor:
     return one_group & (counts == allowed_count)
 
 
-def _uniform_probs(S: Tensor, chunks: _Chunks, ch: _Chunk, masked: bool) -> None:
+def _uniform_probs(S: Tensor, chunks: Chunks, ch: Chunk, masked: bool) -> None:
     """Overwrite the chunk's scores ``S`` (-inf = masked) with ``1 / n`` on each row's n allowed keys."""
-    S3 = S.view(ch.h1 - ch.h0, ch.c, ch.kend)
+    S3 = S.view(ch.heads, ch.c, ch.kend)
     if not masked:
         S3.fill_(1.0 / ch.kend)
         return
-    if chunks.causal:
-        S3.masked_fill_(chunks.causal_blocked(ch, S.device), float("-inf"))
+    chunks.mask_causal(S, ch)
     keep = S3 != float("-inf")
     n = keep.sum(-1, keepdim=True, dtype=S.dtype).clamp_(min=1)
     torch.div(keep, n, out=S3)
 
 
 def _sparse_backward(
-    kept: tuple[Tensor, Tensor, Tensor, Tensor | None],
-    chunks: _Chunks,
-    ch: _Chunk,
+    kept: tuple[Tensor, Tensor, Tensor, Tensor],
+    chunks: Chunks,
+    ch: Chunk,
     qs: Tensor,
     kr: Tensor,
     vr: Tensor,
@@ -206,7 +194,7 @@ def _sparse_backward(
     group_sum = torch.zeros(size, dtype=gs.dtype).index_add_(0, member, gs)
     group_count = torch.bincount(member, minlength=size).to(gs.dtype)
     dS = (group_sum / group_count)[member].unsqueeze(-1)
-    nh = ch.h1 - ch.h0
+    nh = ch.heads
     if dq is not None:
         dq_rows = torch.zeros(rows, D, dtype=dq.dtype).index_add_(0, row, dS * kr.reshape(-1, D)[key])
         dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = dq_rows.view(nh, ch.c, D) * scale
@@ -216,41 +204,12 @@ def _sparse_backward(
         dv.view(-1, Dv).index_add_(0, key, val.unsqueeze(-1) * dO_e)
 
 
-class _Pool:
-    """Room for the kept sparse forms: one allocation of ``nbytes``, handed out in pieces.
-
-    The per-chunk temporaries (prox output and groups, several MiB each) are allocated and
-    freed chunk after chunk; small long-lived tensors allocated between them would fill the
-    freed space and fragment the heap (the process would grow by about a chunk's temporaries
-    per chunk). The pool is one large allocation whose pages only become resident when written.
-    """
-
-    def __init__(self, nbytes: int) -> None:
-        self.buf = torch.empty(int(nbytes), dtype=torch.uint8)
-        self.used = 0
-
-    @staticmethod
-    def _size(t: Tensor) -> int:
-        return (t.numel() * t.element_size() + 63) // 64 * 64
-
-    def fits(self, tensors: tuple[Tensor, ...]) -> bool:
-        return self.used + sum(self._size(t) for t in tensors) <= self.buf.numel()
-
-    def put(self, t: Tensor) -> Tensor:
-        """A copy of ``t`` inside the pool (the caller checked :meth:`fits`)."""
-        n = t.numel() * t.element_size()
-        piece = self.buf[self.used:self.used + n].view(t.dtype).view(t.shape)
-        piece.copy_(t)
-        self.used += self._size(t)
-        return piece
-
-
 def structured_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, allowed: Tensor | None, kind: str,
                        lam: float, causal: bool, scale: float, chunk_rows: int | None, masked: bool,
                        keep_sparse: bool) -> tuple[Tensor, Tensor | None, dict]:
     """The forward pass: ``(out, stats, kept)`` (``stats`` None for float64; ``kept`` per kept chunk:
     P in CSR form, the prox group of each nonzero, and which rows are uniform over their allowed keys)."""
-    chunks = _Chunks(q, k, causal, chunk_rows)
+    chunks = Chunks(q, k, causal, chunk_rows)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
     use_c = q.dtype == torch.float32
@@ -259,19 +218,20 @@ def structured_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, all
     vr = v.reshape(B * Hkv, Lk, Dv)
     out = q.new_zeros(B, H, Lq, Dv)
     stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if use_c else None
-    budget = max(SPARSE_MIN_BUDGET, SPARSE_BUDGET_FACTOR * 4 * (q.numel() + k.numel() + v.numel() + out.numel()))
+    budget = kept_budget(q, k, v, out)
     kept: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = {}
-    pool = _Pool(budget) if keep_sparse and use_c else None
+    pool = Pool(budget) if keep_sparse and use_c else None
     for ch in chunks:
         if ch.kend == 0:
             continue  # every key is in the future of every query of the chunk: zeros
-        nh = ch.h1 - ch.h0
+        nh = ch.heads
         y = groups = None  # free the last chunk's temporaries before this chunk allocates its own
         y, groups = _prox_chunk(chunks, ch, qs, kT, bias, allowed, kind, lam, masked)
         if not use_c:
             P3 = _sparsemax_rows_torch(y).view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
             out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
             continue
+        assert stats is not None  # float32: the C rows
         counts = torch.empty(ch.rows, dtype=torch.int32)
         st = rows_forward(y, _ONE, SPARSEMAX, counts=counts)  # y -> P in place
         stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
@@ -300,7 +260,7 @@ def structured_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, all
         if pool is not None and pool.fits((offsets, idx, val, idx) + ((uniform,) if uniform is not None else ())):
             row = torch.repeat_interleave(torch.arange(ch.rows), offsets.diff())
             grp = groups.view(-1)[row * ch.kend + idx]
-            kept[(ch.b, ch.hk0, ch.i0)] = (pool.put(offsets), pool.put(idx), pool.put(val), pool.put(grp),
+            kept[ch.key] = (pool.put(offsets), pool.put(idx), pool.put(val), pool.put(grp),
                                            pool.put(uniform) if uniform is not None else None)
     return out, stats, kept
 
@@ -312,10 +272,9 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
     from .cpu import group_mean_cpu
 
     need_q, need_k, need_v, need_bias = needs
-    chunks = _Chunks(q, k, causal, chunk_rows)
+    chunks = Chunks(q, k, causal, chunk_rows)
     B, H, _, D = q.shape
     Hkv, Lk, Dv = chunks.Hkv, chunks.Lk, v.shape[-1]
-    use_c = stats is not None
     qs = q * scale
     kr = k.reshape(B * Hkv, Lk, D)
     vr = v.reshape(B * Hkv, Lk, Dv)
@@ -324,16 +283,16 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
     dq = torch.zeros_like(q) if need_q else None
     dk = torch.zeros(B * Hkv, Lk, D, dtype=k.dtype) if need_k else None
     dv = torch.zeros(B * Hkv, Lk, Dv, dtype=v.dtype) if need_v else None
-    dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias else None
+    dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias and bias is not None else None
     for ch in chunks:
         if ch.kend == 0:
             continue
         c, nkv = ch.c, ch.hk1 - ch.hk0
         dO = chunks.rows_of(dout, ch)
-        entry = kept.get((ch.b, ch.hk0, ch.i0))
+        entry = kept.get(ch.key)
         if entry is not None:
             uniform = entry[4]
-            if uniform is not None and need_v:
+            if uniform is not None and dv is not None:
                 # P = 1 / n on the n allowed keys of the uniform rows (their dS is 0)
                 if masked:  # the scores only tell which keys are masked
                     P = chunks.scores(qs, kT, bias, allowed, ch)
@@ -348,46 +307,23 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
         dP = chunks.buffer("grad", (nkv, chunks.G * c, ch.kend))
         torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
         dP2 = dP.view(ch.rows, ch.kend)
-        if use_c:
+        if stats is not None:
             st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()  # C reads it flat
             rows_backward(y, dP2, st, _ONE, SPARSEMAX)  # y -> P, dP -> sparsemax backward, in place
             P = y
         else:
             P = _sparsemax_rows_torch(y)
-            support = (P > 0).to(P.dtype)
-            mean = (dP2 * support).sum(-1, keepdim=True) / support.sum(-1, keepdim=True).clamp(min=1)
-            dP2.sub_(mean).mul_(support)
+            dP2.copy_(sparsemax_backward(P, dP2))
         # prox backward: the group mean (masked keys have group -1 and get 0)
         dS = group_mean_cpu(dP2, groups).view(nkv, chunks.G * c, ch.kend)
-        _dense_chunk_grads(chunks, ch, P.view(nkv, chunks.G * c, ch.kend), dS, dO, kr, qs, scale,
+        dense_chunk_grads(chunks, ch, P.view(nkv, chunks.G * c, ch.kend), dS, dO, kr, qs, scale,
                            (dq, dk, dv, dbias), (need_q, need_k, need_v, need_bias))
     return (
         dq,
-        dk.view(k.shape) if need_k else None,
-        dv.view(v.shape) if need_v else None,
+        dk.view(k.shape) if dk is not None else None,
+        dv.view(v.shape) if dv is not None else None,
         dbias,
     )
-
-
-class _StructuredChunkedAttention(torch.autograd.Function):
-    """Eager autograd: the sparse (and uniform) chunks of the forward pass are kept for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, allowed, kind, lam, causal, scale, chunk_rows, masked, keep_sparse):  # type: ignore[override]
-        out, stats, kept = structured_forward(q, k, v, bias, allowed, kind, lam, causal, scale, chunk_rows, masked,
-                                              keep_sparse)
-        ctx.save_for_backward(q, k, v, bias, allowed, stats)
-        ctx.kept = kept  # the other chunks are recomputed
-        ctx.config = (kind, lam, causal, scale, chunk_rows, masked)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, bias, allowed, stats = ctx.saved_tensors
-        grads = structured_backward(dout, q, k, v, bias, allowed, stats, ctx.kept, *ctx.config,
-                                    tuple(ctx.needs_input_grad[:4]))
-        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _as4d(t: Tensor) -> Tensor:
@@ -514,6 +450,7 @@ def run_structured_chunked(
         out, _ = structured_chunked_fwd(qw, kw, vw, biasw, allowed, kind, float(lam), bool(causal),
                                         float(scale) / gamma, chunk_rows, masked)
     else:
-        out = _StructuredChunkedAttention.apply(qw, kw, vw, biasw, allowed, kind, float(lam), bool(causal),
-                                                float(scale) / gamma, chunk_rows, masked, keep_sparse)
+        out = ChunkedAttentionFunction.apply(structured_forward, structured_backward, 5, qw, kw, vw, biasw, allowed,
+                                             kind, float(lam), bool(causal), float(scale) / gamma, chunk_rows, masked,
+                                             keep_sparse)
     return out.to(q.dtype)

@@ -8,9 +8,11 @@ No (Lq, Lk) matrix is ever stored. For a block of queries the forward kernel
    ``f(t) = sum [(alpha - 1)(s - m) - t]_+^(1/(alpha - 1))``, started at ``t = -1`` (so it
    increases monotonically). Each iteration streams the key blocks and recomputes the
    scores; for alpha = 2 and 1.5 it also evaluates the closed-form root on the entries
-   above ``t`` and stops, exactly, as soon as it is consistent (the same algorithm as the
-   CPU row kernel ``entmax_rows.c``); other alpha stop when ``f(t) = 1`` to 1e-5 or the
-   Newton step no longer changes ``t`` in float32;
+   above ``t`` and stops, exactly, as soon as it is consistent; other alpha stop when
+   ``f(t) = 1`` to ``NEWTON_TOL`` or the Newton step no longer changes ``t`` in float32
+   (at most ``NEWTON_MAX_ITERS`` steps). This is :func:`plugin.kernels.maths.newton_threshold`,
+   with its constants from :mod:`plugin.kernels.constants`, as in the CPU row kernel
+   ``entmax_rows.c``;
 3. streams the key blocks a last time: ``out = sum_j p_j v_j / sum_j p_j`` (key blocks
    whose entries are all below the threshold skip the ``p @ v`` product).
 
@@ -44,11 +46,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["triton_available", "triton_entmax_attention"]
+from .chunks import register_stats_autograd
+from .constants import NEWTON_MAX_ITERS, NEWTON_TOL
+from .maths import head_alphas
 
-SPARSEMAX, ENTMAX15, GENERAL = 0, 1, 2
-MAX_NEWTON = 30
-GENERAL_TOL = 1e-5
+__all__ = ["triton_available", "triton_entmax_attention"]
 # compile options of every launch (the interpreter ignores them); FMA contraction stated
 # explicitly, as Triton 3.9 warns that its default will change
 _LAUNCH = {"num_warps": 4, "num_stages": 2, "enable_fp_fusion": True}
@@ -84,6 +86,33 @@ if triton is not None:
         return tl.where(valid, s, float("-inf"))
 
     @triton.jit
+    def _tile(base, offs, offs_d, stride_r, stride_d, L, D):
+        """Rows ``offs`` (< L) and columns ``offs_d`` (< D) of a (L, D) matrix at ``base``; 0 outside."""
+        return tl.load(base + offs[:, None] * stride_r + offs_d[None, :] * stride_d,
+                       mask=(offs[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+
+    @triton.jit
+    def _row_stats(STATS, row, in_range):
+        """The saved statistics ``(m, t, 1 / norm)`` of the rows ``row`` (``m = inf`` out of range)."""
+        m = tl.load(STATS + row * 3, mask=in_range, other=float("inf"))
+        t = tl.load(STATS + row * 3 + 1, mask=in_range, other=0.0)
+        inv = tl.load(STATS + row * 3 + 2, mask=in_range, other=0.0)
+        return m, t, inv
+
+    @triton.jit
+    def _query_block(H, G, Lq, causal_off, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+        """A program's query block: ``(b, h, hk, offs_m, row, n_end)`` (row: flat (B * H * Lq) index;
+        n_end: the keys it reads, all but those after the causal diagonal)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_end = Lk
+        if CAUSAL:
+            n_end = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_off)
+        return pid_bh // H, h, h // G, offs_m, pid_bh * Lq + offs_m, n_end
+
+    @triton.jit
     def _power_tile(y, a, KIND: tl.constexpr):
         """(y_+^(1/a), y_+^(1/a - 1)) with y_+ = max(y, 0): probabilities before normalization and their slope."""
         pos = y > 0
@@ -106,36 +135,27 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
         MAX_ITERS: tl.constexpr, TOL: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // G
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, h, hk, offs_m, row, n_end = _query_block(H, G, Lq, causal_off, Lk, CAUSAL, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         arange_n = tl.arange(0, BLOCK_N)
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
-                    mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+        q = _tile(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_m, sq_d, Lq, D)
         Kb = K + b * sk_b + hk * sk_h
         Vb = V + b * sv_b + hk * sv_h
         Mb = MASK + b * sm_b + h * sm_h
         Bb = BIAS + b * sb_b + h * sb_h
         a = tl.load(AM1 + h)
-        n_end = Lk
-        if CAUSAL:
-            n_end = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_off)
         # pass 1: row maximum
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + arange_n
-            k = tl.load(Kb + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                        mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+            k = _tile(Kb, offs_n, offs_d, sk_n, sk_d, Lk, D)
             s = _score_tile(q, k, offs_m, offs_n, Lq, Lk, scale, causal_off, Mb, sm_m, sm_n, Bb, sb_m, sb_n,
                             CAUSAL, HAS_MASK, HAS_BIAS, PREC)
             m = tl.maximum(m, tl.max(s, axis=1))
         dead = m == float("-inf")
         m = tl.where(dead, 0.0, m)
         # pass 2: Newton iterations on the threshold, from t = -1 upwards
+        # (mirrors plugin.kernels.maths.newton_threshold; KIND 0, 1, 2 = SPARSEMAX, ENTMAX15, GENERAL)
         t = tl.full([BLOCK_M], -1.0, tl.float32)
         done = dead
         it = 0
@@ -149,8 +169,7 @@ if triton is not None:
             slope = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, n_end, BLOCK_N):
                 offs_n = start_n + arange_n
-                k = tl.load(Kb + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                            mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+                k = _tile(Kb, offs_n, offs_d, sk_n, sk_d, Lk, D)
                 s = _score_tile(q, k, offs_m, offs_n, Lq, Lk, scale, causal_off, Mb, sm_m, sm_n, Bb, sb_m, sb_n,
                                 CAUSAL, HAS_MASK, HAS_BIAS, PREC)
                 y = a * (s - m[:, None]) - t[:, None]
@@ -189,22 +208,19 @@ if triton is not None:
         total = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + arange_n
-            k = tl.load(Kb + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                        mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+            k = _tile(Kb, offs_n, offs_d, sk_n, sk_d, Lk, D)
             s = _score_tile(q, k, offs_m, offs_n, Lq, Lk, scale, causal_off, Mb, sm_m, sm_n, Bb, sb_m, sb_n,
                             CAUSAL, HAS_MASK, HAS_BIAS, PREC)
             y = a * (s - m[:, None]) - t[:, None]
             if tl.max(tl.max(y, axis=1), axis=0) > 0:  # some entry of the tile is in a support
                 p, w = _power_tile(y, a, KIND)
                 total += tl.sum(p, axis=1)
-                v = tl.load(Vb + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
-                            mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+                v = _tile(Vb, offs_n, offs_d, sv_n, sv_d, Lk, D)
                 acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
         inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
         out = acc * inv[:, None]
         tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
                  out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
-        row = pid_bh * Lq + offs_m
         in_range = offs_m < Lq
         tl.store(STATS + row * 3, tl.where(dead, float("inf"), m), mask=in_range)
         tl.store(STATS + row * 3 + 1, t, mask=in_range)
@@ -212,7 +228,10 @@ if triton is not None:
 
     @triton.jit
     def _probs_and_g(s, m, t, inv, a, KIND: tl.constexpr):
-        """Normalized probabilities p and g = p^(2 - alpha) of a score tile, from the saved row statistics."""
+        """Normalized probabilities p and g = p^(2 - alpha) of a score tile, from the saved row statistics.
+
+        mirrors plugin.kernels.maths.entmax_from_stats and plugin.kernels.maths.gradient_weights
+        """
         y = a * (s - m[:, None]) - t[:, None]
         p, w = _power_tile(y, a, KIND)
         p = p * inv[:, None]
@@ -234,30 +253,19 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
         WANT_DALPHA: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // G
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, h, hk, offs_m, row, n_end = _query_block(H, G, Lq, causal_off, Lk, CAUSAL, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         arange_n = tl.arange(0, BLOCK_N)
         md = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d, mask=md, other=0.0)
-        do = tl.load(DO + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d, mask=md, other=0.0)
+        q = _tile(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_m, sq_d, Lq, D)
+        do = _tile(DO + b * so_b + h * so_h, offs_m, offs_d, so_m, so_d, Lq, D)
         Kb = K + b * sk_b + hk * sk_h
         Vb = V + b * sv_b + hk * sv_h
         Mb = MASK + b * sm_b + h * sm_h
         Bb = BIAS + b * sb_b + h * sb_h
         a = tl.load(AM1 + h)
-        row = pid_bh * Lq + offs_m
         in_range = offs_m < Lq
-        m = tl.load(STATS + row * 3, mask=in_range, other=float("inf"))
-        t = tl.load(STATS + row * 3 + 1, mask=in_range, other=0.0)
-        inv = tl.load(STATS + row * 3 + 2, mask=in_range, other=0.0)
-        n_end = Lk
-        if CAUSAL:
-            n_end = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_off)
+        m, t, inv = _row_stats(STATS, row, in_range)
         sg = tl.zeros([BLOCK_M], tl.float32)
         sgd = tl.zeros([BLOCK_M], tl.float32)
         acc_gdk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j g_j dP_j k_j
@@ -268,13 +276,12 @@ if triton is not None:
         s_dgz = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + arange_n
-            nd = (offs_n[:, None] < Lk) & (offs_d[None, :] < D)
-            k = tl.load(Kb + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d, mask=nd, other=0.0)
+            k = _tile(Kb, offs_n, offs_d, sk_n, sk_d, Lk, D)
             s = _score_tile(q, k, offs_m, offs_n, Lq, Lk, scale, causal_off, Mb, sm_m, sm_n, Bb, sb_m, sb_n,
                             CAUSAL, HAS_MASK, HAS_BIAS, PREC)
             p, g = _probs_and_g(s, m, t, inv, a, KIND)
             if tl.max(tl.max(p, axis=1), axis=0) > 0:
-                v = tl.load(Vb + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=nd, other=0.0)
+                v = _tile(Vb, offs_n, offs_d, sv_n, sv_d, Lk, D)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 sg += tl.sum(g, axis=1)
                 sgd += tl.sum(g * dp, axis=1)
@@ -288,6 +295,7 @@ if triton is not None:
                     s_gz += tl.sum(gz, axis=1)
                     s_dplogp += tl.sum(dp * plogp, axis=1)
                     s_dgz += tl.sum(dp * gz, axis=1)
+        # dS = g (dP - delta): mirrors plugin.kernels.maths.entmax_backward (and entmax_alpha_grad below)
         delta = tl.where(sg > 0, sgd / tl.where(sg > 0, sg, 1.0), 0.0)
         dq = (acc_gdk - delta[:, None] * acc_gk) * scale
         tl.store(DQ + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
@@ -315,8 +323,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         arange_m = tl.arange(0, BLOCK_M)
         nd = (offs_n[:, None] < Lk) & (offs_d[None, :] < D)
-        k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d, mask=nd, other=0.0)
-        v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=nd, other=0.0)
+        k = _tile(K + b * sk_b + hk * sk_h, offs_n, offs_d, sk_n, sk_d, Lk, D)
+        v = _tile(V + b * sv_b + hk * sv_h, offs_n, offs_d, sv_n, sv_d, Lk, D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         m_start = 0
@@ -331,18 +339,15 @@ if triton is not None:
             a = tl.load(AM1 + h)
             for start_m in range(m_start, Lq, BLOCK_M):
                 offs_m = start_m + arange_m
-                md = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-                q = tl.load(Qb + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d, mask=md, other=0.0)
+                q = _tile(Qb, offs_m, offs_d, sq_m, sq_d, Lq, D)
                 row = (b * H + h) * Lq + offs_m
                 in_range = offs_m < Lq
-                m = tl.load(STATS + row * 3, mask=in_range, other=float("inf"))
-                t = tl.load(STATS + row * 3 + 1, mask=in_range, other=0.0)
-                inv = tl.load(STATS + row * 3 + 2, mask=in_range, other=0.0)
+                m, t, inv = _row_stats(STATS, row, in_range)
                 s = _score_tile(q, k, offs_m, offs_n, Lq, Lk, scale, causal_off, Mb, sm_m, sm_n, Bb, sb_m, sb_n,
                                 CAUSAL, HAS_MASK, HAS_BIAS, PREC)
                 p, g = _probs_and_g(s, m, t, inv, a, KIND)
                 if tl.max(tl.max(p, axis=1), axis=0) > 0:
-                    do = tl.load(Ob + offs_m[:, None] * so_m + offs_d[None, :] * so_d, mask=md, other=0.0)
+                    do = _tile(Ob, offs_m, offs_d, so_m, so_d, Lq, D)
                     delta = tl.load(DELTA + row, mask=in_range, other=0.0)
                     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                     ds = g * (dp - delta[:, None])
@@ -358,7 +363,8 @@ if triton is not None:
 def _strides4(t: Tensor | None, shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     if t is None:
         return (0, 0, 0, 0)
-    return tuple(t.expand(shape).stride())  # type: ignore[return-value]
+    s = t.expand(shape).stride()
+    return s[0], s[1], s[2], s[3]
 
 
 def _blocks(D: int, Lq: int, Lk: int, dtype: torch.dtype, block_m: int | None, block_n: int | None
@@ -396,7 +402,7 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor 
         *_strides4(mask, shape), *_strides4(bias, shape),
         H, G, Lq, Lk, D, scale, Lk - Lq,
         KIND=kind, CAUSAL=causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, MAX_ITERS=MAX_NEWTON, TOL=GENERAL_TOL, **_LAUNCH,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, MAX_ITERS=NEWTON_MAX_ITERS, TOL=NEWTON_TOL, **_LAUNCH,
     )
     return out, stats
 
@@ -442,7 +448,7 @@ def triton_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor
 
 class _TritonEntmaxAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n):  # type: ignore[override]
+    def forward(ctx, q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n):
         out, stats = triton_forward(q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n)
         ctx.save_for_backward(q, k, v, alpha, mask, bias, stats)
         ctx.config = (kind, causal, scale, block_m, block_n)
@@ -450,7 +456,7 @@ class _TritonEntmaxAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):
         q, k, v, alpha, mask, bias, stats = ctx.saved_tensors
         grads = triton_backward(dout, q, k, v, alpha, mask, bias, stats, *ctx.config, bool(ctx.needs_input_grad[3]))
         return (*grads, None, None, None, None, None, None, None)
@@ -499,19 +505,7 @@ def triton_entmax_attention(
         raise ValueError("triton_entmax_attention: bias must not require a gradient (use the reference path)")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if isinstance(alpha, Tensor):
-        alpha_t = alpha.reshape(-1)
-        if alpha_t.numel() == 1:
-            alpha_t = alpha_t.expand(H)
-        if alpha_t.numel() != H:
-            raise ValueError(f"triton_entmax_attention: alpha must have one value per head (H={H})")
-        kind = GENERAL
-    else:
-        a = float(alpha)
-        if not 1 < a <= 2:
-            raise ValueError(f"triton_entmax_attention: alpha must lie in (1, 2], got {alpha!r}")
-        kind = SPARSEMAX if a == 2 else ENTMAX15 if a == 1.5 else GENERAL
-        alpha_t = torch.full((H,), a, device=q.device)
+    kind, alpha_t = head_alphas(alpha, H, "triton_entmax_attention", device=q.device)
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
     maskc = None
@@ -544,8 +538,8 @@ def _check_launch(op: str, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask:
     if alpha.dtype != torch.float32 or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
         raise ValueError(f"{op}: alpha must be a float32 (H,) tensor on q's device, got {alpha.dtype} "
                          f"{tuple(alpha.shape)} on {alpha.device}")
-    for label, t in (("mask", mask), ("bias", bias)):
-        if t is not None and (t.dim() != 4 or t.device != q.device):
+    for label, extra in (("mask", mask), ("bias", bias)):
+        if extra is not None and (extra.dim() != 4 or extra.device != q.device):
             raise ValueError(f"{op}: {label} must be a 4-D tensor on q's device")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"{op}: mask must be a bool tensor, got {mask.dtype}")
@@ -584,17 +578,4 @@ def _(dout, q, k, v, alpha, mask, bias, stats, kind, causal, scale, block_m, blo
             torch.empty_like(alpha) if want_dalpha else alpha.new_empty(0))
 
 
-def _triton_setup(ctx, inputs, output):
-    q, k, v, alpha, mask, bias, kind, causal, scale, block_m, block_n = inputs
-    ctx.save_for_backward(q, k, v, alpha, mask, bias, output[1])
-    ctx.config = (kind, causal, scale, block_m, block_n)
-
-
-def _triton_backward_op(ctx, dout, _dstats):
-    q, k, v, alpha, mask, bias, stats = ctx.saved_tensors
-    want_dalpha = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dalpha = _triton_entmax_bwd(dout, q, k, v, alpha, mask, bias, stats, *ctx.config, want_dalpha)
-    return dq, dk, dv, dalpha if want_dalpha else None, None, None, None, None, None, None, None
-
-
-_triton_entmax_fwd.register_autograd(_triton_backward_op, setup_context=_triton_setup)
+register_stats_autograd(_triton_entmax_fwd, _triton_entmax_bwd, n=6, optional=1)

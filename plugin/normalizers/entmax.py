@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels.maths import entmax_alpha_grad, entmax_backward
 from ..kernels.ops import checked_alpha
 from .base import compute_dtype, finish, prepare, shift_by_max
 from .softmax import softmax
-from .sparsemax import SparsemaxFunction
+from .sparsemax import SparsemaxFunction, clipped_power_probs
 
 ALPHA_MIN = 1.01  # LearnableAlpha's lower end; a free alpha near 1 makes 1/(alpha-1) explode
 
@@ -78,29 +79,17 @@ def entmax15_threshold_sorted(x: Tensor) -> Tensor:
     return tau.gather(-1, support_size - 1)
 
 
-def _entmax_jvp(p: Tensor, grad: Tensor, exponent: Tensor | float) -> Tensor:
-    """Closed-form backward of entmax: ``g = p^(2 - alpha)``, ``dz = g dp - g sum(g dp) / sum(g)``."""
-    support = p > 0
-    g = torch.where(support, p.clamp(min=torch.finfo(p.dtype).tiny) ** exponent, torch.zeros_like(p))
-    gsum = g.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
-    return g * grad - g * ((g * grad).sum(-1, keepdim=True) / gsum)
-
-
 class Entmax15Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:  # type: ignore[override]
-        x, _ = shift_by_max(z, allowed)
-        x = torch.where(allowed, x / 2, torch.full_like(x, -2.0))
-        tau = entmax15_threshold(x)
-        p = torch.clamp(x - tau, min=0) ** 2
-        p = torch.where(allowed, p, torch.zeros_like(p))
+    def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:
+        p = clipped_power_probs(z, allowed, entmax15_threshold, divisor=2.0, power=2)
         ctx.save_for_backward(p)
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
-        return _entmax_jvp(p, grad, 0.5), None
+        return entmax_backward(p, grad, 1.5), None
 
 
 def _bisection_steps(dtype: torch.dtype) -> int:
@@ -112,7 +101,7 @@ class EntmaxBisectFunction(torch.autograd.Function):
     """General alpha by bisection on tau, then renormalization; closed-form gradients for z and alpha."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, allowed: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, allowed: Tensor, alpha: Tensor) -> Tensor:
         zs, _ = shift_by_max(z, allowed)
         zs = torch.where(allowed, zs, torch.zeros_like(zs))
         am1 = alpha - 1
@@ -135,22 +124,10 @@ class EntmaxBisectFunction(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:
         p, zs, alpha = ctx.saved_tensors
-        dz = _entmax_jvp(p, grad, 2 - alpha)
-        dalpha = None
-        if ctx.needs_input_grad[2]:
-            # Correia et al. 2019: with g = p^(2-alpha) on the support,
-            # dp/dalpha = (-p log p + g (z - tau')) / (alpha - 1),
-            # tau' = (sum g z - sum p log p) / sum g.
-            support = p > 0
-            tiny = torch.finfo(p.dtype).tiny
-            g = torch.where(support, p.clamp(min=tiny) ** (2 - alpha), torch.zeros_like(p))
-            plogp = torch.where(support, p * torch.log(p.clamp(min=tiny)), torch.zeros_like(p))
-            gsum = g.sum(-1, keepdim=True).clamp(min=tiny)
-            tau_prime = ((g * zs).sum(-1, keepdim=True) - plogp.sum(-1, keepdim=True)) / gsum
-            dp_dalpha = (-plogp + g * (zs - tau_prime)) / (alpha - 1)
-            dalpha = (grad * dp_dalpha).sum(-1, keepdim=True)
+        dz = entmax_backward(p, grad, alpha)
+        dalpha = entmax_alpha_grad(p, grad, zs, alpha) if ctx.needs_input_grad[2] else None
         return dz, None, dalpha
 
 
@@ -200,14 +177,15 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point():
             raise ValueError(f"entmax: alpha must be a floating-point tensor, got {alpha.dtype}")
+        alpha_t = alpha
         if torch.compiler.is_compiling():
-            alpha = checked_alpha(alpha)  # the range check as an op: no host sync in the graph
+            alpha_t = checked_alpha(alpha)  # the range check as an op: no host sync in the graph
         else:
             with torch.no_grad():
                 if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
                     raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
         z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
-        a = _alpha_tensor(alpha.to(z.dtype), scores, d)
+        a = _alpha_tensor(alpha_t.to(z.dtype), scores, d)
         p = EntmaxBisectFunction.apply(z, allowed, a)
         return finish(p, d, scores.dtype, invalid)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 <= alpha <= 2:
@@ -286,7 +264,6 @@ class EntmaxNormalizer(nn.Module):
     def fixed_alpha(self) -> float | None:
         """The float alpha this normalizer computes with now, or None when the learned alpha runs."""
         if self.learned is None:
-            assert not isinstance(self.alpha, str)  # only 'learned' is a string, and it sets self.learned
             return float(self.alpha)
         return self.warmup_alpha
 
@@ -304,7 +281,7 @@ class EntmaxNormalizer(nn.Module):
         if alpha is not None:
             return entmax(scores, alpha=alpha, dim=dim, mask=mask)
         learned = self.learned
-        assert learned is not None  # fixed_alpha() is None only with a learned alpha
+        assert learned is not None  # fixed_alpha() is None only while a learned alpha runs
         heads = learned.num_heads
         if dim % scores.dim() != scores.dim() - 1 or scores.dim() < 3 or scores.shape[-3] != heads:
             raise ValueError(
@@ -317,8 +294,9 @@ class EntmaxNormalizer(nn.Module):
         alpha = self.fixed_alpha()
         if alpha is not None:
             return alpha
-        assert self.learned is not None  # fixed_alpha() is None only with a learned alpha
-        return self.learned().detach().squeeze(-1)
+        learned = self.learned
+        assert learned is not None  # fixed_alpha() is None only while a learned alpha runs
+        return learned().detach().squeeze(-1)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"

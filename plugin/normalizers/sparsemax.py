@@ -6,9 +6,12 @@ onto the simplex, ``y = max(x / gamma - tau, 0)`` with ``sum y = 1``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from ..kernels.maths import sparsemax_backward
 from .base import GAMMA, check_param, finish, prepare, scaled_by_gamma, shift_by_max
 
 
@@ -50,29 +53,35 @@ def simplex_threshold_sorted(x: Tensor) -> Tensor:
     return cumsum.gather(-1, support_size - 1) / support_size.to(x.dtype)
 
 
-class SparsemaxFunction(torch.autograd.Function):
-    """Forward by the sort-free :func:`simplex_threshold`; backward in closed form.
+def clipped_power_probs(z: Tensor, allowed: Tensor, threshold: Callable[[Tensor], Tensor], divisor: float = 1.0,
+                        power: int = 1) -> Tensor:
+    """``p = [x - tau]_+^power`` over the allowed entries (0 elsewhere), ``x = (z - max z) / divisor``.
 
-    On the support S, ``dx = dy - mean_S(dy)``.
+    The closed-form members of the entmax family: sparsemax (``divisor = 1``, ``power = 1``,
+    ``threshold = simplex_threshold``) and 1.5-entmax (``2``, ``2``, ``entmax15_threshold``).
+    Masked entries are set to -2 before ``threshold`` runs: below -1, never in the support.
     """
+    x, _ = shift_by_max(z, allowed)
+    x = torch.where(allowed, x / divisor, torch.full_like(x, -2.0))
+    p = torch.clamp(x - threshold(x), min=0)
+    if power != 1:
+        p = p**power
+    return torch.where(allowed, p, torch.zeros_like(p))
+
+
+class SparsemaxFunction(torch.autograd.Function):
+    """Forward by the sort-free exact threshold; backward in closed form: on the support S, ``dx = dy - mean_S(dy)``."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:  # type: ignore[override]
-        x, any_allowed = shift_by_max(z, allowed)
-        x = torch.where(allowed, x, torch.full_like(x, -2.0))
-        tau = simplex_threshold(x)
-        p = torch.clamp(x - tau, min=0)
-        p = torch.where(allowed, p, torch.zeros_like(p))
+    def forward(ctx, z: Tensor, allowed: Tensor) -> Tensor:
+        p = clipped_power_probs(z, allowed, simplex_threshold)
         ctx.save_for_backward(p)
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
-        support = (p > 0).to(grad.dtype)
-        size = support.sum(-1, keepdim=True).clamp(min=1)
-        mean = (grad * support).sum(-1, keepdim=True) / size
-        return support * (grad - mean), None
+        return sparsemax_backward(p, grad), None
 
 
 def sparsemax(scores: Tensor, dim: int = -1, mask: Tensor | None = None, gamma: float = 1.0) -> Tensor:

@@ -115,7 +115,7 @@ class GroupedProxFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str,  # type: ignore[override]
+    def forward(ctx, x: Tensor, allowed: Tensor, lam: float, kind: str,
                 drop_row_shift: bool = False) -> Tensor:
         y, groups = structured_prox(kind, x, allowed, lam, drop_row_shift)
         ctx.save_for_backward(groups)
@@ -123,7 +123,7 @@ class GroupedProxFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (groups,) = ctx.saved_tensors
         return group_mean(grad, groups), None, None, None, None
 
@@ -139,14 +139,14 @@ class OscarProxFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, allowed: Tensor, lam: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, allowed: Tensor, lam: float) -> Tensor:
         y, groups = structured_prox("oscar", x, allowed, lam)
         ctx.save_for_backward(groups, torch.sign(x).to(torch.int8))
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         groups, sign = ctx.saved_tensors
         s = sign.to(grad.dtype)
         return s * group_mean(s * grad, groups), None, None
@@ -254,6 +254,24 @@ def fused_groups(y: Tensor, mask: Tensor | None = None) -> Tensor:
     return torch.where(allowed, groups, torch.full_like(groups, -1))
 
 
+def _prox_then_sparsemax(scores: Tensor, lam: float, gamma: float, dim: int, mask: Tensor | None, variant: str,
+                         kind: str, drop_row_shift: bool = False) -> Tensor:
+    """``sparsemax(prox_{lam g}(scores / gamma))`` along ``dim``, ``g`` the penalty of ``kind``.
+
+    Both proxes commute with shifts (``prox(x + c) = prox(x) + c``): subtracting the row
+    maximum changes nothing but the size of the numbers the prox works with (large scores in
+    half precision).
+    """
+    lam = check_param(LAM, lam, variant)
+    gamma = check_param(GAMMA, gamma, variant)
+    z, allowed, dim, invalid = prepare(scores, dim, mask, variant)
+    x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
+    x = torch.where(allowed, x, torch.zeros_like(x))
+    y = GroupedProxFunction.apply(x, allowed, lam, kind, drop_row_shift)
+    p = SparsemaxFunction.apply(y, allowed)
+    return finish(p, dim, scores.dtype, invalid)
+
+
 def fusedmax(
     scores: Tensor, lam: float = 1.0, gamma: float = 1.0, dim: int = -1, mask: Tensor | None = None
 ) -> Tensor:
@@ -280,16 +298,7 @@ def fusedmax(
     -------
     Tensor of the shape and dtype of ``scores``; rows sum to 1 over allowed entries.
     """
-    lam = check_param(LAM, lam, "fusedmax")
-    gamma = check_param(GAMMA, gamma, "fusedmax")
-    z, allowed, dim, invalid = prepare(scores, dim, mask, "fusedmax")
-    # prox_TV(x + c) = prox_TV(x) + c: subtracting the row maximum changes nothing but the
-    # size of the numbers the prox works with (large scores in half precision).
-    x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
-    x = torch.where(allowed, x, torch.zeros_like(x))
-    y = GroupedProxFunction.apply(x, allowed, lam, "tv")
-    p = SparsemaxFunction.apply(y, allowed)
-    return finish(p, dim, scores.dtype, invalid)
+    return _prox_then_sparsemax(scores, lam, gamma, dim, mask, "fusedmax", "tv")
 
 
 def oscarmax(
@@ -319,13 +328,5 @@ def oscarmax(
     -------
     Tensor of the shape and dtype of ``scores``; rows sum to 1 over allowed entries.
     """
-    lam = check_param(LAM, lam, "oscarmax")
-    gamma = check_param(GAMMA, gamma, "oscarmax")
-    z, allowed, dim, invalid = prepare(scores, dim, mask, "oscarmax")
-    # the ordered prox commutes with shifts: work with the row maximum at 0
-    x, _ = shift_by_max(scaled_by_gamma(z, allowed, gamma), allowed)
-    x = torch.where(allowed, x, torch.zeros_like(x))
     # sparsemax ignores the per-row shift of the ordered prox beyond the pooling point
-    y = GroupedProxFunction.apply(x, allowed, lam, "oscar_ordered", True)
-    p = SparsemaxFunction.apply(y, allowed)
-    return finish(p, dim, scores.dtype, invalid)
+    return _prox_then_sparsemax(scores, lam, gamma, dim, mask, "oscarmax", "oscar_ordered", drop_row_shift=True)

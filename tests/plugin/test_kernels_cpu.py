@@ -9,7 +9,7 @@ import torch
 
 import plugin
 from plugin import kernels
-from plugin.kernels import chunked
+from plugin.kernels import chunked, chunks
 from plugin.kernels.cbuild import CompileError, load_c_library
 
 # "cpu_chunked:sparse" keeps every chunk's probabilities in sparse form for the backward pass
@@ -152,8 +152,8 @@ def storage(monkeypatch):
             monkeypatch.setattr(chunked, "SPARSE_MAX_DENSITY", -1.0)
         elif mode == "sparse-unkept":  # sparse products, but no memory to keep them: recomputed
             monkeypatch.setattr(chunked, "SPARSE_MAX_DENSITY", 1.0)
-            monkeypatch.setattr(chunked, "SPARSE_MIN_BUDGET", 0)
-            monkeypatch.setattr(chunked, "SPARSE_BUDGET_FACTOR", 0.0)
+            monkeypatch.setattr(chunks, "SPARSE_MIN_BUDGET", 0)
+            monkeypatch.setattr(chunks, "SPARSE_BUDGET_FACTOR", 0.0)
         return name
 
     return apply
@@ -242,13 +242,13 @@ def test_sparse_storage_modes_agree_with_the_reference(mode, masking, storage):
 def test_backward_recomputes_scores_only_for_chunks_not_kept_sparse(mode, recomputed, storage, monkeypatch):
     storage(f"cpu_chunked:{mode}")
     calls = []
-    original = chunked._Chunks.scores
+    original = chunks.Chunks.scores
 
     def counting(self, *args):
         calls.append(args[-1].i0)  # the chunk's first query
         return original(self, *args)
 
-    monkeypatch.setattr(chunked._Chunks, "scores", counting)
+    monkeypatch.setattr(chunks.Chunks, "scores", counting)
     q, k, v = (torch.randn(1, 2, 10, 4, requires_grad=True) for _ in range(3))
     chunked.chunked_entmax_attention(q, k, v, 1.5, chunk_rows=4).sum().backward()
     assert calls == [0, 4, 8] + ([0, 4, 8] if recomputed else [])

@@ -10,12 +10,13 @@ end need a CUDA GPU and are skipped without one.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.triton_interpreter import interpreter_results as run_interpreter_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,18 +155,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600, check=False)
-    results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            results[row.pop("case")] = row
-    if not results:
-        raise AssertionError(f"the interpreter worker produced no results:\n{done.stderr[-3000:]}")
-    return results
+    return run_interpreter_worker(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -194,6 +184,7 @@ def test_triton_kernels_compile_for_a_cuda_gpu_without_one():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from plugin.kernels import constants
     from plugin.kernels import triton_entmax as te
 
     def signature(fn, constexprs):
@@ -204,7 +195,7 @@ def test_triton_kernels_compile_for_a_cuda_gpu_without_one():
 
     flags = {"KIND": 1, "CAUSAL": True, "HAS_MASK": True, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 64,
              "BLOCK_D": 64, "PREC": "tf32"}
-    kernels = [(te._entmax_fwd, {"MAX_ITERS": te.MAX_NEWTON, "TOL": te.GENERAL_TOL}),
+    kernels = [(te._entmax_fwd, {"MAX_ITERS": constants.NEWTON_MAX_ITERS, "TOL": constants.NEWTON_TOL}),
                (te._entmax_bwd_dq, {"WANT_DALPHA": True}), (te._entmax_bwd_dkdv, {})]
     for fn, extra in kernels:
         constexprs = {**flags, **extra}

@@ -449,7 +449,7 @@ def test_masked_entries_get_zero_gradient():
 
 def test_kernel_compiles_into_a_fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_ATTENTION_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_LIB", [])
+    monkeypatch.setattr(cpu_kernels.LIBRARY, "_lib", None)
     lib = cpu_kernels.load_library()
     assert lib is not None and list(tmp_path.glob("structured-*.so"))
     assert not list(tmp_path.glob("*.tmp.so"))
@@ -462,6 +462,6 @@ def test_kernel_compiles_into_a_fresh_cache(tmp_path, monkeypatch):
 def test_missing_compiler_raises_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_ATTENTION_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-c-compiler-7f3a")
-    monkeypatch.setattr(cpu_kernels, "_LIB", [])
+    monkeypatch.setattr(cpu_kernels.LIBRARY, "_lib", None)
     with pytest.raises(RuntimeError, match="C compiler"):
         fusedmax(torch.randn(2, 5))

@@ -119,6 +119,14 @@ def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypat
     assert traj[0]["updates"] == 0 and traj[-1]["updates"] == fs[1]["runs"][0]["updates"]
     assert len(traj[-1]["alpha"]) == 2 and len(traj[-1]["alpha"][0]) == 4  # 2 decoder layers x 4 heads
     assert results["hf"][0]["spec"] == "sparsemax" and results["hf"][0]["beam_bleu"]["n"] == 2
+    config = json.loads((out / "hf" / "sparsemax_seed1" / "config.json").read_text())
+    assert config["model_type"] == "sparse_marian"  # the HF route's family (demo_tasks.HF_ARCH)
+    # every job's wall and CPU time, and the run's CPU time, which holds every job's
+    assert len(results["jobs"]) == 2 * (3 + 1 + 2)
+    assert all(j["wall_seconds"] > 0 and j["cpu_seconds"] > 0 for j in results["jobs"])
+    hf_job = next(j for j in results["jobs"] if j["task"] == "hf")
+    assert hf_job["cpu_seconds"] > 5  # finetune.py runs in a subprocess: its CPU time is counted
+    assert results["total_cpu_seconds"] >= sum(j["cpu_seconds"] for j in results["jobs"])
     canvas = results["canvas"]
     assert [g["mechanism"] for g in canvas] == ["discrete sparsemax", "continuous sparsemax"]
     for g in canvas:
@@ -126,7 +134,8 @@ def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypat
 
     report = (out / "report.md").read_text()
     for heading in ["Translation with fairseq", "HuggingFace", "digit on a cluttered canvas", "greedy BLEU",
-                    "beam 5, fairseq's stop", "mass in box", "Learned alpha"]:
+                    "beam 5, fairseq's stop", "mass in box", "Learned alpha", "## Time", "CPU per job",
+                    "did not learn", demo_tasks.SUMMARY_START, demo_tasks.SUMMARY_END]:
         assert heading in report
     for png in ["fairseq_attention_heatmaps.png", "fairseq_training_curves.png", "fairseq_alpha.png",
                 "canvas_attention.png"]:
@@ -139,3 +148,63 @@ def test_demo_rejects_unknown_tasks_and_bad_counts():
         demo.main(["--only", "nosuchtask"])
     with pytest.raises(SystemExit):
         demo.main(["--threads", "0"])
+
+
+def test_cpu_seconds_count_a_finished_subprocess():
+    import subprocess
+
+    before = demo.cpu_seconds()
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    assert demo.cpu_seconds() - before > 0.1  # the child's CPU time, counted once it has been waited for
+
+
+def test_time_section_totals_cpu_seconds_per_task():
+    jobs = [{"task": "fairseq", "mechanism": "softmax", "seed": s, "wall_seconds": 30.0, "cpu_seconds": c}
+            for s, c in ((1, 20.0), (2, 22.0))]
+    jobs.append({"task": "canvas", "mechanism": "discrete softmax", "seed": 1, "wall_seconds": 9.0,
+                 "cpu_seconds": 8.0})
+    lines = demo_tasks.time_section({"jobs": jobs, "total_seconds": 120.0, "total_cpu_seconds": 90.0})
+    text = "\n".join(lines)
+    assert "Wall time 2.0 min; CPU time (user + system, every process) 1.5 min" in text
+    assert "| fairseq | softmax | 2 | 30 s | 21 s | 42 s |" in text
+    assert "| **fairseq** | all | 2 | | | **42 s** |" in text and "| **canvas** | all | 1 | | | **8 s** |" in text
+    assert "| canvas | discrete softmax | 1 | 9 s | 8 s |" in text  # every job
+    assert demo_tasks.time_section({}) == []
+
+
+def test_alpha_bound_sums_fairseqs_inverse_sqrt_schedule():
+    # update k uses lr(k - 1): 0, peak/W, ..., (W-1)/W peak during the warm-up, then peak * sqrt(W / t)
+    assert demo_tasks.inverse_sqrt_lr_sum(1, peak=1.0, warmup=4) == 0.0
+    assert demo_tasks.inverse_sqrt_lr_sum(4, peak=1.0, warmup=4) == pytest.approx(0.25 + 0.5 + 0.75)
+    assert demo_tasks.inverse_sqrt_lr_sum(6, peak=1.0, warmup=4) == pytest.approx(1.5 + 1.0 + (4 / 5) ** 0.5)
+    assert demo_tasks.alpha_move_bound(6, peak=1.0, warmup=4) == pytest.approx(0.2475 * (2.5 + (4 / 5) ** 0.5))
+    base = {"start": 1.5, "final_min": 1.49, "final_max": 1.51, "range_min": 1.48, "range_max": 1.51, "heads": 24,
+            "down": 20, "up": 4, "median_move": 0.01, "updates": 186}
+    text = demo_tasks.alpha_sentence({**base, "max_move": 0.02, "bound": 0.1})
+    assert "20 below the start (towards softmax) and 4 above" in text
+    assert "20% of that" in text and "pull alpha only weakly" in text
+    assert "push alpha consistently" in demo_tasks.alpha_sentence({**base, "max_move": 0.09, "bound": 0.1})
+    assert "far too few updates" in demo_tasks.alpha_sentence({**base, "max_move": 0.0, "bound": 0.0001})
+
+
+def test_results_block_is_copied_into_the_readme(tmp_path):
+    report = "\n".join(["# Attention mechanisms compared", "", demo_tasks.SUMMARY_START, "", "Run size `small`.", "",
+                        "## Translation with fairseq", "", "| a | b |", "", "![plot](fairseq_alpha.png)", "",
+                        demo_tasks.SUMMARY_END, "", "## Time", "per job"])
+    block = demo_tasks.summary_block(report)
+    assert block == "Run size `small`.\n\n### Translation with fairseq\n\n| a | b |"  # no plots, headings demoted
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text(report)
+    (tmp_path / "out" / "fairseq_alpha.png").write_bytes(b"png")
+    (tmp_path / "docs").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"## The main job\n\nintro\n\n{demo_tasks.SUMMARY_START}\nold numbers\n"
+                      f"{demo_tasks.SUMMARY_END}\n\nafter\n")
+    written = demo_tasks.publish(tmp_path / "out", readme)
+    assert readme.read_text() == (f"## The main job\n\nintro\n\n{demo_tasks.SUMMARY_START}\n{block}\n"
+                                  f"{demo_tasks.SUMMARY_END}\n\nafter\n")
+    assert (tmp_path / "docs" / "demo_alpha.png").read_bytes() == b"png" and len(written) == 2
+    with pytest.raises(ValueError, match="block"):
+        demo_tasks.replace_block("no markers", block)
+    with pytest.raises(ValueError, match="block"):
+        demo_tasks.summary_block("no markers")

@@ -85,3 +85,34 @@ def test_classifier_outputs_and_bad_mechanism():
         assert torch.allclose(extra["weights"].sum((-1, -2)), torch.ones(2), atol=1e-5)
     with pytest.raises(ValueError, match="mechanism"):
         dc.CanvasClassifier("softmax")
+
+
+def test_clutter_grows_from_none_to_every_fragment_over_the_ramp():
+    steps = 100
+    counts = [dc.clutter_at(s, steps) for s in range(1, steps + 1)]
+    assert counts[0] == 0 and counts[-1] == dc.FRAGMENTS
+    assert counts == sorted(counts)
+    assert counts.index(dc.FRAGMENTS) <= int(dc.CLUTTER_RAMP * steps) + 1  # full clutter after the ramp
+    splits = dc.load_digit_splits(seed=0, n_test=50)
+    canvases, _, boxes = dc.make_canvases(*splits["test"], 4, torch.Generator().manual_seed(1), fragments=0)
+    for i in range(4):  # without clutter, only faint noise lies outside the digit's box
+        top, left = boxes[i].tolist()
+        outside = canvases[i].clone()
+        outside[top : top + dc.DIGIT, left : left + dc.DIGIT] = 0
+        assert float(outside.max()) < 0.05
+
+
+def test_canvas_summary_names_the_seeds_that_did_not_learn():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo_tasks
+
+    rows = [{"mechanism": m, "seed": s, "accuracy": a, "mass_in_box": mb, "iou": 0.1}
+            for m, s, a, mb in (("discrete softmax", 1, 0.9, 0.95), ("discrete softmax", 2, 0.88, 0.93),
+                                ("continuous softmax", 1, 0.91, 0.9), ("continuous softmax", 2, 0.08, 0.05))]
+    groups = demo_tasks.group_by_mechanism(rows, ["accuracy", "mass_in_box", "iou"])
+    text = demo_tasks.canvas_summary(groups)
+    assert "did not learn (test accuracy below 30%; chance is 10%): continuous softmax seed 2 (8%)." in text
+    assert "accuracy -39.5 points (within the spread)" in text
+    rows[3]["accuracy"] = 0.89
+    assert "did not learn (test accuracy below 30%; chance is 10%): none." in demo_tasks.canvas_summary(
+        demo_tasks.group_by_mechanism(rows, ["accuracy", "mass_in_box", "iou"]))

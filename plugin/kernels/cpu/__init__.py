@@ -16,24 +16,49 @@ another algorithm.
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..cbuild import CompileError, cache_dir, load_c_library
+from ..cbinding import Arg, CFunction, CLibrary, Sizes
+from ..cbuild import CompileError, cache_dir
 
 __all__ = ["cache_dir", "effective_lam", "group_mean_cpu", "load_library", "structured_prox"]
 
 SOURCE = Path(__file__).with_name("structured.c")
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
-# OpenMP when the compiler has it; the same C code runs single-threaded without it
-_FLAG_SETS = (_BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS)
+# the prox kinds, in the order of structured.c's KIND_TV, KIND_OSCAR, KIND_OSCAR_ORDERED
 _KINDS = ("tv", "oscar", "oscar_ordered")
 
-_LIB: list[ctypes.CDLL] = []
-_LOCK = threading.Lock()
+
+def _flag_sets() -> tuple[tuple[str, ...], ...]:
+    # OpenMP when the compiler has it; the same C code runs single-threaded without it
+    return _BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS
+
+
+def _elements(a: Sizes) -> int:
+    return a["rows"] * a["d"]
+
+
+def _functions(suffix: str, real: str) -> tuple[CFunction, ...]:
+    sizes = (Arg("rows", "int64", low=0), Arg("d", "int64", low=0))
+    threads = Arg("threads", "int")
+    return (
+        CFunction(f"structured_prox_{suffix}", (
+            Arg("kind", "int", low=0), Arg("x", real, numel=_elements), Arg("allowed", "u8", optional=True,
+                                                                           numel=_elements),
+            Arg("out", real, numel=_elements), Arg("group", "i32", numel=_elements), *sizes, Arg("lam", "double"),
+            threads,
+        ), restype="int"),
+        CFunction(f"group_mean_{suffix}", (
+            Arg("v", real, numel=_elements), Arg("group", "i32", numel=_elements), Arg("out", real, numel=_elements),
+            *sizes, threads,
+        ), restype="int"),
+    )
+
+
+LIBRARY = CLibrary(SOURCE, _flag_sets, _functions("f32", "f32") + _functions("f64", "f64"))
 
 
 def load_library() -> ctypes.CDLL:
@@ -45,45 +70,17 @@ def load_library() -> ctypes.CDLL:
         If the library cannot be built (the message says why: no C compiler, a compiler
         that wrote no library, a cache directory that cannot be used).
     """
-    if _LIB:
-        return _LIB[0]
-    with _LOCK:
-        if _LIB:
-            return _LIB[0]
-        try:
-            lib = load_c_library(SOURCE, _FLAG_SETS)
-        except CompileError as error:
-            raise RuntimeError(
-                f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, and they could not be "
-                f"built: {error}\nThese normalizers have no other implementation."
-            ) from error
-        for kind in _KINDS:
-            for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-                fn = getattr(lib, f"{kind}_prox_{suffix}")
-                fn.restype = ctypes.c_int
-                fn.argtypes = [
-                    ctypes.POINTER(ctype),
-                    ctypes.c_void_p,
-                    ctypes.POINTER(ctype),
-                    ctypes.POINTER(ctypes.c_int32),
-                    ctypes.c_int64,
-                    ctypes.c_int64,
-                    ctypes.c_double,
-                    ctypes.c_int,
-                ]
-        for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-            fn = getattr(lib, f"group_mean_{suffix}")
-            fn.restype = ctypes.c_int
-            fn.argtypes = [
-                ctypes.POINTER(ctype),
-                ctypes.POINTER(ctypes.c_int32),
-                ctypes.POINTER(ctype),
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int,
-            ]
-        _LIB.append(lib)
-        return lib
+    try:
+        return LIBRARY.load()
+    except CompileError as error:
+        raise RuntimeError(
+            f"the fusedmax/oscarmax CPU kernels are C code compiled on first use, and they could not be "
+            f"built: {error}\nThese normalizers have no other implementation."
+        ) from error
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    return "f32" if dtype == torch.float32 else "f64"
 
 
 def effective_lam(kind: str, x: Tensor, allowed: Tensor | None, lam: float) -> float:
@@ -137,7 +134,7 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
         raise ValueError(f"structured_prox: kind must be one of {_KINDS}, got {kind!r}")
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"structured_prox: x must be float32 or float64, got {x.dtype}")
-    lib = load_library()
+    load_library()
     exact_lam = lam
     lam = effective_lam(kind, x.detach(), allowed, lam)
     device = x.device
@@ -149,19 +146,8 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
         ac = allowed.to("cpu").expand(x.shape).contiguous().view(torch.uint8)
     y = torch.empty_like(xc)
     groups = torch.empty(xc.shape, dtype=torch.int32)
-    suffix = "f32" if xc.dtype == torch.float32 else "f64"
-    ctype = ctypes.c_float if suffix == "f32" else ctypes.c_double
-    fn = getattr(lib, f"{kind}_prox_{suffix}")
-    failed = fn(
-        ctypes.cast(xc.data_ptr(), ctypes.POINTER(ctype)),
-        ctypes.c_void_p(ac.data_ptr() if ac is not None else None),
-        ctypes.cast(y.data_ptr(), ctypes.POINTER(ctype)),
-        ctypes.cast(groups.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
-        rows,
-        d,
-        float(lam),
-        torch.get_num_threads(),
-    )
+    failed = LIBRARY.call(f"structured_prox_{_suffix(xc.dtype)}", kind=_KINDS.index(kind), x=xc, allowed=ac, out=y,
+                          group=groups, rows=rows, d=d, lam=float(lam), threads=torch.get_num_threads())
     if failed:
         raise MemoryError(f"structured_prox: could not allocate scratch memory for rows of length {d}")
     if kind == "oscar_ordered" and lam != exact_lam:
@@ -196,22 +182,14 @@ def group_mean_cpu(values: Tensor, groups: Tensor) -> Tensor:
     if groups.shape != values.shape:
         raise ValueError(f"group_mean_cpu: groups of shape {tuple(groups.shape)} do not match values of shape "
                          f"{tuple(values.shape)}")
-    lib = load_library()
+    load_library()
     d = values.shape[-1] if values.dim() else 1
     vc = values.contiguous()
     gc = groups.to(torch.int32).contiguous()
     out = torch.empty_like(vc)
     rows = vc.numel() // d if d else 0
-    suffix = "f32" if vc.dtype == torch.float32 else "f64"
-    ctype = ctypes.c_float if suffix == "f32" else ctypes.c_double
-    failed = getattr(lib, f"group_mean_{suffix}")(
-        ctypes.cast(vc.data_ptr(), ctypes.POINTER(ctype)),
-        ctypes.cast(gc.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
-        ctypes.cast(out.data_ptr(), ctypes.POINTER(ctype)),
-        rows,
-        d,
-        torch.get_num_threads(),
-    )
+    failed = LIBRARY.call(f"group_mean_{_suffix(vc.dtype)}", v=vc, group=gc, out=out, rows=rows, d=d,
+                          threads=torch.get_num_threads())
     if failed:
         raise MemoryError(f"group_mean_cpu: could not allocate scratch memory for rows of length {d}")
     return out

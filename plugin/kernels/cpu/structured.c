@@ -344,7 +344,10 @@ static void oscar_prox_row(const double *z, double *y, int32_t *g, int64_t n, do
 }
 
 /* ------------------------------------------------------------------------------------- */
-/* batched drivers: gather the allowed entries of a row, solve, scatter back */
+/* batched drivers, the exported entry points structured_prox_f32 / _f64: gather the allowed
+ * entries of a row, solve the prox of the given kind (KIND_TV, KIND_OSCAR,
+ * KIND_OSCAR_ORDERED), scatter back. Return 0 on success, 1 if scratch memory could not be
+ * allocated. */
 
 enum { KIND_TV = 0, KIND_OSCAR = 1, KIND_OSCAR_ORDERED = 2 };
 
@@ -361,156 +364,152 @@ static void solve_row(int kind, double *dbuf, int64_t *ibuf, int32_t *gid, int64
                        (uint64_t *)(ibuf + 2 * d), dbuf + 2 * d, ibuf + 3 * d, dbuf + 3 * d, exact_keys);
 }
 
+/* One thread's scratch rows: `ndouble` rows of doubles, `nint64` of 8-byte integers and one
+ * of int32, each `width` long. */
+struct scratch {
+    double *dbuf;
+    int64_t *ibuf;
+    int32_t *gid;
+};
+
+typedef void (*row_fn)(int64_t r, const struct scratch *s, const void *job);
+
+/* Run fn on rows 0..rows-1 (OpenMP over rows for large calls), each thread with its scratch.
+ * Returns 0, or 1 if scratch memory could not be allocated. */
+static int for_each_row(int64_t rows, int64_t d, int threads, int ndouble, int nint64, row_fn fn, const void *job)
+{
+    int failed = 0;
+    const size_t width = (size_t)(d > 0 ? d : 1);
+    (void)threads;
+#pragma omp parallel num_threads(threads) if (threads > 1 && rows * d >= 65536)
+    {
+        struct scratch s = {(double *)malloc(width * (size_t)ndouble * sizeof(double)),
+                            (int64_t *)malloc(width * (size_t)nint64 * sizeof(int64_t)),
+                            (int32_t *)malloc(width * sizeof(int32_t))};
+        const int ok = s.dbuf != NULL && s.ibuf != NULL && s.gid != NULL;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            if (ok)
+                fn(r, &s, job);
+        free(s.dbuf);
+        free(s.ibuf);
+        free(s.gid);
+    }
+    return failed;
+}
+
+/* the arguments of a call, shared by its rows */
+struct prox_job {
+    int kind;
+    const void *x;
+    const uint8_t *allowed;
+    void *out;
+    int32_t *group;
+    int64_t d;
+    double lam;
+};
+
 #define DEFINE_DRIVER(T, SUFFIX)                                                               \
-    static int run_##SUFFIX(int kind, const T *x, const uint8_t *allowed, T *out, int32_t *group, \
-                            int64_t rows, int64_t d, double lam, int threads)                  \
+    static void prox_row_##SUFFIX(int64_t r, const struct scratch *s, const void *job_)        \
     {                                                                                          \
-        int failed = 0;                                                                        \
-        int64_t width = d > 0 ? d : 1;                                                         \
-        (void)threads;                                                                         \
-        _Pragma("omp parallel num_threads(threads) if (threads > 1 && rows * d >= 65536)")     \
-        {                                                                                      \
-            double *dbuf = (double *)malloc((size_t)width * 4 * sizeof(double));               \
-            int64_t *ibuf = (int64_t *)malloc((size_t)width * 4 * sizeof(int64_t));            \
-            int32_t *gid = (int32_t *)malloc((size_t)width * sizeof(int32_t));                 \
-            int ok = dbuf != NULL && ibuf != NULL && gid != NULL;                              \
-            if (!ok) {                                                                         \
-                _Pragma("omp atomic write") failed = 1;                                        \
+        const struct prox_job *job = (const struct prox_job *)job_;                            \
+        const int64_t d = job->d;                                                              \
+        const T *xr = (const T *)job->x + r * d;                                               \
+        const uint8_t *ar = job->allowed ? job->allowed + r * d : NULL;                        \
+        T *yr = (T *)job->out + r * d;                                                         \
+        int32_t *gr = job->group + r * d;                                                      \
+        int64_t *pos = s->ibuf;                                                                \
+        double *z = s->dbuf, *sol = s->dbuf + d;                                               \
+        int64_t n = 0;                                                                         \
+        if (ar == NULL) {                                                                      \
+            for (int64_t i = 0; i < d; i++)                                                    \
+                z[i] = (double)xr[i];                                                          \
+            n = d;                                                                             \
+        } else {                                                                               \
+            for (int64_t i = 0; i < d; i++) {                                                  \
+                pos[n] = i;                                                                    \
+                z[n] = (double)xr[i];                                                          \
+                n += ar[i] != 0;                                                               \
             }                                                                                  \
-            _Pragma("omp for schedule(static)")                                                \
-            for (int64_t r = 0; r < rows; r++) {                                               \
-                if (!ok)                                                                       \
-                    continue;                                                                  \
-                const T *xr = x + r * d;                                                       \
-                const uint8_t *ar = allowed ? allowed + r * d : NULL;                          \
-                T *yr = out + r * d;                                                           \
-                int32_t *gr = group + r * d;                                                   \
-                int64_t *pos = ibuf;                                                           \
-                double *z = dbuf, *sol = dbuf + d;                                             \
-                int64_t n = 0;                                                                 \
-                if (ar == NULL) {                                                              \
-                    for (int64_t i = 0; i < d; i++)                                            \
-                        z[i] = (double)xr[i];                                                  \
-                    n = d;                                                                     \
-                } else {                                                                       \
-                    for (int64_t i = 0; i < d; i++) {                                          \
-                        pos[n] = i;                                                            \
-                        z[n] = (double)xr[i];                                                  \
-                        n += ar[i] != 0;                                                       \
-                    }                                                                          \
-                }                                                                              \
-                solve_row(kind, dbuf, ibuf, gid, d, n, lam, sizeof(T) == sizeof(float));       \
-                if (n == d) {                                                                  \
-                    for (int64_t j = 0; j < d; j++) {                                          \
-                        yr[j] = (T)sol[j];                                                     \
-                        gr[j] = gid[j];                                                        \
-                    }                                                                          \
-                    continue;                                                                  \
-                }                                                                              \
-                for (int64_t i = 0; i < d; i++) {                                              \
-                    yr[i] = (T)0;                                                              \
-                    gr[i] = -1;                                                                \
-                }                                                                              \
-                for (int64_t j = 0; j < n; j++) {                                              \
-                    yr[pos[j]] = (T)sol[j];                                                    \
-                    gr[pos[j]] = gid[j];                                                       \
-                }                                                                              \
-            }                                                                                  \
-            free(dbuf);                                                                        \
-            free(ibuf);                                                                        \
-            free(gid);                                                                         \
         }                                                                                      \
-        return failed;                                                                         \
+        solve_row(job->kind, s->dbuf, s->ibuf, s->gid, d, n, job->lam, sizeof(T) == sizeof(float)); \
+        if (n == d) {                                                                          \
+            for (int64_t j = 0; j < d; j++) {                                                  \
+                yr[j] = (T)sol[j];                                                             \
+                gr[j] = s->gid[j];                                                             \
+            }                                                                                  \
+            return;                                                                            \
+        }                                                                                      \
+        for (int64_t i = 0; i < d; i++) {                                                      \
+            yr[i] = (T)0;                                                                      \
+            gr[i] = -1;                                                                        \
+        }                                                                                      \
+        for (int64_t j = 0; j < n; j++) {                                                      \
+            yr[pos[j]] = (T)sol[j];                                                            \
+            gr[pos[j]] = s->gid[j];                                                            \
+        }                                                                                      \
+    }                                                                                          \
+                                                                                               \
+    int structured_prox_##SUFFIX(int kind, const T *x, const uint8_t *allowed, T *out,         \
+                                 int32_t *group, int64_t rows, int64_t d, double lam,          \
+                                 int threads)                                                  \
+    {                                                                                          \
+        const struct prox_job job = {kind, x, allowed, out, group, d, lam};                    \
+        return for_each_row(rows, d, threads, 4, 4, prox_row_##SUFFIX, &job);                  \
     }
 
 DEFINE_DRIVER(float, f32)
 DEFINE_DRIVER(double, f64)
-
-/* exported entry points; return 0 on success, 1 if scratch memory could not be allocated */
-int tv_prox_f32(const float *x, const uint8_t *allowed, float *y, int32_t *group, int64_t rows,
-                int64_t d, double lam, int threads)
-{
-    return run_f32(KIND_TV, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int tv_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *group, int64_t rows,
-                int64_t d, double lam, int threads)
-{
-    return run_f64(KIND_TV, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_prox_f32(const float *x, const uint8_t *allowed, float *y, int32_t *group, int64_t rows,
-                   int64_t d, double lam, int threads)
-{
-    return run_f32(KIND_OSCAR, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *group, int64_t rows,
-                   int64_t d, double lam, int threads)
-{
-    return run_f64(KIND_OSCAR, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_ordered_prox_f32(const float *x, const uint8_t *allowed, float *y, int32_t *group, int64_t rows,
-                           int64_t d, double lam, int threads)
-{
-    return run_f32(KIND_OSCAR_ORDERED, x, allowed, y, group, rows, d, lam, threads);
-}
-
-int oscar_ordered_prox_f64(const double *x, const uint8_t *allowed, double *y, int32_t *group, int64_t rows,
-                           int64_t d, double lam, int threads)
-{
-    return run_f64(KIND_OSCAR_ORDERED, x, allowed, y, group, rows, d, lam, threads);
-}
 
 /* ------------------------------------------------------------------------------------- */
 /* backward of the proxes: replace each entry of a row by the mean of its group (groups from
  * the forward pass, 0 <= id < d; any other id, such as -1 for entries with a zero Jacobian
  * row, gives 0) */
 
+struct group_mean_job {
+    const void *v;
+    const int32_t *group;
+    void *out;
+    int64_t d;
+};
+
 #define DEFINE_GROUP_MEAN(T, SUFFIX)                                                           \
+    static void group_mean_row_##SUFFIX(int64_t r, const struct scratch *s, const void *job_)  \
+    {                                                                                          \
+        const struct group_mean_job *job = (const struct group_mean_job *)job_;                \
+        const int64_t d = job->d;                                                              \
+        const T *vr = (const T *)job->v + r * d;                                               \
+        const int32_t *gr = job->group + r * d;                                                \
+        T *o = (T *)job->out + r * d;                                                          \
+        double *sum = s->dbuf;                                                                 \
+        int64_t *count = s->ibuf;                                                              \
+        int64_t used = 0;                                                                      \
+        for (int64_t i = 0; i < d; i++)                                                        \
+            if (gr[i] >= used && gr[i] < d)                                                    \
+                used = gr[i] + 1;                                                              \
+        for (int64_t g = 0; g < used; g++) {                                                   \
+            sum[g] = 0.0;                                                                      \
+            count[g] = 0;                                                                      \
+        }                                                                                      \
+        for (int64_t i = 0; i < d; i++) {                                                      \
+            if (gr[i] >= 0 && gr[i] < d) {                                                     \
+                sum[gr[i]] += (double)vr[i];                                                   \
+                count[gr[i]]++;                                                                \
+            }                                                                                  \
+        }                                                                                      \
+        for (int64_t i = 0; i < d; i++)                                                        \
+            o[i] = gr[i] >= 0 && gr[i] < d ? (T)(sum[gr[i]] / (double)count[gr[i]]) : (T)0;     \
+    }                                                                                          \
+                                                                                               \
     int group_mean_##SUFFIX(const T *v, const int32_t *group, T *out, int64_t rows, int64_t d, \
                             int threads)                                                       \
     {                                                                                          \
-        int failed = 0;                                                                        \
-        int64_t width = d > 0 ? d : 1;                                                         \
-        (void)threads;                                                                         \
-        _Pragma("omp parallel num_threads(threads) if (threads > 1 && rows * d >= 65536)")     \
-        {                                                                                      \
-            double *sum = (double *)malloc((size_t)width * sizeof(double));                    \
-            int64_t *count = (int64_t *)malloc((size_t)width * sizeof(int64_t));               \
-            int ok = sum != NULL && count != NULL;                                             \
-            if (!ok) {                                                                         \
-                _Pragma("omp atomic write") failed = 1;                                        \
-            }                                                                                  \
-            _Pragma("omp for schedule(static)")                                                \
-            for (int64_t r = 0; r < rows; r++) {                                               \
-                if (!ok)                                                                       \
-                    continue;                                                                  \
-                const T *vr = v + r * d;                                                       \
-                const int32_t *gr = group + r * d;                                             \
-                T *o = out + r * d;                                                            \
-                int64_t used = 0;                                                              \
-                for (int64_t i = 0; i < d; i++)                                                \
-                    if (gr[i] >= used && gr[i] < d)                                            \
-                        used = gr[i] + 1;                                                      \
-                for (int64_t g = 0; g < used; g++) {                                           \
-                    sum[g] = 0.0;                                                              \
-                    count[g] = 0;                                                              \
-                }                                                                              \
-                for (int64_t i = 0; i < d; i++) {                                              \
-                    if (gr[i] >= 0 && gr[i] < d) {                                             \
-                        sum[gr[i]] += (double)vr[i];                                           \
-                        count[gr[i]]++;                                                        \
-                    }                                                                          \
-                }                                                                              \
-                for (int64_t i = 0; i < d; i++)                                                \
-                    o[i] = gr[i] >= 0 && gr[i] < d ? (T)(sum[gr[i]] / (double)count[gr[i]]) : (T)0; \
-            }                                                                                  \
-            free(sum);                                                                         \
-            free(count);                                                                       \
-        }                                                                                      \
-        return failed;                                                                         \
+        const struct group_mean_job job = {v, group, out, d};                                  \
+        return for_each_row(rows, d, threads, 1, 1, group_mean_row_##SUFFIX, &job);            \
     }
 
 DEFINE_GROUP_MEAN(float, f32)
