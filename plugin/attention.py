@@ -40,6 +40,11 @@ class AttentionMechanism(nn.Module):
     (:meth:`current_spec`, e.g. ``"entmax:alpha=1.25"`` half-way from softmax to 1.5-entmax).
     """
 
+    # a module called as normalizer(scores, dim=-1, mask=None) -> probabilities (any registered variant's)
+    normalizer: Any
+    # the buffer holding a schedule's step (registered only with a schedule)
+    schedule_step: Tensor
+
     def __init__(
         self,
         spec: str | nn.Module,

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -189,6 +189,10 @@ def scores_may_overflow(qmax: float, kmax: float, D: int, scale: float) -> bool:
     return qmax * kmax * D * abs(scale) >= torch.finfo(torch.float32).max / _OVERFLOW_MARGIN
 
 
+@overload
+def mark_invalid(t: Tensor, bad_slices: Tensor | None, invalid_rows: Tensor | None) -> Tensor: ...
+@overload
+def mark_invalid(t: None, bad_slices: Tensor | None, invalid_rows: Tensor | None) -> None: ...
 def mark_invalid(t: Tensor | None, bad_slices: Tensor | None, invalid_rows: Tensor | None) -> Tensor | None:
     """``t`` (out or weights, (B, H, Lq, X)) with NaN on the bad (b, h) slices and the invalid query rows."""
     if t is None:

@@ -64,10 +64,11 @@ def gaussian_basis_1d(num: int = 64, widths: Any = DEFAULT_WIDTHS) -> tuple[Tens
         )
     per = num // len(values)
     # on the CPU whatever the default device (a meta-device model init must still get real tables)
-    cpu = {"dtype": torch.float64, "device": "cpu"}
-    centres = torch.linspace(0, 1, per, **cpu) if per > 1 else torch.full((1,), 0.5, **cpu)
+    f64, cpu = torch.float64, "cpu"
+    centres = torch.linspace(0, 1, per, dtype=f64, device=cpu) if per > 1 else torch.full((1,), 0.5, dtype=f64,
+                                                                                           device=cpu)
     mu = centres.repeat(len(values))
-    sigma = torch.tensor(values, **cpu).repeat_interleave(per)
+    sigma = torch.tensor(values, dtype=f64, device=cpu).repeat_interleave(per)
     return mu, sigma
 
 
@@ -79,11 +80,12 @@ def gaussian_basis_2d(grid: int = 10, widths: Any = DEFAULT_WIDTHS_2D) -> tuple[
     values = parse_widths(widths)
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be an integer >= 1, got {grid!r}")
-    cpu = {"dtype": torch.float64, "device": "cpu"}
-    axis = torch.linspace(0, 1, grid, **cpu) if grid > 1 else torch.full((1,), 0.5, **cpu)
+    f64, cpu = torch.float64, "cpu"
+    axis = torch.linspace(0, 1, grid, dtype=f64, device=cpu) if grid > 1 else torch.full((1,), 0.5, dtype=f64,
+                                                                                         device=cpu)
     centres = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
     mu = centres.repeat(len(values), 1)
-    sigma = torch.tensor(values, **cpu).repeat_interleave(centres.shape[0])
+    sigma = torch.tensor(values, dtype=f64, device=cpu).repeat_interleave(centres.shape[0])
     return mu, sigma
 
 

@@ -269,7 +269,7 @@ class ExpectedBasisFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, mu: Tensor, sigma_sq: Tensor, basis_mu: Tensor, basis_sigma: Tensor, alpha: float,
-                num_angles: int) -> Tensor:  # type: ignore[override]
+                num_angles: int) -> Tensor:
         ctx.alpha, ctx.num_angles = alpha, num_angles
         ctx.save_for_backward(mu, sigma_sq, basis_mu, basis_sigma)
         f64 = torch.float64
@@ -278,7 +278,7 @@ class ExpectedBasisFunction(torch.autograd.Function):
         return out.to(mu.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor):
         mu, sigma_sq, basis_mu, basis_sigma = ctx.saved_tensors
         f64 = torch.float64
         args = (grad.to(f64), mu.to(f64), sigma_sq.to(f64), basis_mu.to(f64), basis_sigma.to(f64), ctx.alpha)

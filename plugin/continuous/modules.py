@@ -501,6 +501,7 @@ class ContinuousAttention(nn.Module):
         coef = self.regression.grid(Hg, Wg, q.device, q.dtype) @ flat  # (B, J, D)
         context = e @ coef
         if self.combine:
+            assert probs is not None  # combine needs location='attention' (checked in __init__), which sets probs
             context = context + probs @ flat
         weights = self._grid_density(positions, mu, sigma_sq).reshape(B, -1, Hg, Wg)
         if probs is not None:
