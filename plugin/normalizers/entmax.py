@@ -247,6 +247,9 @@ class EntmaxNormalizer(nn.Module):
     def __init__(self, alpha: float | str = 1.5, num_heads: int | None = None, init: float = 1.5) -> None:
         super().__init__()
         self.name = "entmax"
+        # the plain function it computes: an EntmaxNormalizer handed to AttentionMechanism keeps
+        # the registered 'entmax' variant's fast paths (they read ``params``)
+        self.function = entmax
         self.alpha = alpha
         self.learned: LearnableAlpha | None = None
         self.warmup_alpha: float | None = None

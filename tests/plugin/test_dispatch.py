@@ -121,6 +121,17 @@ def test_the_plain_function_of_a_variant_keeps_its_paths():
     assert plugin.explain_path(q, k, v, plugin.AttentionMechanism(lambda s, dim=-1, mask=None: s)).name == "reference"
 
 
+@pytest.mark.parametrize("alpha", [1.3, "learned"])
+def test_an_entmax_module_handed_in_keeps_the_entmax_paths(alpha):
+    q, k, v = _qkv()
+    module = plugin.normalizers.EntmaxNormalizer(alpha, num_heads=q.shape[1])
+    mech = plugin.AttentionMechanism(module)
+    assert plugin.explain_path(q, k, v, mech).name == ("cpu_chunked" if c_kernel_available() else "reference")
+    with kernels.use_path("reference"):
+        ref = mech(q, k, v)
+    torch.testing.assert_close(mech(q, k, v), ref, atol=2e-5, rtol=1e-4)
+
+
 def test_declared_paths_are_checked():
     with pytest.raises(ValueError, match="paths must hold plugin.paths.Path"):
         plugin.register_normalizer("bad_paths", scaled_sparsemax, paths=["cpu_chunked"])
