@@ -296,16 +296,15 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor
             continue  # every key is in the future of every query of the chunk: zeros
         S = chunks.scores(qs, kT, bias, allowed, ch)
         P2 = S.view(ch.rows, ch.kend)
-        nh = ch.heads
         if stats is not None:
             counts = torch.empty(ch.rows, dtype=torch.int32)
             am1_chunk = torch.roll(am1, -ch.h0)  # row r of the chunk is head h0 + r // c
             st = rows_forward(P2, am1_chunk, kind, causal, ch.i0, ch.c, chunks.off, counts)
-            stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
+            stats[ch.region] = st.view(*ch.lead, 3)
             if int(counts.sum()) <= SPARSE_MAX_DENSITY * ch.rows * ch.kend:
                 csr = sparse_rows(P2, counts)
                 result = sparse_matmul(csr, vr[ch.bk0:ch.bk1], chunks.G * ch.c)
-                out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = result.view(nh, ch.c, Dv)
+                out[ch.region] = result.view(*ch.lead, Dv)
                 size = 4 * (csr[0].numel() * 2 + csr[1].numel() + csr[2].numel())
                 if keep_sparse and kept_bytes + size <= budget:
                     kept[ch.key] = csr
@@ -313,9 +312,9 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor
                 continue
         else:
             chunks.mask_causal(S, ch)
-            S3 = S.view(nh, ch.c, ch.kend)
-            S3.copy_(_torch_probs(S3, kind, alpha[ch.h0:ch.h1]))
-        out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(S, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
+            S3 = S.view(ch.heads, ch.c, ch.kend)
+            S3.copy_(_torch_probs(S3, kind, ch.head_values(alpha)))
+        out[ch.region] = torch.bmm(S, vr[ch.bk0:ch.bk1, :ch.kend]).view(*ch.lead, Dv)
     return out, stats, kept  # kept, per chunk: the probabilities in CSR form (O(nonzeros) memory)
 
 
@@ -341,7 +340,7 @@ def chunked_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tenso
     for ch in chunks:
         if ch.kend == 0:
             continue
-        nh, c = ch.heads, ch.c
+        c = ch.c
         am1_chunk = torch.roll(am1, -ch.h0)
         # every buffer handed to C is held by a local name for the duration of the call
         dO = chunks.rows_of(dout, ch).contiguous()
@@ -352,32 +351,32 @@ def chunked_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tenso
             dq_c = torch.empty(ch.rows, D, dtype=torch.float32)
             ENTMAX_ROWS.call(
                 "entmax_sparse_backward", offsets=offsets, idx=idx, val=val,
-                stats=stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].contiguous(), Qs=chunks.rows_of(qs, ch).contiguous(),
+                stats=stats[ch.region].contiguous(), Qs=chunks.rows_of(qs, ch).contiguous(),
                 K=kr[ch.bk0:ch.bk1], V=vr[ch.bk0:ch.bk1], dO=dO, am1=am1_chunk, heads=H, kind=kind, c=c,
                 rows=ch.rows, rows_per_group=chunks.G * c, Lk=Lk, D=D, Dv=Dv, dQ=dq_c, dK=dk[ch.bk0:ch.bk1],
                 dV=dv[ch.bk0:ch.bk1], dalpha=da, ds=torch.empty(val.numel(), dtype=torch.float32),
                 nthreads=torch.get_num_threads(),
             )
             if dq is not None:
-                dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = dq_c.view(nh, c, D) * scale
+                dq[ch.region] = dq_c.view(*ch.lead, D) * scale
             if dalpha is not None and da is not None:
-                dalpha[ch.h0:ch.h1] += da.view(nh, c).sum(1)
+                dalpha[ch.h0:ch.h1] += ch.head_sum(da)
             continue
         S = chunks.scores(qs, kT, bias, allowed, ch)
         dP = chunks.buffer("grad", S.shape)
         torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
         if stats is not None:
-            st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()
+            st = stats[ch.region].reshape(-1, 3).contiguous()
             da = rows_backward(S.view(-1, ch.kend), dP.view(-1, ch.kend), st, am1_chunk, kind, causal, ch.i0, c,
                                chunks.off, need_alpha)
             P, dS = S, dP
         else:
             chunks.mask_causal(S, ch)
-            P3, dS3, da = _torch_rows_backward(S.view(nh, c, ch.kend), dP.view(nh, c, ch.kend), kind,
-                                               alpha.detach()[ch.h0:ch.h1], need_alpha)
+            P3, dS3, da = _torch_rows_backward(S.view(ch.heads, c, ch.kend), dP.view(ch.heads, c, ch.kend), kind,
+                                               ch.head_values(alpha.detach()), need_alpha)
             P, dS = P3.reshape_as(S), dS3.reshape_as(S)
         if dalpha is not None and da is not None:
-            dalpha[ch.h0:ch.h1] += da.view(nh, c).sum(1).to(torch.float32)
+            dalpha[ch.h0:ch.h1] += ch.head_sum(da).to(torch.float32)
         dense_chunk_grads(chunks, ch, P, dS, dO, kr, qs, scale, (dq, dk, dv, dbias),
                           (need_q, need_k, need_v, need_bias))
     return (

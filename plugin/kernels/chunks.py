@@ -54,15 +54,16 @@ def kept_budget(*tensors: Tensor) -> float:
     return max(SPARSE_MIN_BUDGET, SPARSE_BUDGET_FACTOR * 4 * sum(t.numel() for t in tensors))
 
 
-def slice4(t: Tensor | None, b: int, h0: int, h1: int, i0: int, i1: int, kend: int) -> Tensor | None:
-    """Batch b, heads h0:h1, queries i0:i1, keys :kend of a 4-D tensor broadcastable to (B, H, Lq, Lk) -> 3-D."""
+def slice4(t: Tensor | None, ch: Chunk) -> Tensor | None:
+    """The chunk's block (batch b0:b1, heads h0:h1, queries i0:i1, keys :kend) of a 4-D tensor broadcastable
+    to (B, H, Lq, Lk), still 4-D (size 1 where ``t`` broadcasts)."""
     if t is None:
         return None
     return t[
-        b if t.shape[0] != 1 else 0,
-        slice(h0, h1) if t.shape[1] != 1 else slice(None),
-        slice(i0, i1) if t.shape[2] != 1 else slice(None),
-        slice(0, kend) if t.shape[3] != 1 else slice(None),
+        slice(ch.b0, ch.b1) if t.shape[0] != 1 else slice(None),
+        slice(ch.h0, ch.h1) if t.shape[1] != 1 else slice(None),
+        slice(ch.i0, ch.i1) if t.shape[2] != 1 else slice(None),
+        slice(0, ch.kend) if t.shape[3] != 1 else slice(None),
     ]
 
 
@@ -73,33 +74,56 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 class Chunk:
-    """Queries i0:i1 of the query heads of key/value heads hk0:hk1 of batch element b, against keys :kend."""
+    """Queries i0:i1 of the query heads of key/value heads hk0:hk1 of batch elements b0:b1, against keys :kend.
 
-    __slots__ = ("b", "bk0", "bk1", "c", "h0", "h1", "hk0", "hk1", "i0", "i1", "kend", "rows")
+    A chunk spans several batch elements only when it holds all their heads and queries (short
+    sequences: one chunk per batch element would spend its time in per-chunk overhead). Its rows
+    are laid out (batch element, key/value head, query head in the group, query): ``groups =
+    nb * (hk1 - hk0)`` blocks of ``G * c`` rows, contiguous in the flattened (B * Hkv) keys from
+    ``bk0`` to ``bk1``.
+    """
 
-    def __init__(self, b: int, hk0: int, hk1: int, G: int, Hkv: int, i0: int, i1: int, kend: int) -> None:
-        self.b, self.hk0, self.hk1, self.i0, self.i1, self.kend = b, hk0, hk1, i0, i1, kend
+    __slots__ = ("b0", "b1", "bk0", "bk1", "c", "groups", "h0", "h1", "hk0", "hk1", "i0", "i1", "kend", "lead",
+                 "nb", "region", "rows")
+
+    def __init__(self, b0: int, b1: int, hk0: int, hk1: int, G: int, Hkv: int, i0: int, i1: int, kend: int) -> None:
+        self.b0, self.b1, self.hk0, self.hk1, self.i0, self.i1, self.kend = b0, b1, hk0, hk1, i0, i1, kend
+        self.nb = b1 - b0
         self.h0, self.h1 = hk0 * G, hk1 * G
-        self.bk0, self.bk1 = b * Hkv + hk0, b * Hkv + hk1
+        self.bk0, self.bk1 = b0 * Hkv + hk0, (b1 - 1) * Hkv + hk1
         self.c = i1 - i0
-        self.rows = (self.h1 - self.h0) * self.c
+        self.groups = self.nb * (hk1 - hk0)
+        self.rows = self.nb * (self.h1 - self.h0) * self.c
+        # the chunk's block of a (B, H, Lq, X) tensor, and its leading shape (nb, heads, c)
+        self.region = (slice(b0, b1), slice(self.h0, self.h1), slice(i0, i1))
+        self.lead = (self.nb, self.h1 - self.h0, self.c)
 
     @property
     def key(self) -> tuple[int, int, int]:
-        """The chunk's identity ``(b, hk0, i0)``, the same in the forward and the backward pass."""
-        return self.b, self.hk0, self.i0
+        """The chunk's identity ``(b0, hk0, i0)``, the same in the forward and the backward pass."""
+        return self.b0, self.hk0, self.i0
 
     @property
     def heads(self) -> int:
-        """Query heads of the chunk."""
-        return self.h1 - self.h0
+        """(batch element, query head) pairs of the chunk: its rows are ``heads`` blocks of ``c`` queries."""
+        return self.nb * (self.h1 - self.h0)
+
+    def head_values(self, per_head: Tensor) -> Tensor:
+        """A per-head tensor (H, ...) -> one entry per (batch element, head) pair of the chunk."""
+        part = per_head[self.h0:self.h1]
+        return part.repeat(self.nb, *([1] * (part.dim() - 1))) if self.nb > 1 else part
+
+    def head_sum(self, per_row: Tensor) -> Tensor:
+        """Per-row values (rows,) summed per query head -> (h1 - h0,)."""
+        return per_row.view(self.lead).sum((0, 2))
 
 
 class Chunks:
     """The chunks of an attention call, shared by forward and backward (identical scores in both).
 
     A chunk holds about ``CHUNK_ELEMENTS`` scores: at least 128 queries per head (fewer when
-    Lq is smaller), and as many key/value heads (with their query heads) as fit. Its rows are
+    Lq is smaller), and as many key/value heads (with their query heads) as fit; when a whole
+    batch element fits, as many batch elements as fit. Its rows are
     laid out (key/value head, query head in the group, query), so one batched product per
     key/value head gives the scores. Score buffers are allocated once and reused (repeated
     large allocations interleaved with the small kept ones fragment the heap).
@@ -115,17 +139,21 @@ class Chunks:
         budget = max(1, CHUNK_ELEMENTS // max(1, self.G * Lk))
         self.c = max(1, min(Lq, chunk_rows if chunk_rows is not None else max(128, budget)))
         self.heads = max(1, min(Hkv, budget // self.c))
+        # batch elements per chunk: several only when one chunk holds all of an element's heads and queries
+        whole = self.c >= Lq and self.heads >= Hkv
+        self.nb = max(1, min(B, budget // max(1, Hkv * Lq))) if whole else 1
         self.dtype = q.dtype
         self._buffers: dict[str, Tensor] = {}
 
     def __iter__(self) -> Iterator[Chunk]:
-        for b in range(self.B):
+        for b0 in range(0, self.B, self.nb):
+            b1 = min(self.B, b0 + self.nb)
             for hk0 in range(0, self.Hkv, self.heads):
                 hk1 = min(self.Hkv, hk0 + self.heads)
                 for i0 in range(0, self.Lq, self.c):
                     i1 = min(self.Lq, i0 + self.c)
                     kend = min(self.Lk, i1 + self.off) if self.causal else self.Lk
-                    yield Chunk(b, hk0, hk1, self.G, self.Hkv, i0, i1, max(kend, 0))
+                    yield Chunk(b0, b1, hk0, hk1, self.G, self.Hkv, i0, i1, max(kend, 0))
 
     def operands(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(qs, kr, vr)``: the scaled queries, and keys / values as (B * Hkv, Lk, D / Dv) batches."""
@@ -137,25 +165,25 @@ class Chunks:
         numel = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, self.heads * self.G * self.c * self.Lk), dtype=self.dtype)
+            buf = torch.empty(max(numel, self.nb * self.heads * self.G * self.c * self.Lk), dtype=self.dtype)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
 
     def rows_of(self, t: Tensor, ch: Chunk) -> Tensor:
-        """(B, H, Lq, X) -> the chunk's rows as (key/value heads, G * c, X)."""
-        return t[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(ch.hk1 - ch.hk0, self.G * ch.c, t.shape[-1])
+        """(B, H, Lq, X) -> the chunk's rows as (groups, G * c, X)."""
+        return t[ch.region].reshape(ch.groups, self.G * ch.c, t.shape[-1])
 
     def scores(self, qs: Tensor, kT: Tensor, bias: Tensor | None, allowed: Tensor | None, ch: Chunk) -> Tensor:
-        """Scaled scores of the chunk, (key/value heads, G * c, kend), -inf where masked."""
-        S = self.buffer("scores", (ch.hk1 - ch.hk0, self.G * ch.c, ch.kend))
+        """Scaled scores of the chunk, (groups, G * c, kend), -inf where masked."""
+        S = self.buffer("scores", (ch.groups, self.G * ch.c, ch.kend))
         torch.bmm(self.rows_of(qs, ch), kT[ch.bk0:ch.bk1, :, :ch.kend], out=S)
-        S3 = S.view(ch.heads, ch.c, ch.kend)
-        bias_chunk = slice4(bias, ch.b, ch.h0, ch.h1, ch.i0, ch.i1, ch.kend)
+        S4 = S.view(*ch.lead, ch.kend)
+        bias_chunk = slice4(bias, ch)
         if bias_chunk is not None:
-            S3.add_(bias_chunk)
-        allowed_chunk = slice4(allowed, ch.b, ch.h0, ch.h1, ch.i0, ch.i1, ch.kend)
+            S4.add_(bias_chunk)
+        allowed_chunk = slice4(allowed, ch)
         if allowed_chunk is not None:
-            S3.masked_fill_(~allowed_chunk, float("-inf"))
+            S4.masked_fill_(~allowed_chunk, float("-inf"))
         return S
 
     def causal_blocked(self, ch: Chunk, device: torch.device) -> Tensor:
@@ -173,19 +201,19 @@ def dense_chunk_grads(chunks: Chunks, ch: Chunk, P: Tensor, dS: Tensor, dO: Tens
                       scale: float, grads: tuple[Tensor | None, ...], needed: tuple[bool, ...]) -> None:
     """Add one chunk's share to ``grads = (dq, dk, dv, dbias)`` (those flagged in ``needed``).
 
-    ``P`` and ``dS`` are the chunk's probabilities and score gradients as (kv heads, G * c, kend).
+    ``P`` and ``dS`` are the chunk's probabilities and score gradients as (groups, G * c, kend).
     """
     dq, dk, dv, dbias = grads
     need_q, need_k, need_v, need_bias = needed
-    nh, c, D = ch.heads, ch.c, kr.shape[-1]
+    D = kr.shape[-1]
     if need_bias and dbias is not None:
-        target = slice4(dbias, ch.b, ch.h0, ch.h1, ch.i0, ch.i1, ch.kend)
+        target = slice4(dbias, ch)
         assert target is not None
-        target += _reduce_to(dS.reshape(nh, c, ch.kend), target.shape)
+        target += _reduce_to(dS.reshape(*ch.lead, ch.kend), target.shape)
     if need_v and dv is not None:
         dv[ch.bk0:ch.bk1, :ch.kend].baddbmm_(P.transpose(1, 2), dO)
     if need_q and dq is not None:
-        dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(dS, kr[ch.bk0:ch.bk1, :ch.kend]).view(nh, c, D) * scale
+        dq[ch.region] = torch.bmm(dS, kr[ch.bk0:ch.bk1, :ch.kend]).view(*ch.lead, D) * scale
     if need_k and dk is not None:
         dk[ch.bk0:ch.bk1, :ch.kend].baddbmm_(dS.transpose(1, 2), chunks.rows_of(qs, ch))
 

@@ -194,10 +194,9 @@ def _sparse_backward(
     group_sum = torch.zeros(size, dtype=gs.dtype).index_add_(0, member, gs)
     group_count = torch.bincount(member, minlength=size).to(gs.dtype)
     dS = (group_sum / group_count)[member].unsqueeze(-1)
-    nh = ch.heads
     if dq is not None:
         dq_rows = torch.zeros(rows, D, dtype=dq.dtype).index_add_(0, row, dS * kr.reshape(-1, D)[key])
-        dq[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = dq_rows.view(nh, ch.c, D) * scale
+        dq[ch.region] = dq_rows.view(*ch.lead, D) * scale
     if dk is not None:
         dk.view(-1, D).index_add_(0, key, dS * chunks.rows_of(qs, ch).reshape(rows, D)[row])
     if dv is not None:
@@ -223,26 +222,25 @@ def structured_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, all
     for ch in chunks:
         if ch.kend == 0:
             continue  # every key is in the future of every query of the chunk: zeros
-        nh = ch.heads
         y = groups = None  # free the last chunk's temporaries before this chunk allocates its own
         y, groups = _prox_chunk(chunks, ch, qs, kT, bias, allowed, kind, lam, masked)
         if not use_c:
-            P3 = _sparsemax_rows_torch(y).view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
-            out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
+            P3 = _sparsemax_rows_torch(y).view(ch.groups, chunks.G * ch.c, ch.kend)
+            out[ch.region] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(*ch.lead, Dv)
             continue
         assert stats is not None  # float32: the C rows
         counts = torch.empty(ch.rows, dtype=torch.int32)
         st = rows_forward(y, _ONE, SPARSEMAX, counts=counts)  # y -> P in place
-        stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = st.view(nh, ch.c, 3)
+        stats[ch.region] = st.view(*ch.lead, 3)
         limit = SPARSE_MAX_DENSITY * ch.rows * ch.kend
         uniform = None
         if int(counts.sum()) <= limit:
             csr = sparse_rows(y, counts)
             result = sparse_matmul(csr, vr[ch.bk0:ch.bk1], chunks.G * ch.c)
-            out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = result.view(nh, ch.c, Dv)
+            out[ch.region] = result.view(*ch.lead, Dv)
         else:
-            P3 = y.view(ch.hk1 - ch.hk0, chunks.G * ch.c, ch.kend)
-            out[ch.b, ch.h0:ch.h1, ch.i0:ch.i1] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(nh, ch.c, Dv)
+            P3 = y.view(ch.groups, chunks.G * ch.c, ch.kend)
+            out[ch.region] = torch.bmm(P3, vr[ch.bk0:ch.bk1, :ch.kend]).view(*ch.lead, Dv)
             if not keep_sparse:
                 continue
             # rows that are one group over all their allowed keys (oscarmax with a large lam, or
@@ -284,7 +282,7 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
     for ch in chunks:
         if ch.kend == 0:
             continue
-        c, nkv = ch.c, ch.hk1 - ch.hk0
+        c, nkv = ch.c, ch.groups
         dO = chunks.rows_of(dout, ch)
         entry = kept.get(ch.key)
         if entry is not None:
@@ -305,7 +303,7 @@ def structured_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Ten
         torch.bmm(dO, vT[ch.bk0:ch.bk1, :, :ch.kend], out=dP)
         dP2 = dP.view(ch.rows, ch.kend)
         if stats is not None:
-            st = stats[ch.b, ch.h0:ch.h1, ch.i0:ch.i1].reshape(-1, 3).contiguous()  # C reads it flat
+            st = stats[ch.region].reshape(-1, 3).contiguous()  # C reads it flat
             rows_backward(y, dP2, st, _ONE, SPARSEMAX)  # y -> P, dP -> sparsemax backward, in place
             P = y
         else:

@@ -403,3 +403,43 @@ def test_bad_alpha_and_backend_raise_value_errors():
     with pytest.raises(ValueError, match="backend"):
         chunked.chunked_entmax_attention(x, x, x, 1.5, backend="cuda")
     assert math.isfinite(float(chunked.chunked_entmax_attention(x, x, x, 1.5).sum()))
+
+
+# ----------------------------------------------------------------------------- batch elements packed in one chunk
+
+
+def test_short_sequences_pack_several_batch_elements_into_one_chunk(monkeypatch):
+    q, k = torch.randn(5, 4, 3, 8), torch.randn(5, 2, 6, 8)  # G = 2: one element is 4 x 3 x 6 = 72 scores
+    layout = [(ch.b0, ch.b1, ch.hk0, ch.hk1, ch.i0, ch.i1) for ch in chunks.Chunks(q, k, False, None)]
+    assert layout == [(0, 5, 0, 2, 0, 3)]  # the whole call in one chunk
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 150)  # two elements fit
+    layout = [(ch.b0, ch.b1) for ch in chunks.Chunks(q, k, False, None)]
+    assert layout == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 60)  # less than one element: no packing, heads split
+    assert all(ch.nb == 1 for ch in chunks.Chunks(q, k, False, None))
+    # queries split by chunk_rows: one element per chunk
+    assert all(ch.nb == 1 for ch in chunks.Chunks(q, k, False, 2))
+
+
+@pytest.mark.parametrize("masking", ["padding", "arbitrary+causal", "additive", "more_queries_than_keys_causal"])
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_packed_chunks_with_a_partial_last_chunk_match_the_reference(path, masking, storage, monkeypatch):
+    """B = 5 with two batch elements per chunk: chunks (0, 2), (2, 4), (4, 5); per-head learned alpha,
+    per-element masks and the bias gradient must land in the right element and head."""
+    q, k, v, kwargs = _case(masking, seed=4)
+    q, k, v = (torch.cat([t, t.flip(0) * 0.7, t[:1] * 1.3]) for t in (q, k, v))
+    if "mask" in kwargs:
+        m = kwargs["mask"]
+        if m.shape[0] == 2:
+            kwargs["mask"] = torch.cat([m, ~m.flip(0) if m.dtype == torch.bool else m.flip(0), m[:1]])
+    per_element = q.shape[1] * q.shape[2] * k.shape[2]
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 2 * per_element + 1)
+    assert [c.nb for c in chunks.Chunks(q, k, False, None)] == [2, 2, 1]
+    mech = _mechanism("entmax:alpha=learned")
+    path = storage(path)
+    out, taken, grads = _run(mech, path, q, k, v, kwargs, torch.float32)
+    assert taken == path
+    ref, _, ref_grads = _run(mech, "reference", q, k, v, kwargs, torch.float64)
+    torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-3)

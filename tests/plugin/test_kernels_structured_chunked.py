@@ -314,3 +314,27 @@ def test_plugin_attention_selects_the_chunked_path_and_matches_the_reference(spe
         with plugin.kernels.use_path("cpu_chunked"):
             plugin.attention(q.double(), k.double(), v.double(), spec)
     assert [c.path for c in calls] == ["reference", "cpu_chunked"]
+
+
+@pytest.mark.parametrize("spec,kind,lam", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("case", ["pad_right", "bias", "masked_rows"])
+def test_packed_chunks_with_a_partial_last_chunk_match_the_reference(spec, kind, lam, case, mode, monkeypatch):
+    """Short sequences: two batch elements per chunk over B = 5 (chunks (0, 2), (2, 4), (4, 5))."""
+    from plugin.kernels import chunks
+
+    q, k, v = _inputs(B=5, H=4, Hkv=2, Lq=6, Lk=9, seed=3)
+    g = torch.Generator().manual_seed(8)
+    if case == "pad_right":
+        mask = torch.arange(9) < torch.tensor([9, 4, 7, 9, 2])[:, None]
+        ref_mask, kw = mask[:, None, None, :], {"mask": mask[:, None, None, :]}
+    elif case == "bias":
+        bias = torch.randn(5, 4, 6, 9, generator=g)
+        bias[torch.rand(5, 4, 6, 9, generator=g) < 0.25] = float("-inf")
+        ref_mask, kw = bias, {"bias": bias}
+    else:
+        mask = torch.rand(5, 1, 6, 9, generator=g) > 0.3
+        mask[3, 0, 2] = False
+        ref_mask, kw = mask, {"mask": mask}
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 2 * 4 * 6 * 9 + 1)
+    assert [c.nb for c in chunks.Chunks(q, k, False, None)] == [2, 2, 1]
+    _assert_same(_chunked(kind, lam, q, k, v, **kw), _reference(spec, q, k, v, mask=ref_mask))
