@@ -68,6 +68,20 @@ CANVAS_MECHANISMS = [
     "continuous entmax-1.5",  # only where the size's canvas_entmax15 is set (its 2-D quadrature is the slowest)
 ]
 TASKS = ("fairseq", "hf", "canvas")
+# CPU seconds of one job at the default size (measured on a 2-core machine), used only to order the jobs:
+# the longest first, so that the workers finish together
+JOB_COST = {
+    "fairseq": {"softmax": 24, "sparsemax": 22, "entmax (learned alpha)": 32, "fusedmax": 26, "oscarmax": 29,
+                "continuous softmax": 40, "continuous sparsemax": 52},
+    "hf": {"softmax": 40, "sparsemax": 40, "entmax (learned alpha)": 50},
+    "canvas": {"discrete softmax": 17, "discrete sparsemax": 18, "continuous softmax": 24,
+               "continuous sparsemax": 34, "continuous entmax-1.5": 60},
+}
+
+
+def longest_first(jobs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """``jobs`` ordered by their expected cost (:data:`JOB_COST`), longest first; ties keep their order."""
+    return sorted(jobs, key=lambda job: -JOB_COST[job[0]].get(job[1]["label"], 30))
 
 
 def _worker_init(threads: int) -> None:
@@ -162,22 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     load_start = round(os.getloadavg()[0], 1)
     results: dict = {"size": args.size, "seeds": len(seeds), "data_seed": args.data_seed}
     data_dir = out / "data"
-    if {"fairseq", "hf"} & set(tasks):
-        results["data"] = demo_tasks.make_data(data_dir, size, args.data_seed)
 
-    jobs: list[tuple[str, dict]] = []
-    for seed in seeds:  # the slowest jobs first, so the parallel workers finish together
-        if "fairseq" in tasks:
-            jobs += [("fairseq", dict(label=label, spec=spec, seed=seed, epochs=size["fairseq_epochs"],
-                                      data_dir=data_dir, work=out / "fairseq")) for label, spec in FAIRSEQ_MECHANISMS]
+    canvas_jobs: list[tuple[str, dict]] = []
+    corpus_jobs: list[tuple[str, dict]] = []
     for seed in seeds:
         if "canvas" in tasks:
-            jobs += [("canvas", dict(label=label, seed=seed, steps=size["canvas_steps"], n_test=size["canvas_test"],
-                                     out_dir=out / "canvas")) for label in CANVAS_MECHANISMS
-                     if size.get("canvas_entmax15", True) or label != "continuous entmax-1.5"]
+            canvas_jobs += [("canvas", dict(label=label, seed=seed, steps=size["canvas_steps"],
+                                            n_test=size["canvas_test"], out_dir=out / "canvas"))
+                            for label in CANVAS_MECHANISMS
+                            if size.get("canvas_entmax15", True) or label != "continuous entmax-1.5"]
+        if "fairseq" in tasks:
+            corpus_jobs += [("fairseq", dict(label=label, spec=spec, seed=seed, epochs=size["fairseq_epochs"],
+                                             data_dir=data_dir, work=out / "fairseq"))
+                            for label, spec in FAIRSEQ_MECHANISMS]
         if "hf" in tasks:
-            jobs += [("hf", dict(label=label, spec=spec, seed=seed, epochs=size["hf_epochs"], data_dir=data_dir,
-                                 work=out / "hf")) for label, spec in HF_MECHANISMS]
+            corpus_jobs += [("hf", dict(label=label, spec=spec, seed=seed, epochs=size["hf_epochs"],
+                                        data_dir=data_dir, work=out / "hf")) for label, spec in HF_MECHANISMS]
 
     done: dict[str, list[dict]] = {t: [] for t in tasks}
     timing: list[dict] = []
@@ -186,7 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(args.threads,)) as pool:
-        futures = {pool.submit(_job, kind, kw): (kind, kw) for kind, kw in jobs}
+        # the canvas jobs need no corpus: the workers start on them while this process builds it
+        futures = {pool.submit(_job, kind, kw): (kind, kw) for kind, kw in longest_first(canvas_jobs)}
+        if corpus_jobs:
+            try:
+                results["data"] = demo_tasks.make_data(data_dir, size, args.data_seed)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        futures.update({pool.submit(_job, kind, kw): (kind, kw) for kind, kw in longest_first(corpus_jobs)})
         bar = tqdm(total=len(futures), desc=f"demo ({workers} workers)", unit="model")
         for fut in as_completed(futures):
             kind, kw = futures[fut]

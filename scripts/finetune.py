@@ -92,7 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--layers", type=int, default=2, help="--from-config: encoder (and decoder) layers")
     model.add_argument("--heads", type=int, default=4, help="--from-config: attention heads")
     model.add_argument("--ffn-dim", type=int, default=128, help="--from-config: feed-forward size")
-    model.add_argument("--dropout", type=float, default=0.1, help="--from-config: dropout (and attention dropout)")
+    model.add_argument("--dropout", type=float, default=0.1,
+                       help="--from-config: dropout (and attention dropout unless --attention-dropout)")
+    model.add_argument("--attention-dropout", type=float, default=None,
+                       help="--from-config: dropout on the attention weights (default: --dropout). Attention "
+                       "dropout needs the weights formed, so it keeps the sparse mechanisms on their reference "
+                       "path; 0 lets the fused CPU / GPU paths run (fairseq's default)")
     model.add_argument("--max-positions", type=int, default=256, help="--from-config: longest sequence")
     model.add_argument("--encoder-attn", help="spec of encoder self-attention (Sparse* classes)")
     model.add_argument("--decoder-attn", help="spec of decoder self-attention (Sparse* classes)")
@@ -149,6 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.task == "classification" and roles and args.arch not in hf_models.SPARSE_FAMILIES:
             ap.error(f"--arch {args.arch}: per-role flags need a Sparse* family "
                      f"({', '.join(hf_models.SPARSE_FAMILIES)}); use --attn")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            ap.error(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.attention_dropout is not None and args.arch == "t5" and args.attention_dropout != args.dropout:
+        ap.error("--attention-dropout: t5 drops its attention weights with its one dropout rate; use --dropout")
     for field, spec in roles.items():
         try:
             plugin.canonical_spec(spec)
@@ -314,12 +325,13 @@ def tiny_config(args: argparse.Namespace, tokenizer: Any, num_labels: int | None
     }
     labels = {"num_labels": num_labels} if num_labels else {}
     d, layers, heads, ffn = args.d_model, args.layers, args.heads, args.ffn_dim
+    attention_dropout = args.dropout if args.attention_dropout is None else args.attention_dropout
     if args.arch in ("bert", "roberta"):
         config_class = BertConfig if args.arch == "bert" else RobertaConfig
         return config_class(
             **ids, **labels, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=ffn, max_position_embeddings=args.max_positions + tokenizer.pad_token_id + 2,
-            hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
+            hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=attention_dropout,
         )
     config_class = hf_models.SPARSE_FAMILIES[args.arch]["config"]
     specs = dict(args.roles)
@@ -332,7 +344,7 @@ def tiny_config(args: argparse.Namespace, tokenizer: Any, num_labels: int | None
     return config_class(
         **ids, **labels, **specs, d_model=d, encoder_layers=layers, decoder_layers=layers,
         encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
-        max_position_embeddings=args.max_positions, dropout=args.dropout, attention_dropout=args.dropout,
+        max_position_embeddings=args.max_positions, dropout=args.dropout, attention_dropout=attention_dropout,
         decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None, scale_embedding=True,
     )
 

@@ -125,7 +125,7 @@ def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypat
     assert len(results["jobs"]) == 2 * (3 + 1 + 2)
     assert all(j["wall_seconds"] > 0 and j["cpu_seconds"] > 0 for j in results["jobs"])
     hf_job = next(j for j in results["jobs"] if j["task"] == "hf")
-    assert hf_job["cpu_seconds"] > 5  # finetune.py runs in a subprocess: its CPU time is counted
+    assert hf_job["cpu_seconds"] > 5  # finetune.py's training, run in the worker, is counted
     assert results["total_cpu_seconds"] >= sum(j["cpu_seconds"] for j in results["jobs"])
     canvas = results["canvas"]
     assert [g["mechanism"] for g in canvas] == ["discrete sparsemax", "continuous sparsemax"]
@@ -141,6 +141,43 @@ def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypat
                 "canvas_attention.png"]:
         assert (out / png).stat().st_size > 1000
         assert png in report
+
+
+def test_jobs_are_ordered_longest_first():
+    jobs = [("canvas", {"label": "discrete softmax"}), ("hf", {"label": "entmax (learned alpha)"}),
+            ("fairseq", {"label": "softmax"}), ("fairseq", {"label": "continuous sparsemax"})]
+    order = [(kind, kw["label"]) for kind, kw in demo.longest_first(jobs)]
+    assert order == [("fairseq", "continuous sparsemax"), ("hf", "entmax (learned alpha)"), ("fairseq", "softmax"),
+                     ("canvas", "discrete softmax")]
+    # every mechanism of the demo has a cost
+    for kind, mechanisms in (("fairseq", [m for m, _ in demo.FAIRSEQ_MECHANISMS]),
+                             ("hf", [m for m, _ in demo.HF_MECHANISMS]), ("canvas", demo.CANVAS_MECHANISMS)):
+        assert set(mechanisms) <= set(demo.JOB_COST[kind])
+
+
+def test_finetune_runs_in_process_twice_with_its_output_in_the_log(tmp_path, capfd):
+    """Two trainings in one process (accelerate's state is reset between them); a failure raises with the log."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"source": f"{a} plus {b}", "target": f"{a + b}"} for a in range(8) for b in range(4)]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    (data / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]), encoding="utf-8")
+    common = ["--task", "seq2seq", "--train-file", str(data / "train.jsonl"), "--valid-file",
+              str(data / "valid.jsonl"), "--from-config", "--arch", "marian", "--d-model", "16", "--layers", "1",
+              "--heads", "2", "--ffn-dim", "16", "--max-steps", "2", "--batch-size", "8", "--cpu", "--threads", "1",
+              "--attention-dropout", "0"]
+    for spec in ("sparsemax", "entmax15"):
+        out = tmp_path / spec
+        seconds = demo_tasks._finetune_in_process([*common, "--cross-attn", spec, "--output-dir", str(out)],
+                                                  tmp_path / f"{spec}.log")
+        assert seconds > 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["steps"] == 2 and f"cross:{spec}" in metrics["mechanisms_seen"]
+        assert "training" in (tmp_path / f"{spec}.log").read_text()  # the progress bar went to the log
+    assert "training" not in capfd.readouterr().err
+    with pytest.raises(RuntimeError, match="--attention-dropout must be in"):
+        demo_tasks._finetune_in_process([*common, "--attention-dropout", "2", "--output-dir", str(tmp_path / "x")],
+                                        tmp_path / "bad.log")
 
 
 def test_demo_rejects_unknown_tasks_and_bad_counts():
