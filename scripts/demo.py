@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = out / "data"
 
     canvas_jobs: list[tuple[str, dict]] = []
-    corpus_jobs: list[tuple[str, dict]] = []
+    corpus_jobs: list[tuple[str, dict]] = []  # the jobs that need the number corpus
     for seed in seeds:
         if "canvas" in tasks:
             canvas_jobs += [("canvas", dict(label=label, seed=seed, steps=size["canvas_steps"],
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             corpus_jobs += [("hf", dict(label=label, spec=spec, seed=seed, epochs=size["hf_epochs"],
                                         data_dir=data_dir, work=out / "hf")) for label, spec in HF_MECHANISMS]
 
+    if corpus_jobs:
+        results["data"] = demo_tasks.make_data(data_dir, size, args.data_seed)
     done: dict[str, list[dict]] = {t: [] for t in tasks}
     timing: list[dict] = []
     import multiprocessing
@@ -200,15 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(args.threads,)) as pool:
-        # the canvas jobs need no corpus: the workers start on them while this process builds it
-        futures = {pool.submit(_job, kind, kw): (kind, kw) for kind, kw in longest_first(canvas_jobs)}
-        if corpus_jobs:
-            try:
-                results["data"] = demo_tasks.make_data(data_dir, size, args.data_seed)
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-        futures.update({pool.submit(_job, kind, kw): (kind, kw) for kind, kw in longest_first(corpus_jobs)})
+        futures = {pool.submit(_job, kind, kw): (kind, kw) for kind, kw in longest_first(canvas_jobs + corpus_jobs)}
         bar = tqdm(total=len(futures), desc=f"demo ({workers} workers)", unit="model")
         for fut in as_completed(futures):
             kind, kw = futures[fut]

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def make_data(data_dir: Path, size: dict[str, Any], seed: int) -> dict[str, int]
             for s, t in zip(src, tgt):
                 fh.write(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n")
     bin_dir = data_dir / "data-bin"
+    shutil.rmtree(bin_dir, ignore_errors=True)  # a rerun into the same folder (fairseq-preprocess refuses to overwrite)
     run(
         [PY, "-m", "fairseq_cli.preprocess", "--source-lang", "en", "--target-lang", "de",
          "--trainpref", str(data_dir / "train"), "--validpref", str(data_dir / "valid"),

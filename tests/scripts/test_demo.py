@@ -48,6 +48,13 @@ def test_corpus_splits_hold_disjoint_items_of_every_form(tmp_path):
         make_corpus(tmp_path, 10, 10, 0)
 
 
+def test_the_corpus_can_be_rebuilt_in_the_same_folder(tmp_path):
+    size = {"train": 60, "valid": 10, "test": 10}
+    for seed in (1, 2):  # a second run of the demo into the same --out
+        assert demo_tasks.make_data(tmp_path, size, seed) == {"train": 60, "valid": 10, "test": 10}
+    assert (tmp_path / "data-bin" / "dict.en.txt").exists() and (tmp_path / "data-bin" / "test.en-de.de.bin").exists()
+
+
 def test_seed_aggregation_gives_mean_and_sample_standard_deviation():
     agg = demo_tasks.aggregate([80.0, 82.0, 84.0])
     assert agg == {"mean": 82.0, "std": 2.0, "min": 80.0, "max": 84.0, "n": 3}
