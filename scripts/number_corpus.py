@@ -32,6 +32,7 @@ FORMS = ("cardinal", "ordinal", "year", "currency")
 #: share of each form in every split
 FORM_WEIGHTS = {"cardinal": 0.4, "ordinal": 0.2, "year": 0.2, "currency": 0.2}
 MAX_CARDINAL, MAX_ORDINAL, MAX_EUROS = 999_999_999, 999_999, 999_999
+FORM_CAPACITY = {"year": 2099 - 1000 + 1}  # distinct items of the forms that can run out
 
 # longest match first; "sech"/"sieb" appear in sechzehn/siebzehn; "te"/"ste"/"e" are ordinal suffixes
 _GERMAN_MORPHEMES = sorted(
@@ -103,16 +104,28 @@ def _draw(rng: random.Random, form: str) -> int:
     return _log_uniform(rng, MAX_EUROS) * 100 + rng.randint(1, 99)  # euro and cents, in cents
 
 
-def sample_items(total: int, seed: int) -> list[tuple[str, int]]:
-    """``total`` distinct (form, value) pairs in random order, forms in :data:`FORM_WEIGHTS` proportions."""
-    rng = random.Random(seed)
+def form_counts(total: int) -> dict[str, int]:
+    """Items per form for ``total`` items: :data:`FORM_WEIGHTS` proportions, except that a form with
+    fewer distinct items (years: 1100) gives all it has and the others share the rest in their
+    proportions."""
     counts = {f: int(round(total * w)) for f, w in FORM_WEIGHTS.items()}
     counts["cardinal"] += total - sum(counts.values())
-    capacity = {"year": 1100}
+    full = {f: n for f, n in FORM_CAPACITY.items() if counts[f] > n}
+    if full:
+        rest = {f: w for f, w in FORM_WEIGHTS.items() if f not in full}
+        left = total - sum(full.values())
+        counts = {**{f: int(round(left * w / sum(rest.values()))) for f, w in rest.items()}, **full}
+        counts["cardinal"] += total - sum(counts.values())
+    return counts
+
+
+def sample_items(total: int, seed: int) -> list[tuple[str, int]]:
+    """``total`` distinct (form, value) pairs in random order, forms counted by :func:`form_counts`."""
+    rng = random.Random(seed)
+    counts = form_counts(total)
     items: list[tuple[str, int]] = []
-    for form, n in counts.items():
-        if n > capacity.get(form, 10**6):
-            raise ValueError(f"sample_items: {n} {form} items asked, only {capacity[form]} exist")
+    for form in FORM_WEIGHTS:
+        n = counts[form]
         seen: set[int] = set()
         while len(seen) < n:
             seen.add(_draw(rng, form))

@@ -252,3 +252,22 @@ def test_results_block_is_copied_into_the_readme(tmp_path):
         demo_tasks.replace_block("no markers", block)
     with pytest.raises(ValueError, match="block"):
         demo_tasks.summary_block("no markers")
+
+
+def test_form_counts_keep_the_proportions_until_the_years_run_out():
+    from number_corpus import FORM_CAPACITY, form_counts, sample_items
+
+    assert form_counts(3500) == {"cardinal": 1400, "ordinal": 700, "year": 700, "currency": 700}  # the default
+    big = form_counts(8900)  # SIZE=large: 20% would be 1780 years, only 1100 exist
+    assert big["year"] == FORM_CAPACITY["year"] == 1100 and sum(big.values()) == 8900
+    assert big["cardinal"] == 2 * big["ordinal"] and abs(big["ordinal"] - big["currency"]) <= 1
+    items = sample_items(8900, seed=1)
+    assert len(set(items)) == 8900 and sum(form == "year" for form, _ in items) == 1100
+
+
+def test_every_size_of_the_demo_fits_the_corpus():
+    from number_corpus import sample_items
+
+    for name, size in demo.SIZES.items():
+        total = size["train"] + size["valid"] + size["test"]
+        assert len(sample_items(total, seed=1)) == total, name
