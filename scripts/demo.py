@@ -177,24 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"size": args.size, "seeds": len(seeds), "data_seed": args.data_seed}
     data_dir = out / "data"
 
-    canvas_jobs: list[tuple[str, dict]] = []
-    corpus_jobs: list[tuple[str, dict]] = []  # the jobs that need the number corpus
+    if {"fairseq", "hf"} & set(tasks):
+        results["data"] = demo_tasks.make_data(data_dir, size, args.data_seed)
+
+    jobs: list[tuple[str, dict]] = []
     for seed in seeds:
         if "canvas" in tasks:
-            canvas_jobs += [("canvas", dict(label=label, seed=seed, steps=size["canvas_steps"],
-                                            n_test=size["canvas_test"], out_dir=out / "canvas"))
-                            for label in CANVAS_MECHANISMS
-                            if size.get("canvas_entmax15", True) or label != "continuous entmax-1.5"]
+            jobs += [("canvas", dict(label=label, seed=seed, steps=size["canvas_steps"], n_test=size["canvas_test"],
+                                     out_dir=out / "canvas")) for label in CANVAS_MECHANISMS
+                     if size.get("canvas_entmax15", True) or label != "continuous entmax-1.5"]
         if "fairseq" in tasks:
-            corpus_jobs += [("fairseq", dict(label=label, spec=spec, seed=seed, epochs=size["fairseq_epochs"],
-                                             data_dir=data_dir, work=out / "fairseq"))
-                            for label, spec in FAIRSEQ_MECHANISMS]
+            jobs += [("fairseq", dict(label=label, spec=spec, seed=seed, epochs=size["fairseq_epochs"],
+                                      data_dir=data_dir, work=out / "fairseq")) for label, spec in FAIRSEQ_MECHANISMS]
         if "hf" in tasks:
-            corpus_jobs += [("hf", dict(label=label, spec=spec, seed=seed, epochs=size["hf_epochs"],
-                                        data_dir=data_dir, work=out / "hf")) for label, spec in HF_MECHANISMS]
+            jobs += [("hf", dict(label=label, spec=spec, seed=seed, epochs=size["hf_epochs"], data_dir=data_dir,
+                                 work=out / "hf")) for label, spec in HF_MECHANISMS]
 
-    if corpus_jobs:
-        results["data"] = demo_tasks.make_data(data_dir, size, args.data_seed)
     done: dict[str, list[dict]] = {t: [] for t in tasks}
     timing: list[dict] = []
     import multiprocessing
@@ -202,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(args.threads,)) as pool:
-        futures = {pool.submit(_job, kind, kw): (kind, kw) for kind, kw in longest_first(canvas_jobs + corpus_jobs)}
+        futures = {pool.submit(_job, kind, kw): (kind, kw) for kind, kw in longest_first(jobs)}
         bar = tqdm(total=len(futures), desc=f"demo ({workers} workers)", unit="model")
         for fut in as_completed(futures):
             kind, kw = futures[fut]
