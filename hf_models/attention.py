@@ -64,11 +64,10 @@ def _check_generic_spec(spec: str) -> None:
         probe = plugin.AttentionMechanism(spec, num_heads=1)
     if probe.learnable:
         raise ValueError(
-            f"attn_implementation={spec!r}: this mechanism has trainable parameters (for example a learned "
-            f"alpha), and transformers' attn_implementation route has no place to keep them. Use a Sparse* "
-            f"model class of hf_models, whose attention modules hold their mechanism, e.g. "
-            f"SparseBartForConditionalGeneration.from_pretrained(path, encoder_attn={spec!r}), "
-            f"or a fixed value such as 'entmax:alpha=1.5'."
+            f"attention spec {spec!r}: this mechanism has trainable parameters (for example a learned alpha), "
+            f"which a shared attn_implementation name has no place to keep. Give each attention module its own "
+            f"mechanism with hf_models.sparsify(model, {spec!r}) (what from_pretrained(..., "
+            f"attn_implementation={spec!r}) does), or use a fixed value such as 'entmax:alpha=1.5'."
         )
 
 
@@ -353,6 +352,12 @@ def resolve_implementation(name: Any, model_class: type | None = None) -> Any:
 
 def _get_correct_attn_implementation(self: PreTrainedModel, requested_attention: str | None,
                                      is_init_check: bool = False) -> str:
+    from . import per_module, sparse  # they import this module
+
+    if not isinstance(self, sparse.SparseAttentionModelMixin):
+        per_module_choice = per_module.check_implementation(self, requested_attention, is_init_check)
+        if per_module_choice is not None:
+            return compat.stock_implementation_check(self, per_module_choice, is_init_check)
     from_config = requested_attention is None
     if from_config:  # nothing requested: the spec a saved config.json carries, if any
         requested_attention = saved_spec(self.config)
