@@ -11,12 +11,13 @@ and calls :class:`plugin.AttentionMechanism`; nothing numerical happens here.
 Two kinds of names are registered:
 
 * a spec string (``"sparsemax"``, ``"entmax:alpha=1.3"``, ``"fusedmax:lam=0.5"``): every attention
-  module of the model runs that mechanism (no trainable parameters allowed: there is nowhere
-  to keep them);
+  module of the model runs that mechanism (without trainable parameters: a spec with them,
+  ``"entmax:alpha=learned"``, asked as ``attn_implementation`` sparsifies the model instead,
+  :mod:`hf_models.per_module`);
 * :data:`PER_MODULE` (``"per_module_mechanism"``): each attention module runs the
   :class:`plugin.AttentionMechanism` it holds as ``module.attention_mechanism``. The
-  ``Sparse*`` model classes of this package use it for per-role mechanisms and learned
-  parameters.
+  ``Sparse*`` model classes of this package and :func:`hf_models.sparsify` (any model) use it
+  for per-role mechanisms, learned parameters and schedules.
 """
 
 from __future__ import annotations
@@ -263,9 +264,9 @@ def sparse_attention_forward(
         if not isinstance(mech, plugin.AttentionMechanism):
             raise ValueError(
                 f"attn_implementation={PER_MODULE!r} runs the mechanism each attention module holds as "
-                f"'{MECHANISM_ATTRIBUTE}', and {type(module).__name__} has none: build the model with a Sparse* "
-                f"class of hf_models (e.g. SparseBartForConditionalGeneration), or choose a spec such as "
-                f"attn_implementation='sparsemax'"
+                f"'{MECHANISM_ATTRIBUTE}', and {type(module).__name__} has none: give the model its mechanisms with "
+                f"hf_models.sparsify(model, spec) (or build it with a Sparse* class of hf_models), or choose a spec "
+                f"such as attn_implementation='sparsemax'"
             )
     else:
         spec = _SPEC_OF_NAME.get(implementation) if isinstance(implementation, str) else None

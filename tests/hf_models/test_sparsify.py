@@ -8,11 +8,11 @@ import entmax
 import pytest
 import torch
 from transformers import (
+    AttentionInterface,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
-    AttentionInterface,
     Trainer,
     TrainingArguments,
 )
