@@ -70,30 +70,27 @@ def attention_mechanisms(model: nn.Module) -> dict[str, plugin.AttentionMechanis
     return found
 
 
-def attention_parameter_values(model: nn.Module) -> dict[str, list[float]]:
+def attention_parameter_values(model: nn.Module, step: int | None = None) -> dict[str, list[float]]:
     """The learned or scheduled parameter of every mechanism, per head, by module name.
 
-    A learned alpha gives its ``num_heads`` values; a scheduled parameter its current value once
-    per head. The key is the module name for entmax's alpha and ``"<module name>.<param>"`` for
+    A learned alpha gives its ``num_heads`` values; a scheduled parameter its value once per
+    head. The key is the module name for entmax's alpha and ``"<module name>.<param>"`` for
     another scheduled parameter (fusedmax's ``lam``). Mechanisms with neither are left out.
+
+    ``step``: the values at that schedule step (a learned alpha takes over from a schedule at
+    its end, as in the mechanism); None: at each mechanism's own step. Nothing is changed.
     """
     values: dict[str, list[float]] = {}
     for name, mech in attention_mechanisms(model).items():
         heads = mech.num_heads or 1
-        normalizer = mech.normalizer
-        learned = getattr(normalizer, "learned", None)
-        current_alpha = getattr(normalizer, "current_alpha", None)
-        if (learned is not None or (mech.schedule is not None and mech.schedule.param == "alpha")) \
-                and callable(current_alpha):
-            alpha = current_alpha()
-            if isinstance(alpha, torch.Tensor):
-                values[name] = [float(a) for a in alpha.detach().float().reshape(-1).cpu()]
-            else:
-                values[name] = [float(alpha)] * heads
-        elif mech.schedule is not None:
-            value = mech.scheduled_value()
-            if value is not None:
-                values[f"{name}.{mech.schedule.param}"] = [float(value)] * heads
+        learned = getattr(mech.normalizer, "learned", None)
+        schedule = mech.schedule
+        at = mech.schedule_step_value if step is None else step
+        if schedule is not None and (learned is None or at < schedule.final_step):
+            key = name if schedule.param == "alpha" else f"{name}.{schedule.param}"
+            values[key] = [float(schedule.value(at))] * heads
+        elif learned is not None:
+            values[name] = [float(a) for a in learned().detach().float().reshape(-1).cpu()]
     return values
 
 
