@@ -282,3 +282,29 @@ def test_seq2seq_stock_checkpoint_round_trip_through_the_auto_class(tmp_path):
         assert torch.equal(_alphas(loaded)[name], weight)
     batch = model_inputs("t5")
     torch.testing.assert_close(output_of(loaded, batch), output_of(model.eval(), batch), atol=0, rtol=0)
+
+
+def test_modernbert_with_local_attention_layers(tmp_path):
+    """ModernBERT alternates global and sliding-window layers: their masks reach the mechanisms."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    kwargs = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, cls_token_id=0,
+                  sep_token_id=2, local_attention=4, global_attn_every_n_layers=2, initializer_range=0.5,
+                  num_labels=3, attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0)
+    torch.manual_seed(0)
+    stock = ModernBertForSequenceClassification(ModernBertConfig(**kwargs, attn_implementation="sdpa")).eval()
+    ours = ModernBertForSequenceClassification(ModernBertConfig(**kwargs, attn_implementation="sdpa")).eval()
+    ours.load_state_dict(stock.state_dict())
+    ids, mask = token_batch((12, 7))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with plugin.record_calls() as calls:
+        out = output_of(hf_models.sparsify(ours, "softmax"), batch)
+    assert len(calls) == 3
+    torch.testing.assert_close(out, output_of(stock, batch), atol=1e-6, rtol=1e-6)
+    hf_models.sparsify(ours, LEARNED, schedule="cosine:start=1,steps=10")
+    hf_models.set_schedule_step(ours, 3)
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert hf_models.schedule_state(loaded) == hf_models.schedule_state(ours)
+    torch.testing.assert_close(output_of(loaded, batch), output_of(ours, batch), atol=0, rtol=0)
