@@ -12,6 +12,12 @@ Importing this package
       model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="entmax:alpha=1.3")
 
   (parameterized specs are registered on demand, or with :func:`register_spec`);
+* makes :func:`sparsify` available: any such model gets one mechanism per attention module,
+  in place, with learned parameters and schedules that save and load with it::
+
+      model = hf_models.sparsify(AutoModel.from_pretrained(path), "entmax:alpha=learned")
+      model = AutoModel.from_pretrained(path, attn_implementation="entmax:alpha=learned")  # the same
+
 * registers the ``Sparse*`` config and model classes (per-role mechanisms, learned parameters)
   with ``AutoConfig``, ``AutoModel``, ``AutoModelForSeq2SeqLM`` and
   ``AutoModelForSequenceClassification``::
@@ -65,6 +71,14 @@ from .pegasus import (
     SparsePegasusConfig,
     SparsePegasusForConditionalGeneration,
     SparsePegasusModel,
+)
+from .per_module import (
+    SPARSIFY_FIELD,
+    attention_mechanisms,
+    attention_modules,
+    attention_parameter_values,
+    install_hooks,
+    sparsify,
 )
 from .schedule import AttentionScheduleCallback, finish_schedules, schedule_state, set_schedule_step
 from .sparse import SCHEDULE_FIELDS, SPEC_FIELDS, SparseAttentionConfigMixin, SparseAttentionModelMixin
@@ -144,6 +158,7 @@ def _register_auto_classes() -> None:
 
 register_variants()
 install_implementation_check()
+install_hooks()
 _register_auto_classes()
 
 __all__ = [
@@ -152,6 +167,7 @@ __all__ = [
     "PER_MODULE",
     "ROLES",
     "SCHEDULE_FIELDS",
+    "SPARSIFY_FIELD",
     "SPARSE_FAMILIES",
     "SPEC_FIELDS",
     "SparseAttentionConfigMixin",
@@ -175,6 +191,9 @@ __all__ = [
     "SparseT5ForConditionalGeneration",
     "SparseT5ForSequenceClassification",
     "SparseT5Model",
+    "attention_mechanisms",
+    "attention_modules",
+    "attention_parameter_values",
     "finish_schedules",
     "infer_role",
     "is_sparse_implementation",
@@ -187,5 +206,6 @@ __all__ = [
     "sparse_attention_forward",
     "sparse_attention_mask",
     "sparse_model_class",
+    "sparsify",
     "supports_attention_interface",
 ]

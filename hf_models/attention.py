@@ -11,12 +11,13 @@ and calls :class:`plugin.AttentionMechanism`; nothing numerical happens here.
 Two kinds of names are registered:
 
 * a spec string (``"sparsemax"``, ``"entmax:alpha=1.3"``, ``"fusedmax:lam=0.5"``): every attention
-  module of the model runs that mechanism (no trainable parameters allowed: there is nowhere
-  to keep them);
+  module of the model runs that mechanism (without trainable parameters: a spec with them,
+  ``"entmax:alpha=learned"``, asked as ``attn_implementation`` sparsifies the model instead,
+  :mod:`hf_models.per_module`);
 * :data:`PER_MODULE` (``"per_module_mechanism"``): each attention module runs the
   :class:`plugin.AttentionMechanism` it holds as ``module.attention_mechanism``. The
-  ``Sparse*`` model classes of this package use it for per-role mechanisms and learned
-  parameters.
+  ``Sparse*`` model classes of this package and :func:`hf_models.sparsify` (any model) use it
+  for per-role mechanisms, learned parameters and schedules.
 """
 
 from __future__ import annotations
@@ -64,11 +65,10 @@ def _check_generic_spec(spec: str) -> None:
         probe = plugin.AttentionMechanism(spec, num_heads=1)
     if probe.learnable:
         raise ValueError(
-            f"attn_implementation={spec!r}: this mechanism has trainable parameters (for example a learned "
-            f"alpha), and transformers' attn_implementation route has no place to keep them. Use a Sparse* "
-            f"model class of hf_models, whose attention modules hold their mechanism, e.g. "
-            f"SparseBartForConditionalGeneration.from_pretrained(path, encoder_attn={spec!r}), "
-            f"or a fixed value such as 'entmax:alpha=1.5'."
+            f"attention spec {spec!r}: this mechanism has trainable parameters (for example a learned alpha), "
+            f"which a shared attn_implementation name has no place to keep. Give each attention module its own "
+            f"mechanism with hf_models.sparsify(model, {spec!r}) (what from_pretrained(..., "
+            f"attn_implementation={spec!r}) does), or use a fixed value such as 'entmax:alpha=1.5'."
         )
 
 
@@ -264,9 +264,9 @@ def sparse_attention_forward(
         if not isinstance(mech, plugin.AttentionMechanism):
             raise ValueError(
                 f"attn_implementation={PER_MODULE!r} runs the mechanism each attention module holds as "
-                f"'{MECHANISM_ATTRIBUTE}', and {type(module).__name__} has none: build the model with a Sparse* "
-                f"class of hf_models (e.g. SparseBartForConditionalGeneration), or choose a spec such as "
-                f"attn_implementation='sparsemax'"
+                f"'{MECHANISM_ATTRIBUTE}', and {type(module).__name__} has none: give the model its mechanisms with "
+                f"hf_models.sparsify(model, spec) (or build it with a Sparse* class of hf_models), or choose a spec "
+                f"such as attn_implementation='sparsemax'"
             )
     else:
         spec = _SPEC_OF_NAME.get(implementation) if isinstance(implementation, str) else None
@@ -353,6 +353,12 @@ def resolve_implementation(name: Any, model_class: type | None = None) -> Any:
 
 def _get_correct_attn_implementation(self: PreTrainedModel, requested_attention: str | None,
                                      is_init_check: bool = False) -> str:
+    from . import per_module, sparse  # they import this module
+
+    if not isinstance(self, sparse.SparseAttentionModelMixin):
+        per_module_choice = per_module.check_implementation(self, requested_attention, is_init_check)
+        if per_module_choice is not None:
+            return compat.stock_implementation_check(self, per_module_choice, is_init_check)
     from_config = requested_attention is None
     if from_config:  # nothing requested: the spec a saved config.json carries, if any
         requested_attention = saved_spec(self.config)

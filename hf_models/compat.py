@@ -12,6 +12,8 @@ with a message naming it, and not deep inside a forward pass.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -131,6 +133,33 @@ def install_implementation_check(check: ImplementationCheck) -> None:
         setattr(PreTrainedModel, "get_correct_attn_implementation", check)  # noqa: B010 (a method replaced on purpose)
 
 
+def install_model_hooks(after_post_init: Callable[[PreTrainedModel], None],
+                        after_initialize_weights: Callable[[PreTrainedModel], None]) -> None:
+    """Run ``after_post_init(model)`` at the end of ``PreTrainedModel.post_init`` and
+    ``after_initialize_weights(model)`` at the end of ``PreTrainedModel.initialize_weights`` (idempotent).
+
+    Relies on transformers calling ``post_init()`` at the end of every model's ``__init__`` (the
+    modules exist; ``from_pretrained`` builds them on the meta device), and
+    ``initialize_weights()`` in ``from_pretrained`` after the checkpoint's tensors are loaded, to
+    fill the ones it lacked (tensors loaded are marked ``_is_hf_initialized``).
+    """
+    for method, hook in (("post_init", after_post_init), ("initialize_weights", after_initialize_weights)):
+        current = getattr(PreTrainedModel, method)
+        if getattr(current, "_hf_models_hook", None) is hook:
+            continue
+        stock = getattr(current, "_hf_models_stock", current)
+
+        def wrapped(self: PreTrainedModel, *args: Any, _stock: Any = stock, _hook: Any = hook, **kwargs: Any) -> Any:
+            result = _stock(self, *args, **kwargs)
+            _hook(self)
+            return result
+
+        functools.update_wrapper(wrapped, stock)
+        wrapped._hf_models_hook = hook  # type: ignore[attr-defined]
+        wrapped._hf_models_stock = stock  # type: ignore[attr-defined]
+        setattr(PreTrainedModel, method, wrapped)
+
+
 def copy_unless_loaded(tensor: Tensor, value: Tensor) -> None:
     """Copy ``value`` into ``tensor`` unless ``from_pretrained`` loaded it from the checkpoint.
 
@@ -176,12 +205,61 @@ def attention_role(module: nn.Module) -> str:
 
 
 def attention_heads(module: nn.Module) -> int:
-    """The number of query heads of a transformers attention module (``num_heads`` or T5's ``n_heads``)."""
+    """The number of query heads of a transformers attention module.
+
+    Read from the module (``num_heads``, T5's ``n_heads``, BERT's ``num_attention_heads``), else
+    from its config's ``num_attention_heads`` (Llama, ModernBERT and most recent families keep only
+    ``head_dim`` on the module).
+    """
     for attr in ("num_heads", "n_heads", "num_attention_heads"):
         value = getattr(module, attr, None)
         if isinstance(value, int):
             return value
-    raise ValueError(f"cannot find the number of heads of {type(module).__name__} (num_heads / n_heads)")
+    config = getattr(module, "config", None)
+    for attr in ("num_attention_heads", "num_heads", "n_head"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise ValueError(f"cannot find the number of heads of {type(module).__name__} (num_heads / n_heads, "
+                     f"or num_attention_heads in its config)")
+
+
+INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
+"""The call by which a transformers attention module picks its attention function by name."""
+
+
+_INTERFACE_CALLERS: dict[type, bool] = {}
+
+
+def calls_attention_interface(module_class: type) -> bool:
+    """Whether instances of ``module_class`` call transformers' ``AttentionInterface`` themselves.
+
+    Relies on the convention of transformers' modeling files (the one
+    ``PreTrainedModel._can_set_attn_implementation`` reads): the attention module whose
+    ``forward`` computes attention calls ``ALL_ATTENTION_FUNCTIONS.get_interface(...)`` and passes
+    itself as the first argument. The source of the class and of its bases up to ``nn.Module`` is
+    read (a wrapper such as ``BertAttention``, which calls ``BertSelfAttention``, does not match;
+    nor do model classes).
+    """
+    known = _INTERFACE_CALLERS.get(module_class)
+    if known is None:
+        known = _INTERFACE_CALLERS[module_class] = _reads_interface_call(module_class)
+    return known
+
+
+def _reads_interface_call(module_class: type) -> bool:
+    if not issubclass(module_class, nn.Module) or issubclass(module_class, PreTrainedModel):
+        return False  # models themselves (PreTrainedModel's own source names the call)
+    for cls in module_class.__mro__:
+        if cls is nn.Module or cls is object:
+            break
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        if INTERFACE_CALL in source:
+            return True
+    return False
 
 
 def is_fixed_position_table(module: nn.Module) -> bool:

@@ -237,31 +237,6 @@ class SparseAttentionModelMixin(_ModelBase):
             raise ValueError(_implementation_error(type(self), attn_implementation))
         super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
 
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """transformers' initialization, then the mechanisms' own parameters and buffers.
-
-        ``from_pretrained`` builds the model on the meta device, then gives every parameter the
-        checkpoint lacks (converting a stock checkpoint: a learned alpha) and every non-persistent
-        buffer an uninitialized tensor, and expects ``initialize_weights`` to fill them.
-        transformers' ``_init_weights`` does not know the mechanisms, so their tensors are copied
-        from a freshly built mechanism of the same spec; loaded ones are left alone
-        (``transformers.initialization.copy_`` skips tensors marked as loaded).
-        """
-        super().initialize_weights()
-        fresh: dict[tuple[str, int | None, str | None], dict[str, torch.Tensor]] = {}
-        for module in self.modules():
-            if not isinstance(module, plugin.AttentionMechanism):
-                continue
-            schedule = str(module.schedule) if module.schedule is not None else None
-            key = (module.spec, module.num_heads, schedule)
-            if key not in fresh:
-                built = _build_mechanism(module.spec, module.num_heads, module.role, schedule)
-                fresh[key] = dict(built.named_parameters()) | dict(built.named_buffers())
-            for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-                if tensor.device.type != "meta":
-                    compat.copy_unless_loaded(tensor, fresh[key][name].to(tensor.dtype))
-
 
 def _build_mechanism(
     spec: str, num_heads: int | None, role: str | None, schedule: str | None = None

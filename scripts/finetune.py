@@ -9,10 +9,14 @@ model built from a config; a word-level tokenizer is built from the data when th
 
     python scripts/finetune.py --task seq2seq --model-dir path/to/marian ... --cross-attn "fusedmax:lam=0.1"
 
-Classification (any family that uses transformers' AttentionInterface) with ``--attn``:
+Classification (any family that uses transformers' AttentionInterface) with ``--attn``, learned
+parameters and schedules included (``hf_models.sparsify``):
 
     python scripts/finetune.py --task classification --train-file train.csv --valid-file valid.csv \\
         --text-column text --label-column label --model-dir path/to/roberta --attn sparsemax
+
+    python scripts/finetune.py --task classification ... --model-dir path/to/bert \\
+        --attn "entmax:alpha=1.5" --attn-schedule "linear:start=1,steps=50"
 
 Launchers: ``python scripts/finetune.py ...``, ``accelerate launch scripts/finetune.py ...``;
 data-parallel on CPU (gloo): ``accelerate launch --num_processes 2 --cpu scripts/finetune.py ...``
@@ -54,6 +58,7 @@ SEQ2SEQ_ARCHS = tuple(hf_models.SPARSE_FAMILIES)
 CLASSIFIER_ARCHS = ("bert", "roberta") + tuple(f for f, c in hf_models.SPARSE_FAMILIES.items() if "classification" in c)
 ROLE_FLAGS = {"encoder_attn": "--encoder-attn", "decoder_attn": "--decoder-attn", "cross_attn": "--cross-attn"}
 SCHEDULE_FLAGS = {f"{flag}-schedule": f"{field}_schedule" for field, flag in ROLE_FLAGS.items()}
+TRANSFORMERS_IMPLEMENTATIONS = hf_models.compat.TRANSFORMERS_NAMES  # --attn values: transformers' own attention
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 SMALL_MACHINE_CORES = 4  # --threads 0: one thread per process up to this many cores per process
 
@@ -102,8 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--encoder-attn", help="spec of encoder self-attention (Sparse* classes)")
     model.add_argument("--decoder-attn", help="spec of decoder self-attention (Sparse* classes)")
     model.add_argument("--cross-attn", help="spec of cross-attention (Sparse* classes)")
-    model.add_argument("--attn", help="attn_implementation for every attention module: a spec such as "
-                       "'sparsemax' or 'entmax:alpha=1.3' (no learned parameters), or eager/sdpa")
+    model.add_argument("--attn", help="the spec of every attention module, such as 'sparsemax', "
+                       "'entmax:alpha=1.3' or 'entmax:alpha=learned' (learned parameters and --attn-schedule give "
+                       "each module its own mechanism: hf_models.sparsify), or transformers' eager/sdpa")
+    model.add_argument("--attn-schedule", metavar="SCHEDULE",
+                       help="with --attn: move a parameter of its spec with the optimizer step, e.g. "
+                       "'linear:start=1,steps=50' (alpha from softmax to the spec's value); strategies: "
+                       f"{', '.join(plugin.STRATEGIES)}; keys: param, start, end, steps, warmup, hold")
     for flag, field in SCHEDULE_FLAGS.items():
         model.add_argument(flag, dest=field, metavar="SCHEDULE",
                            help=f"move a parameter of {ROLE_FLAGS[field.removesuffix('_schedule')]}'s spec with the "
@@ -133,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--eval-every-epoch", action="store_true",
                        help="evaluate after every epoch (default: at the end)")
     train.add_argument("--save-state", action="store_true", help="also save accelerate's training state")
+    train.add_argument("--log-attention-every", type=int, default=None, metavar="N",
+                       help="record the learned or scheduled attention parameters (alpha per layer and head) every "
+                       "N optimizer updates in metrics.json ('attention_parameters'); 0 = never; default: at every "
+                       "evaluation")
     train.add_argument("--find-unused-parameters", action="store_true",
                        help="let DDP skip parameters without gradients (slower; for models with unused parameters)")
     train.add_argument("--threads", type=int, default=0,
@@ -147,6 +161,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "Sparse* classes) are exclusive")
     if args.from_config and args.arch is None:
         ap.error("--from-config needs --arch")
+    if args.log_attention_every is not None and args.log_attention_every < 0:
+        ap.error(f"--log-attention-every must be an integer >= 0 (0 = never), got {args.log_attention_every}")
+    if args.attn and args.attn not in TRANSFORMERS_IMPLEMENTATIONS:
+        try:
+            args.attn = plugin.canonical_spec(args.attn)
+        except ValueError as err:
+            ap.error(f"--attn: {err} (or one of transformers' own: {', '.join(TRANSFORMERS_IMPLEMENTATIONS)})")
+    if args.attn_schedule:
+        if not args.attn or args.attn in TRANSFORMERS_IMPLEMENTATIONS:
+            ap.error("--attn-schedule moves a parameter of --attn's spec; give --attn a spec such as "
+                     "'entmax:alpha=1.5' (per-role models: --encoder-attn-schedule, --decoder-attn-schedule, "
+                     "--cross-attn-schedule)")
+        try:
+            args.attn_schedule = str(plugin.parse_schedule(args.attn_schedule, args.attn, name="--attn-schedule"))
+        except ValueError as err:
+            ap.error(str(err))
     if args.from_config:
         valid = SEQ2SEQ_ARCHS if args.task == "seq2seq" else CLASSIFIER_ARCHS
         if args.arch not in valid:
@@ -349,7 +379,22 @@ def tiny_config(args: argparse.Namespace, tokenizer: Any, num_labels: int | None
     )
 
 
+def sparsifies(args: argparse.Namespace) -> bool:
+    """Whether ``--attn`` goes through ``hf_models.sparsify`` (learned parameters, a schedule, a Sparse* model)."""
+    if not args.attn or args.attn in TRANSFORMERS_IMPLEMENTATIONS:
+        return False
+    return bool(args.attn_schedule) or hf_models.per_module.learnable_spec(args.attn) is not None or (
+        args.from_config and args.arch in hf_models.SPARSE_FAMILIES)
+
+
 def build_model(args: argparse.Namespace, tokenizer: Any, label2id: dict[str, int] | None) -> Any:
+    model = _load_model(args, tokenizer, label2id)
+    if sparsifies(args):  # one mechanism per attention module, in place
+        hf_models.sparsify(model, args.attn, schedule=args.attn_schedule)
+    return model
+
+
+def _load_model(args: argparse.Namespace, tokenizer: Any, label2id: dict[str, int] | None) -> Any:
     from transformers import (
         AutoConfig,
         AutoModelForSeq2SeqLM,
@@ -367,7 +412,7 @@ def build_model(args: argparse.Namespace, tokenizer: Any, label2id: dict[str, in
             config.label2id, config.id2label = extra["label2id"], extra["id2label"]
         if args.arch in hf_models.SPARSE_FAMILIES:
             return hf_models.sparse_model_class(args.arch, task)(config)
-        if args.attn:
+        if args.attn and not sparsifies(args):
             hf_models.compat.set_attn_implementation(config, args.attn)
         return auto.from_config(config)
     stored = AutoConfig.from_pretrained(args.model_dir)
@@ -376,7 +421,7 @@ def build_model(args: argparse.Namespace, tokenizer: Any, label2id: dict[str, in
     if args.roles:
         model_type = stored.model_type
         return hf_models.sparse_model_class(model_type, task).from_pretrained(args.model_dir, **args.roles, **extra)
-    if args.attn:
+    if args.attn and not sparsifies(args):
         extra["attn_implementation"] = args.attn
     return auto.from_pretrained(args.model_dir, **extra)
 
@@ -400,7 +445,11 @@ def describe_attention(model: Any) -> dict[str, str]:
         described = {field: getattr(config, field) for field in hf_models.SPEC_FIELDS}
         described |= {f: getattr(config, f) for f in hf_models.SCHEDULE_FIELDS if getattr(config, f, None)}
         return described
-    return {"attn_implementation": str(hf_models.compat.attn_implementation(config))}
+    described = {"attn_implementation": str(hf_models.compat.attn_implementation(config))}
+    setting = getattr(config, hf_models.SPARSIFY_FIELD, None)
+    if setting is not None:
+        described[hf_models.SPARSIFY_FIELD] = setting
+    return described
 
 
 def align_special_tokens(model: Any, tokenizer: Any) -> None:
@@ -513,10 +562,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps, examples, loss_sum, loss_count = 0, 0, 0.0, 0
     history = []
     metrics: dict[str, Any] = {}
+    # the learned / scheduled attention parameters along the run: after `step` updates, the values the next
+    # update uses (a schedule at that step, learned alphas as trained so far)
+    attention_log: list[dict[str, Any]] = []
+
+    def log_attention() -> None:
+        if args.log_attention_every != 0 and (not attention_log or attention_log[-1]["step"] != steps):
+            values = hf_models.attention_parameter_values(accelerator.unwrap_model(model), step=steps)
+            if values:
+                attention_log.append({"step": steps, "values": values})
+
     for epoch in range(epochs):
         model.train()
         for batch in train_dl:
             plugin.set_schedule_step(model, steps)  # attention schedules: optimizer updates done so far
+            if args.log_attention_every and steps % args.log_attention_every == 0:
+                log_attention()
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -535,12 +596,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     break
         if args.eval_every_epoch or steps >= total_steps or epoch == epochs - 1:
             metrics = evaluate(model, valid_dl, tokenizer, accelerator, args)
+            if args.log_attention_every is None:
+                log_attention()
             history.append({"epoch": epoch + 1, "step": steps,
                             **{k: v for k, v in metrics.items() if k not in ("examples", "mechanisms_seen")}})
             accelerator.print(json.dumps({"epoch": epoch + 1, "step": steps, **metrics}))
         if steps >= total_steps:
             break
     progress.close()
+    if args.log_attention_every:
+        log_attention()  # after the last update
 
     # per-process counts, gathered: evidence that every process trained
     counts = accelerator.gather(torch.tensor([[steps, examples]], device=accelerator.device)).tolist()
@@ -569,6 +634,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_loss": float(train_loss.mean()),
         **metrics,
         "history": history,
+        **({"attention_parameters": attention_log} if args.log_attention_every != 0 else {}),
         "output_dir": str(out_dir),
         "seconds": round(time.time() - start, 2),
     }

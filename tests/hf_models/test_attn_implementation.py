@@ -197,11 +197,14 @@ def test_register_spec_returns_the_canonical_name():
     assert "entmax:alpha=1.3" in hf_models.registered_names()
 
 
-def test_learned_parameters_are_refused_on_the_generic_route(tmp_path):
+def test_learned_parameters_sparsify_the_model_instead_of_sharing_one_mechanism(tmp_path):
     stock_model("gpt2", "eager").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="trainable parameters"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="entmax:alpha=learned")
-    with pytest.raises(ValueError, match="trainable parameters"):
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="entmax:alpha=learned")
+    assert model.config._attn_implementation == hf_models.PER_MODULE
+    mechanisms = hf_models.attention_mechanisms(model)
+    assert len(mechanisms) == 2 and all(m.learnable for m in mechanisms.values())
+    assert len({id(m) for m in mechanisms.values()}) == 2, "each module holds its own parameters"
+    with pytest.raises(ValueError, match="hf_models.sparsify"):
         hf_models.register_spec("entmax:alpha=learned")
 
 

@@ -172,3 +172,40 @@ def test_the_per_module_name_reaches_the_mechanism_of_each_attention_module():
     with torch.no_grad(), plugin.record_calls() as calls:
         model(**model_inputs("bart"))
     assert {c.role for c in calls} == {"encoder", "decoder", "cross"}
+
+
+def test_attention_modules_are_found_by_their_call_of_the_interface():
+    from transformers.models.bert.modeling_bert import BertAttention, BertSelfAttention
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM
+
+    assert compat.calls_attention_interface(BertSelfAttention), "BertSelfAttention no longer calls get_interface("
+    assert compat.calls_attention_interface(LlamaAttention)
+    assert not compat.calls_attention_interface(BertAttention)  # the wrapper around BertSelfAttention
+    assert not compat.calls_attention_interface(LlamaForCausalLM)  # models (PreTrainedModel's source names it)
+    assert not compat.calls_attention_interface(torch.nn.Linear)
+    llama = stock_model("llama")
+    found = [n for n, m in llama.named_modules() if compat.calls_attention_interface(type(m))]
+    assert found == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    # Llama keeps the head count in its config only
+    assert not hasattr(llama.model.layers[0].self_attn, "num_heads")
+    assert compat.attention_heads(llama.model.layers[0].self_attn) == 4
+
+
+def test_post_init_ends_construction_and_initialize_weights_runs_after_loading(tmp_path):
+    events = []
+    original = (PreTrainedModel.post_init, PreTrainedModel.initialize_weights)
+    try:
+        compat.install_model_hooks(lambda m: events.append(("post_init", type(m).__name__)),
+                                   lambda m: events.append(("initialize_weights", all(
+                                       p.device.type != "meta" for p in m.parameters()))))
+        stock = stock_model("llama")
+        assert ("post_init", "LlamaForCausalLM") == events[-1], "post_init no longer ends the model's __init__"
+        stock.save_pretrained(tmp_path)
+        events.clear()
+        type(stock).from_pretrained(tmp_path)
+        assert ("post_init", "LlamaForCausalLM") in events
+        assert events[-1] == ("initialize_weights", True), "from_pretrained no longer initializes after loading"
+    finally:
+        PreTrainedModel.post_init, PreTrainedModel.initialize_weights = original
+    hf_models.install_hooks()  # idempotent: the installed hooks stay
+    assert (PreTrainedModel.post_init, PreTrainedModel.initialize_weights) == original
