@@ -131,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="peak learning rate of AdamW (linear decay); a small model built with --from-config "
                        "learns faster with about 3e-3, a pretrained one is usually fine-tuned with 1e-5 to 1e-4")
     train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms)")
+    train.add_argument("--attention-lr", type=float, default=None,
+                       help="peak learning rate of the attention mechanisms' own parameters (a learned alpha), "
+                       "without weight decay (default: --lr, with --weight-decay). A pretrained model's --lr "
+                       "moves alpha very little in a short fine-tuning")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0 = no clipping)")
@@ -184,6 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.task == "classification" and roles and args.arch not in hf_models.SPARSE_FAMILIES:
             ap.error(f"--arch {args.arch}: per-role flags need a Sparse* family "
                      f"({', '.join(hf_models.SPARSE_FAMILIES)}); use --attn")
+    if args.attention_lr is not None and not args.attention_lr > 0:
+        ap.error(f"--attention-lr must be a number > 0, got {args.attention_lr}")
     for name in ("dropout", "attention_dropout"):
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:
@@ -476,6 +482,27 @@ def align_special_tokens(model: Any, tokenizer: Any) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+def parameter_groups(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: weights with decay, biases and norms without; with ``--attention-lr``,
+    the attention mechanisms' own parameters (a learned alpha) in a third group at that rate, without
+    decay (without the flag they train like any weight)."""
+    mechanism_params: set[int] = set()
+    if args.attention_lr is not None:
+        mechanism_params = {id(p) for m in model.modules() if isinstance(m, plugin.AttentionMechanism)
+                            for p in m.parameters()}
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm")
+    named = [(n, p) for n, p in model.named_parameters() if id(p) not in mechanism_params]
+    groups = [
+        {"params": [p for n, p in named if not any(k in n for k in no_decay)], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    mechanisms = [p for p in model.parameters() if id(p) in mechanism_params]
+    if mechanisms:
+        groups.append({"params": mechanisms, "weight_decay": 0.0, "lr": args.attention_lr})
+    return [g for g in groups if g["params"]]
+
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     check_launch()
@@ -542,12 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_dl = DataLoader(data["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     valid_dl = DataLoader(data["validation"], batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate)
 
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
-         "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
+    groups = parameter_groups(model, args)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.grad_accum)
     total_steps = args.max_steps or steps_per_epoch * args.epochs

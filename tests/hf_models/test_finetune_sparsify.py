@@ -91,3 +91,23 @@ def test_bad_flags_are_refused_while_parsing(extra, words, classification, tmp_p
     err = capsys.readouterr().err
     for word in words:
         assert word in err, (word, err)
+
+
+def test_attention_lr_gives_the_learned_alphas_their_own_group_without_decay():
+    import argparse
+
+    finetune = _finetune_module()
+    model = hf_models.sparsify(stock_model("bert"), "entmax:alpha=learned")
+    alphas = {id(p) for m in hf_models.attention_mechanisms(model).values() for p in m.parameters()}
+    assert alphas
+    args = argparse.Namespace(lr=1e-4, weight_decay=0.01, attention_lr=0.02)
+    groups = finetune.parameter_groups(model, args)
+    assert [{id(p) for p in g["params"]} == alphas for g in groups] == [False, False, True]
+    assert groups[-1]["lr"] == 0.02 and groups[-1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # without the flag the alphas train like any weight (as before the flag existed)
+    plain = finetune.parameter_groups(model, argparse.Namespace(lr=1e-4, weight_decay=0.01, attention_lr=None))
+    assert len(plain) == 2 and alphas <= {id(p) for p in plain[0]["params"]}
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--task", "classification", "--train-file", "a.csv", "--valid-file", "b.csv",
+                             "--from-config", "--arch", "bert", "--output-dir", "o", "--attention-lr", "0"])
