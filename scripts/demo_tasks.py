@@ -838,14 +838,17 @@ def models_section(out: Path, results: dict[str, Any]) -> list[str]:
             f"`{_shown(data / 'test.en')}`) with the optimal-stop beam search; then the test set with the "
             "cross-attention weights of the last layer (`A-` lines; exact zeros where the mechanism is sparse). "
             "`--print-alignment soft` works in fairseq-generate only: fairseq-interactive crashes with it inside "
-            "fairseq (`--print-alignment hard` works there). `--user-dir` is needed every time.",
+            "fairseq (`--print-alignment hard` works there). `--user-dir` is needed every time; the length "
+            f"limit (at most {MAX_LEN_A} x source + {MAX_LEN_B} tokens) is the one the numbers above were "
+            "decoded with.",
             "",
             "```bash",
             f'echo "{source}" | fairseq-interactive {bin_dir} --user-dir {user_dir} \\',
             f"    --path {ckpt} --source-lang en --target-lang de \\",
-            "    --task translation_optimal_stop --beam 5 --cpu",
+            f"    --task translation_optimal_stop --beam 5 --max-len-a {MAX_LEN_A} --max-len-b {MAX_LEN_B} --cpu",
             f"fairseq-generate {bin_dir} --user-dir {user_dir} --path {ckpt} \\",
-            "    --beam 5 --print-alignment soft --batch-size 64 --required-batch-size-multiple 1 --cpu",
+            f"    --beam 5 --max-len-a {MAX_LEN_A} --max-len-b {MAX_LEN_B} --print-alignment soft \\",
+            "    --batch-size 64 --required-batch-size-multiple 1 --cpu",
             "```",
             "",
             "The alignment of your own sentence, from Python (docs/fairseq.md):",
