@@ -18,7 +18,8 @@ Three tasks, each comparing mechanisms side by side, every mechanism with severa
    the attention (discrete, or a continuous density) localizes the digit's box.
 The jobs run in parallel worker processes with one torch thread each (tiny models run faster on
 one thread per process than on several contended ones). Everything goes to one folder:
-report.md, PNG plots, results.json, logs and the data.
+report.md, PNG plots, results.json, logs, the data and the trained translation models
+(report.md, "Use the trained models", gives their paths and the commands that load them).
 """
 
 from __future__ import annotations

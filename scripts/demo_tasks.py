@@ -320,9 +320,11 @@ def run_fairseq_job(label: str, spec: str, seed: int, epochs: int, data_dir: Pat
     decoded = decode_fairseq(models, task, data_dir)
     analysis = analyse_fairseq_model(models[0], task, data_dir)
     curve = parse_fairseq_log(save / "train.log")
-    for extra in ("checkpoint_best.pt", "checkpoint_last.pt"):
-        (save / extra).unlink(missing_ok=True)
+    # the model the numbers come from stays (checkpoint_last.pt, about 1 MB without the optimizer state:
+    # the report says how to use it); checkpoint_best.pt (best validation loss) would be a second model
+    (save / "checkpoint_best.pt").unlink(missing_ok=True)
     return {
+        "model_path": str(save / "checkpoint_last.pt"),
         "route": "fairseq", "mechanism": label, "spec": spec, "seed": seed,
         "train_seconds": train_s, "eval_seconds": time.time() - t0,
         "updates": int(curve[-1]["train_num_updates"]) if curve and "train_num_updates" in curve[-1] else 0,
@@ -422,9 +424,8 @@ def run_hf_job(label: str, spec: str, seed: int, epochs: int, data_dir: Path, wo
                                  max_new_tokens=MAX_LEN_A * batch["input_ids"].shape[1] + MAX_LEN_B)
             hyps += [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
     refs = [r["target"] for r in rows]
-    for path in save.glob("*.safetensors"):
-        path.unlink()
     return {
+        "model_path": str(save),  # config.json, model.safetensors and the tokenizer: from_pretrained(save)
         "route": "hf", "mechanism": label, "spec": spec, "seed": seed,
         "train_seconds": train_s, "eval_seconds": time.time() - t0,
         "greedy_bleu": float(metrics["bleu"]), "greedy_exact": float(metrics["exact_match"]),
@@ -792,10 +793,97 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
             )
         lines += ["", canvas_summary(groups), "", "![attention on canvases](canvas_attention.png)", ""]
     lines += [SUMMARY_END, ""]
+    lines += models_section(out, results)
     lines += time_section(results)
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (the report's commands run from there)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _example_run(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run of the first sparse mechanism (its alignments show exact zeros), else the first run."""
+    return next((g["runs"][0] for g in groups if g["spec"] != "softmax"), groups[0]["runs"][0])
+
+
+def models_section(out: Path, results: dict[str, Any]) -> list[str]:
+    """Where the trained translation models are, and the commands that use them."""
+    routes = [r for r in ("fairseq", "hf") if r in results]
+    if not routes:
+        return []
+    data = out / "data"
+    source = (data / "test.en").read_text(encoding="utf-8").splitlines()[0]
+    lines = [
+        "## Use the trained models",
+        "",
+        "Every translation model of this run is kept (the canvas models are not). Commands from the "
+        "repository root, with the venv's tools on the PATH.",
+        "",
+        "| route | mechanism | seed | model |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {route} | {g['mechanism']} | {r['seed']} | `{_shown(r['model_path'])}` |"
+              for route in routes for g in results[route] for r in g["runs"]]
+    lines.append("")
+    if "fairseq" in results:
+        run_ = _example_run(results["fairseq"])
+        ckpt, bin_dir, user_dir = _shown(run_["model_path"]), _shown(data / "data-bin"), _shown(USER_DIR)
+        lines += [
+            f"fairseq ({run_['mechanism']}, seed {run_['seed']}): translate your own sentence (tokenized as "
+            f"`{_shown(data / 'test.en')}`) with the optimal-stop beam search; then the test set with the "
+            "cross-attention weights of the last layer (`A-` lines; exact zeros where the mechanism is sparse). "
+            "`--print-alignment soft` works in fairseq-generate only: fairseq-interactive crashes with it inside "
+            "fairseq (`--print-alignment hard` works there). `--user-dir` is needed every time; the length "
+            f"limit (at most {MAX_LEN_A} x source + {MAX_LEN_B} tokens) is the one the numbers above were "
+            "decoded with.",
+            "",
+            "```bash",
+            f'echo "{source}" | fairseq-interactive {bin_dir} --user-dir {user_dir} \\',
+            f"    --path {ckpt} --source-lang en --target-lang de \\",
+            f"    --task translation_optimal_stop --beam 5 --max-len-a {MAX_LEN_A} --max-len-b {MAX_LEN_B} --cpu",
+            f"fairseq-generate {bin_dir} --user-dir {user_dir} --path {ckpt} \\",
+            f"    --beam 5 --max-len-a {MAX_LEN_A} --max-len-b {MAX_LEN_B} --print-alignment soft \\",
+            "    --batch-size 64 --required-batch-size-multiple 1 --cpu",
+            "```",
+            "",
+            "The alignment of your own sentence, from Python (docs/fairseq.md):",
+            "",
+            "```python",
+            "from fairseq.models.transformer import TransformerModel",
+            "",
+            f'hub = TransformerModel.from_pretrained("{_shown(Path(run_["model_path"]).parent)}", '
+            f'checkpoint_file="checkpoint_last.pt",',
+            f'                                     data_name_or_path="{bin_dir}", user_dir="{user_dir}")',
+            f'best = hub.generate([hub.encode("{source}")], beam=5)[0][0]',
+            'print(hub.decode(best["tokens"]))',
+            'weights = best["attention"]   # (source words + </s>, target words + </s>), e.g. plt.imshow(weights.T)',
+            "```",
+            "",
+        ]
+    if "hf" in results:
+        run_ = _example_run(results["hf"])
+        lines += [
+            f"HuggingFace ({run_['mechanism']}, seed {run_['seed']}): `from_pretrained` on the folder "
+            "(`import hf_models` registers the sparse classes with the Auto classes).",
+            "",
+            "```python",
+            "import hf_models",
+            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+            "",
+            f'tok = AutoTokenizer.from_pretrained("{_shown(run_["model_path"])}")',
+            f'model = AutoModelForSeq2SeqLM.from_pretrained("{_shown(run_["model_path"])}").eval()',
+            f'batch = tok(["{source}"], return_tensors="pt")',
+            'out = model.generate(**batch, num_beams=5, early_stopping="never", max_new_tokens=40)',
+            "print(tok.batch_decode(out, skip_special_tokens=True))",
+            "```",
+            "",
+        ]
+    return lines
 
 
 def time_section(results: dict[str, Any]) -> list[str]:

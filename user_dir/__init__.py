@@ -3,7 +3,9 @@
     fairseq-train DATA --user-dir user_dir --arch sparse_transformer \\
         --encoder-attn sparsemax --decoder-attn "entmax:alpha=learned" --cross-attn "fusedmax:lam=0.5"
 
-Importing it registers the ``sparse_transformer`` model and its architectures, allows the
+Importing it registers the ``sparse_transformer`` model and its architectures and the
+``translation_optimal_stop`` task (fairseq's translation with a beam search that stops
+optimally: ``fairseq-generate ... --task translation_optimal_stop``), allows the
 globals of fairseq checkpoints for ``torch.load(weights_only=True)`` and silences the warnings
 that fairseq 0.12 commands print and that are known to be harmless (``user_dir.quiet``).
 See docs/fairseq.md.
@@ -35,6 +37,7 @@ silence_known_fairseq_logs()
 
 from .checkpoint_globals import allow_fairseq_checkpoint_globals, reallow_at_each_load  # noqa: E402
 from .models import sparse_transformer  # noqa: E402, F401  (registers the model and architectures)
+from .tasks import translation_optimal_stop  # noqa: E402, F401  (registers the task)
 
 allow_fairseq_checkpoint_globals()
 reallow_at_each_load()

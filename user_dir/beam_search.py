@@ -24,7 +24,10 @@ stops no earlier than the bound allows, so its best score is never below fairseq
     hypos = task.inference_step(search, models, sample)   # or search.generate(models, sample)
 
 The result has fairseq's layout: per sentence, a list of up to ``beam_size`` dicts with
-``tokens`` (ending in ``</s>``), ``score`` and ``positional_scores``, best first.
+``tokens`` (ending in ``</s>``), ``score`` and ``positional_scores``, best first (and
+``attention`` and ``alignment``, always None). From the command line, ``--task
+translation_optimal_stop`` (``user_dir/tasks/translation_optimal_stop.py``) makes
+fairseq-generate and fairseq-interactive decode with it.
 """
 
 from __future__ import annotations
@@ -135,7 +138,13 @@ class OptimalStopBeamSearch(nn.Module):
                 row = b * K + k
                 hyp_tokens = torch.cat([tokens[row, 1 : step + 1], tokens.new_tensor([eos])])
                 hyp_pos = torch.cat([positional[row, :step], lprobs[row, eos : eos + 1]])
-                finished[b].append({"tokens": hyp_tokens, "score": ended_norm[b, k], "positional_scores": hyp_pos})
+                finished[b].append({
+                    "tokens": hyp_tokens,
+                    "score": ended_norm[b, k],
+                    "positional_scores": hyp_pos,
+                    "attention": None,  # fairseq's keys; its command-line tools read "alignment"
+                    "alignment": None,
+                })
             if any(len(f) > K for f in finished):
                 finished = [sorted(f, key=lambda h: -float(h["score"]))[:K] for f in finished]
             best = torch.maximum(best, torch.where(done[:, None], -math.inf, ended_norm).max(1).values)

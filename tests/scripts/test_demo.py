@@ -1,11 +1,15 @@
 """The main job (scripts/demo.py): corpus, seed aggregation, greedy-vs-beam reporting, and the
 pipeline end to end at a reduced tiny size."""
 
+import io
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -101,14 +105,22 @@ def test_greedy_and_beam_are_compared_seed_by_seed():
     assert lines[1].startswith("Beam B is below greedy by more than the spread for: m (-9.7 ± ")
 
 
-def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "FAIRSEQ_MECHANISMS", [("softmax", "softmax"),
-                                                     ("entmax (learned alpha)", "entmax:alpha=learned"),
-                                                     ("continuous sparsemax", "sparsemax+continuous_sparsemax")])
-    monkeypatch.setattr(demo, "HF_MECHANISMS", [("sparsemax", "sparsemax")])
-    monkeypatch.setattr(demo, "CANVAS_MECHANISMS", ["discrete sparsemax", "continuous sparsemax"])
-    out = tmp_path / "demo"
-    assert demo.main(["--size", "tiny", "--out", str(out), "--seeds", "2", "--workers", "2"]) == 0
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One tiny run of the whole pipeline (3 fairseq, 1 HF and 2 canvas mechanisms, 2 seeds), shared."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(demo, "FAIRSEQ_MECHANISMS", [("softmax", "softmax"),
+                                                         ("entmax (learned alpha)", "entmax:alpha=learned"),
+                                                         ("continuous sparsemax", "sparsemax+continuous_sparsemax")])
+        monkeypatch.setattr(demo, "HF_MECHANISMS", [("sparsemax", "sparsemax")])
+        monkeypatch.setattr(demo, "CANVAS_MECHANISMS", ["discrete sparsemax", "continuous sparsemax"])
+        out = tmp_path_factory.mktemp("run") / "demo"
+        assert demo.main(["--size", "tiny", "--out", str(out), "--seeds", "2", "--workers", "2"]) == 0
+    return out
+
+
+def test_demo_pipeline_runs_every_task_and_writes_the_report(demo_run):
+    out = demo_run
 
     results = json.loads((out / "results.json").read_text())
     fs = results["fairseq"]
@@ -149,6 +161,53 @@ def test_demo_pipeline_runs_every_task_and_writes_the_report(tmp_path, monkeypat
                 "canvas_attention.png"]:
         assert (out / png).stat().st_size > 1000
         assert png in report
+
+
+def _fenced(report: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", report, flags=re.S)
+
+
+def test_the_models_are_kept_and_the_report_commands_use_them(demo_run, capsys, monkeypatch):
+    """Run the report's own commands: fairseq-interactive on a sentence, fairseq-generate with soft
+    alignments, the fairseq hub from Python, and from_pretrained on the HF model."""
+    from fairseq_cli import generate, interactive
+
+    out = demo_run
+    results = json.loads((out / "results.json").read_text())
+    runs = [r for route in ("fairseq", "hf") for g in results[route] for r in g["runs"]]
+    assert len(runs) == 2 * (3 + 1)
+    for r in runs:
+        path = Path(r["model_path"])
+        assert (path / "model.safetensors").exists() if r["route"] == "hf" else path.name == "checkpoint_last.pt"
+        assert path.exists()
+    report = (out / "report.md").read_text()
+    assert "## Use the trained models" in report and all(r["model_path"] in report for r in runs)
+
+    (bash,) = _fenced(report, "bash")
+    commands = bash.replace("\\\n", " ").strip().splitlines()
+    sentence, interactive_cmd = commands[0].split(" | ")
+    source = shlex.split(sentence)[1]
+    n_test = demo.SIZES["tiny"]["test"]
+    for cmd, stdin, tool, expected in ((interactive_cmd, source + "\n", interactive, ("H-", 1)),
+                                       (commands[1], "", generate, ("A-", n_test))):
+        argv = shlex.split(cmd)
+        assert argv[0] == f"fairseq-{tool.__name__.split('.')[-1]}"
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        tool.cli_main()
+        printed = capsys.readouterr().out.splitlines()
+        assert sum(line.startswith(expected[0]) for line in printed) == expected[1], printed[-5:]
+
+    fairseq_py, hf_py = _fenced(report, "python")
+    spaces: list[dict] = [{}, {}]
+    for code, namespace in zip((fairseq_py, hf_py), spaces):
+        exec(compile(code, "report.md", "exec"), namespace)
+    fs, hf = spaces
+    # the alignment: source words + </s> by target tokens + </s>; each target row sums to 1
+    assert fs["weights"].shape == (len(source.split()) + 1, len(fs["best"]["tokens"]))
+    assert torch.allclose(fs["weights"].sum(0), torch.ones(fs["weights"].shape[1]), atol=1e-4)
+    assert hf["model"].config.model_type == "sparse_marian" and hf["out"].shape[0] == 1
 
 
 def test_jobs_are_ordered_longest_first():

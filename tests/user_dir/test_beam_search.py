@@ -13,7 +13,17 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from user_dir.beam_search import OptimalStopBeamSearch
 
-from .helpers import PAIRS, build_model, make_batch, sharpen
+from .helpers import (
+    PAIRS,
+    USER_DIR,
+    build_model,
+    generate_argv,
+    make_batch,
+    parse_generate_output,
+    preprocess,
+    run_cli,
+    sharpen,
+)
 
 # A language model over {x, y} that ignores the source: next-token probabilities after each
 # prefix ("" = the start). fairseq's beam 2 ends "x </s>" and "x x </s>" (each among the two
@@ -148,3 +158,111 @@ def test_bad_arguments_name_the_parameter():
     _, model, sample = _toy()
     with pytest.raises(ValueError, match="prefix_tokens"):
         OptimalStopBeamSearch(d).generate([model], sample, prefix_tokens=torch.zeros(1, 1))
+
+
+# ----------------------------------------------------------------------------- from the command line
+# The toy model above as a registered fairseq model, saved as a checkpoint, decoded by
+# fairseq-generate and fairseq-interactive with --task translation (fairseq's search) and with
+# --task translation_optimal_stop (user_dir/tasks/translation_optimal_stop.py).
+
+TOY_ARCH = "optimal_stop_table_toy"
+
+
+class _RegisteredTableModel(_TableModel):
+    @classmethod
+    def build_model(cls, args, task):
+        return cls(_Encoder(task.source_dictionary), _TableDecoder(task.target_dictionary))
+
+
+def _register_toy() -> None:
+    from fairseq.models import MODEL_REGISTRY, register_model, register_model_architecture
+
+    if TOY_ARCH not in MODEL_REGISTRY:
+        register_model(TOY_ARCH)(_RegisteredTableModel)
+        register_model_architecture(TOY_ARCH, TOY_ARCH)(lambda args: None)
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory):
+    """A binarized one-sentence test set ("x" -> "x x x") and a checkpoint of the table model."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    _register_toy()
+    corpus = tmp_path_factory.mktemp("toy-corpus")
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.src").write_text("x\n" if split == "test" else "x\ny\n")
+        (corpus / f"{split}.tgt").write_text("x x x\n" if split == "test" else "x x x\ny\n")
+    data = preprocess(corpus, tmp_path_factory.mktemp("toy-bin"))
+    args = options.parse_args_and_arch(
+        options.get_training_parser(), [str(data), "--user-dir", str(USER_DIR), "--arch", TOY_ARCH, "--cpu"]
+    )
+    checkpoint = data / "toy.pt"
+    torch.save(
+        {
+            "cfg": OmegaConf.to_container(convert_namespace_to_omegaconf(args)),
+            "model": {},
+            "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                                   "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+            "extra_state": {},
+        },
+        checkpoint,
+    )
+    return data, checkpoint
+
+
+def _generate(capsys, data, checkpoint, *extra: str) -> dict[int, str]:
+    capsys.readouterr()
+    run_cli("generate", generate_argv(data, checkpoint, "--max-len-b", "6", *extra))
+    hypos = parse_generate_output(capsys.readouterr().out)["H"]
+    return {i: line.split("\t")[1] for i, line in hypos.items()}
+
+
+def test_fairseq_generate_with_the_optimal_stop_task_returns_the_best_output(toy_checkpoint, capsys):
+    data, checkpoint = toy_checkpoint
+    expected, expected_score = _best_by_enumeration(6)
+    greedy = _generate(capsys, data, checkpoint, "--beam", "1")
+    stock = _generate(capsys, data, checkpoint, "--beam", "2")
+    ours = _generate(capsys, data, checkpoint, "--beam", "2", "--task", "translation_optimal_stop")
+    assert greedy == {0: expected}
+    assert stock == {0: "x"}  # fairseq's stop: beam 2 below greedy
+    assert ours == {0: expected}
+
+    capsys.readouterr()
+    run_cli("generate", generate_argv(data, checkpoint, "--max-len-b", "6", "--beam", "2",
+                                      "--task", "translation_optimal_stop", "--nbest", "2"))
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines() if line.startswith("H-0")]
+    assert [words for _, _, words in lines][0] == expected and len(lines) == 2
+    # fairseq-generate prints scores in base 2
+    assert float(lines[0][1]) == pytest.approx(expected_score / math.log(2), abs=1e-3)
+    assert float(lines[0][1]) >= float(lines[1][1])
+
+
+def test_fairseq_interactive_with_the_optimal_stop_task(toy_checkpoint, tmp_path, capsys):
+    data, checkpoint = toy_checkpoint
+    source = tmp_path / "input.txt"
+    source.write_text("x\n")
+    common = [str(data), "--user-dir", str(USER_DIR), "--path", str(checkpoint), "--cpu", "--input", str(source),
+              "--beam", "2", "--max-len-b", "6", "--source-lang", "src", "--target-lang", "tgt"]
+    out = {}
+    for task in ("translation", "translation_optimal_stop"):
+        capsys.readouterr()
+        run_cli("interactive", [*common, "--task", task])
+        out[task] = [line.split("\t")[2] for line in capsys.readouterr().out.splitlines() if line.startswith("H-")]
+    assert out == {"translation": ["x"], "translation_optimal_stop": ["x x x"]}
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--print-alignment"], "--print-alignment"),
+        (["--sampling", "--nbest", "3"], "--sampling"),
+        (["--diverse-beam-groups", "2"], "--diverse-beam-groups"),
+        (["--no-repeat-ngram-size", "2"], "--no-repeat-ngram-size"),
+    ],
+)
+def test_the_optimal_stop_task_refuses_the_options_it_does_not_implement(toy_checkpoint, flags, named):
+    data, checkpoint = toy_checkpoint
+    with pytest.raises(ValueError, match=f"{named}.*translation_optimal_stop.*--task translation"):
+        run_cli("generate", generate_argv(data, checkpoint, "--task", "translation_optimal_stop", *flags))

@@ -1,0 +1,1 @@
+"""Task registrations (fairseq imports every module of this folder)."""
