@@ -401,6 +401,8 @@ def run_hf_job(label: str, spec: str, seed: int, epochs: int, data_dir: Path, wo
         # attention dropout 0, as in the fairseq model: dropout on the weights would keep the sparse
         # mechanisms on their reference path (it needs the weights formed)
         "--dropout", "0.1", "--attention-dropout", "0",
+        # the number words are a closed vocabulary: one token per word (what these results were measured with)
+        "--tokenizer", "word",
     ]
     train_s = _finetune_in_process(cmd[2:], save / "finetune.log") if in_process else run(cmd, save / "finetune.log")
     metrics = json.loads((save / "metrics.json").read_text(encoding="utf-8"))

@@ -1,7 +1,9 @@
 """Fine-tune a seq2seq model or a classifier with any attention mechanism, with accelerate.
 
 Seq2seq (translation, summarization) with per-role mechanisms, from a local model or a tiny
-model built from a config; a word-level tokenizer is built from the data when the model has none:
+model built from a config; a tokenizer is built from the training split when the model has none
+(subword Unigram by default, ``--tokenizer bpe|word``); BLEU, chrF and exact match are measured
+against the raw target strings of the data file:
 
     python scripts/finetune.py --task seq2seq --train-file train.jsonl --valid-file valid.jsonl \\
         --source-column en --target-column de --from-config --arch bart --d-model 64 \\
@@ -26,7 +28,9 @@ then re-launches itself as N workers with torch.distributed.run),
 ``torchrun --nproc_per_node 2 scripts/finetune.py ...``.
 
 Writes the model (safetensors) and tokenizer to ``--output-dir``, ``metrics.json`` there, and
-prints the metrics as the last line of its output (JSON).
+prints the metrics as the last line of its output (JSON). ``--test-file`` is evaluated once with
+the final model (``test_*`` metrics); ``--predictions-file`` writes source, prediction and reference
+of each evaluated example as jsonl.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ ROLE_FLAGS = {"encoder_attn": "--encoder-attn", "decoder_attn": "--decoder-attn"
 SCHEDULE_FLAGS = {f"{flag}-schedule": f"{field}_schedule" for field, flag in ROLE_FLAGS.items()}
 TRANSFORMERS_IMPLEMENTATIONS = hf_models.compat.TRANSFORMERS_NAMES  # --attn values: transformers' own attention
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+TOKENIZERS = ("unigram", "bpe", "word")  # built from the training split when the model has none
+PROGRESS_LINES = 10  # without a terminal: about this many plain progress lines per run ...
+PROGRESS_SECONDS = 60.0  # ... and at least one line this often
 SMALL_MACHINE_CORES = 4  # --threads 0: one thread per process up to this many cores per process
 
 
@@ -157,7 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="torch threads per process; 0 = automatic: $OMP_NUM_THREADS when set, else one thread "
                        f"when a process has at most {SMALL_MACHINE_CORES} cores (small models on small machines "
                        "run much faster so), else the cores per process")
+    add_text_options(ap)
     args = ap.parse_args(argv)
+    check_text_options(ap, args)
 
     roles = {field: getattr(args, field) for field in ROLE_FLAGS if getattr(args, field)}
     if roles and args.attn:
@@ -218,6 +227,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         roles[field] = text
     args.roles = roles
     return args
+
+
+def add_text_options(ap: argparse.ArgumentParser) -> None:
+    text = ap.add_argument_group("tokenizer built from the data, evaluation and predictions")
+    text.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
+                      help="the tokenizer trained on the training split (source and target texts) when the model "
+                      "has none: unigram or bpe (subwords: words unseen in training are spelled with pieces; "
+                      "decoding restores spaces and punctuation as written) or word (one token per word or "
+                      "punctuation mark; unseen words become <unk>). Default: unigram")
+    text.add_argument("--vocab-size", type=int, default=8000,
+                      help="size of the tokenizer built from the data (at most; special tokens included)")
+    text.add_argument("--test-file", help="test examples (same format and columns), evaluated once at the end with "
+                      "the final model: test_* metrics")
+    text.add_argument("--predictions-file", metavar="PATH",
+                      help="write source, prediction and reference of every example of the last validation "
+                      "(and of the test set) as jsonl, one object per line with its split")
+
+
+def check_text_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.vocab_size < len(SPECIALS) + 1:
+        ap.error(f"--vocab-size must be at least {len(SPECIALS) + 1} (the special tokens and one more), "
+                 f"got {args.vocab_size}")
+    if args.tokenizer is not None and has_tokenizer(args.model_dir):
+        ap.error(f"--tokenizer {args.tokenizer}: {args.model_dir} has its own tokenizer, which is used; "
+                 "--tokenizer only chooses the one built from the data when the model has none")
+    if args.test_file and Path(args.test_file).suffix.lower() != Path(args.train_file).suffix.lower():
+        ap.error(f"--test-file must have the format of --train-file ({Path(args.train_file).suffix}), "
+                 f"got {args.test_file}")
 
 
 def choose_threads(requested: int = 0) -> int:
@@ -286,9 +323,12 @@ def check_launch() -> None:
 
 
 def load_splits(args: argparse.Namespace, cache_dir: str) -> Any:
+    """The splits ``train``, ``validation`` (and ``test`` with ``--test-file``) as a ``DatasetDict``."""
     from datasets import load_dataset
 
     files = {"train": args.train_file, "validation": args.valid_file}
+    if getattr(args, "test_file", None):
+        files["test"] = args.test_file
     suffixes = {Path(f).suffix.lower() for f in files.values()}
     if len(suffixes) != 1:
         raise SystemExit(f"finetune.py: train and valid files must have the same format, got {sorted(suffixes)}")
@@ -313,32 +353,94 @@ def load_splits(args: argparse.Namespace, cache_dir: str) -> Any:
     return raw
 
 
-def build_word_tokenizer(texts: list[str], task: str) -> Any:
-    """A word-level tokenizer over ``texts`` (whitespace and punctuation split), as a transformers tokenizer."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+def _finish_tokenizer(tok: Any, task: str) -> Any:
+    """Add the template (seq2seq: "x </s>" as Marian/T5 do; classification: "<s> x </s>", the first token
+    pools) and wrap ``tok`` as a transformers tokenizer."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(SPECIALS.values())
-    tok = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk"]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
     eos, bos = SPECIALS["eos"], SPECIALS["bos"]
-    # seq2seq: "x </s>" as Marian/T5 do; classification: "<s> x </s>" (the first token pools)
     single = f"$A {eos}" if task == "seq2seq" else f"{bos} $A {eos}"
     tok.post_processor = processors.TemplateProcessing(
         single=single, special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=SPECIALS["pad"], bos_token=bos, eos_token=eos, unk_token=SPECIALS["unk"]
+        tokenizer_object=tok, pad_token=SPECIALS["pad"], bos_token=bos, eos_token=eos, unk_token=SPECIALS["unk"],
+        clean_up_tokenization_spaces=False,
     )
+
+
+def _whitespace_normalizer() -> Any:
+    """Runs of whitespace (tabs, newlines, several spaces) become one space; ends are stripped."""
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+
+
+def build_word_tokenizer(texts: list[str], task: str, vocab_size: int = 8000) -> Any:
+    """A word-level tokenizer over ``texts``: one token per word (a run of characters that are neither
+    space nor punctuation) and one per punctuation mark, at most ``vocab_size`` entries; every word not
+    seen in ``texts`` is ``<unk>``.
+
+    A space before a token is part of it (``"▁Mann"``, ``","``), so decoding restores the spaces as
+    written: ``"Ein Mann, der"`` decodes to itself, not to ``"Ein Mann , der"``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk"]))
+    tok.normalizer = normalizers.Sequence([
+        _whitespace_normalizer(), normalizers.Prepend(" "), normalizers.Replace(" ", "\u2581"),
+    ])
+    mark = "\u2581"  # the space mark of Metaspace
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(f"{mark}?\\p{{P}}|{mark}?[^{mark}\\p{{P}}]+|{mark}"),
+                                             behavior="isolated")
+    tok.decoder = decoders.Metaspace()  # marks back to spaces, the first one dropped
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
+                                        show_progress=sys.stderr.isatty())
+    tok.train_from_iterator(texts, trainer)
+    return _finish_tokenizer(tok, task)
+
+
+def build_subword_tokenizer(texts: list[str], task: str, kind: str = "unigram", vocab_size: int = 8000) -> Any:
+    """A subword tokenizer trained on ``texts``: ``kind`` ``"unigram"`` (SentencePiece's model) or ``"bpe"``.
+
+    Words are split at spaces, marked with a leading ``"▁"`` (Metaspace), so decoding restores the
+    text as written (spaces and punctuation, runs of whitespace as one space). A word unseen in
+    ``texts`` is spelled with pieces; only characters never seen (nor ASCII letters, digits and
+    punctuation, always in the vocabulary) become ``<unk>``.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = list(SPECIALS.values())
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation)
+    show = sys.stderr.isatty()
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        trainer: Any = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                               unk_token=SPECIALS["unk"], initial_alphabet=alphabet,
+                                               show_progress=show)
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk"]))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                      show_progress=show)
+    else:
+        raise ValueError(f"kind must be one of unigram, bpe, got {kind!r}")
+    tok.normalizer = _whitespace_normalizer()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainer)
+    return _finish_tokenizer(tok, task)
+
+
+def build_tokenizer(texts: list[str], task: str, kind: str = "unigram", vocab_size: int = 8000) -> Any:
+    """The tokenizer ``--tokenizer kind`` trained on ``texts`` (the training split only)."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {kind!r}")
+    if kind == "word":
+        return build_word_tokenizer(texts, task, vocab_size)
+    return build_subword_tokenizer(texts, task, kind, vocab_size)
 
 
 def has_tokenizer(model_dir: str | None) -> bool:
@@ -502,6 +604,50 @@ def parameter_groups(model: Any, args: argparse.Namespace) -> list[dict[str, Any
     return [g for g in groups if g["params"]]
 
 
+def quiet_library_progress_bars() -> None:
+    """Without a terminal, turn off the progress bars of datasets, transformers and huggingface_hub
+    (loading, tokenizing, saving): their carriage-return updates would fill logs and pipes."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+class Progress:
+    """Training progress: a tqdm bar on a terminal; elsewhere (logs, pipes) plain lines without carriage
+    returns: step, running loss, elapsed seconds, about every tenth of the steps (``PROGRESS_LINES``)
+    and at least every ``PROGRESS_SECONDS``, and at the last step."""
+
+    def __init__(self, total: int, enabled: bool = True, stream: Any = None) -> None:
+        self.total, self.enabled, self.step = max(total, 1), enabled, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = tqdm(total=total, desc="training", file=self.stream) if enabled and self.stream.isatty() else None
+        self.every = max(1, math.ceil(self.total / PROGRESS_LINES))
+        self.start = self.last = time.monotonic()
+
+    def update(self, loss: float) -> None:
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+            return
+        now = time.monotonic()
+        if not self.enabled or not (self.step % self.every == 0 or self.step == self.total
+                                    or now - self.last >= PROGRESS_SECONDS):
+            return
+        self.last = now
+        print(f"training: step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%), loss {loss:.4f}, "
+              f"{now - self.start:.1f} s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
@@ -520,6 +666,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
+    quiet_library_progress_bars()
     with accelerator.main_process_first():
         raw = load_splits(args, cache_dir=str(out_dir / ".datasets_cache"))
 
@@ -539,7 +686,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if built_tokenizer:
         cols = [args.source_column, args.target_column] if seq2seq else [args.text_column]
         texts = [str(t) for c in cols for t in raw["train"][c]]
-        tokenizer = build_word_tokenizer(texts, args.task)
+        tokenizer = build_tokenizer(texts, args.task, args.tokenizer or "unigram", args.vocab_size)
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
 
@@ -562,6 +709,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with accelerator.main_process_first():
         data = raw.map(preprocess, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
+    for split in data:  # evaluated splits keep their row numbers: predictions are scored against the file's texts
+        if split != "train":
+            data[split] = data[split].add_column("example_index", list(range(len(data[split]))))
     if seq2seq:
         collate = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     else:
@@ -579,8 +729,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               num_training_steps=total_steps * accelerator.num_processes)
     model, optimizer, train_dl, valid_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, valid_dl,
                                                                           scheduler)
+    test_dl = None
+    if "test" in data:
+        test_dl = accelerator.prepare(DataLoader(data["test"], batch_size=args.eval_batch_size, shuffle=False,
+                                                 collate_fn=collate))
 
-    progress = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="training")
+    progress = Progress(total_steps, enabled=accelerator.is_local_main_process)
     steps, examples, loss_sum, loss_count = 0, 0, 0.0, 0
     history = []
     metrics: dict[str, Any] = {}
@@ -594,6 +748,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if values:
                 attention_log.append({"step": steps, "values": values})
 
+    predictions: dict[str, list[dict[str, Any]]] = {}
     for epoch in range(epochs):
         model.train()
         for batch in train_dl:
@@ -612,12 +767,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
             if accelerator.sync_gradients:
                 steps += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_sum / loss_count:.3f}")
+                progress.update(loss_sum / loss_count)
                 if steps >= total_steps:
                     break
         if args.eval_every_epoch or steps >= total_steps or epoch == epochs - 1:
-            metrics = evaluate(model, valid_dl, tokenizer, accelerator, args)
+            metrics = evaluate(model, valid_dl, tokenizer, accelerator, args, raw["validation"])
+            predictions["valid"] = metrics.pop("predictions")
             if args.log_attention_every is None:
                 log_attention()
             history.append({"epoch": epoch + 1, "step": steps,
@@ -628,6 +783,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress.close()
     if args.log_attention_every:
         log_attention()  # after the last update
+    if test_dl is not None:  # once, with the final model
+        test_metrics = evaluate(model, test_dl, tokenizer, accelerator, args, raw["test"], split="test")
+        predictions["test"] = test_metrics.pop("predictions")
+        accelerator.print(json.dumps({"step": steps, **test_metrics}))
+        metrics.update(test_metrics)
+    if args.predictions_file and accelerator.is_main_process:
+        write_predictions(args.predictions_file, predictions)
 
     # per-process counts, gathered: evidence that every process trained
     counts = accelerator.gather(torch.tensor([[steps, examples]], device=accelerator.device)).tolist()
@@ -668,48 +830,105 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: Any, valid_dl: DataLoader, tokenizer: Any, accelerator: Accelerator,
-             args: argparse.Namespace) -> dict[str, Any]:
-    """Validation loss; accuracy (classification) or BLEU and exact match of generate() (seq2seq)."""
+def evaluate(model: Any, dl: DataLoader, tokenizer: Any, accelerator: Accelerator, args: argparse.Namespace,
+             raw_split: Any, split: str = "valid") -> dict[str, Any]:
+    """Loss; accuracy (classification) or BLEU, chrF and exact match of ``generate()`` (seq2seq).
+
+    Predictions are scored against the texts of ``raw_split`` (the data file's strings, matched by
+    the ``example_index`` of each batch), never against text decoded from the label ids: a
+    tokenizer that cannot spell a reference word then costs the score it should. ``split``
+    ``"valid"`` keeps the names ``valid_loss``, ``bleu``, ``chrf``, ...; ``"test"`` names them
+    ``test_loss``, ``test_bleu``, ``test_chrf``, ... The result's ``"predictions"`` lists source,
+    prediction and reference of every example in file order.
+    """
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be one of valid, test, got {split!r}")
     model.eval()
-    losses, correct, total = [], 0, 0
-    predictions: list[str] = []
-    references: list[str] = []
+    seq2seq = args.task == "seq2seq"
+    losses, indices, outputs_text = [], [], []
+    unk_counts = []
+    unk_id = getattr(tokenizer, "unk_token_id", None)
     unwrapped = accelerator.unwrap_model(model)
+    id2label = unwrapped.config.id2label
     with plugin.record_calls() as calls:
-        for batch in valid_dl:
+        for batch in dl:
+            index = batch.pop("example_index")
             outputs = model(**batch)
             losses.append(accelerator.gather_for_metrics(outputs.loss.detach().repeat(batch["labels"].shape[0])))
-            if args.task == "classification":
-                preds = outputs.logits.argmax(-1)
-                preds, refs = accelerator.gather_for_metrics((preds, batch["labels"]))
-                correct += int((preds == refs).sum())
-                total += int(refs.numel())
+            if not seq2seq:
+                preds, index = accelerator.gather_for_metrics((outputs.logits.argmax(-1), index))
+                outputs_text += [str(id2label[int(p)]) for p in preds]
+                indices += index.tolist()
                 continue
+            labels = batch["labels"]
+            counts = torch.stack([(labels == unk_id).sum(1) if unk_id is not None else labels.new_zeros(len(labels)),
+                                  ((labels != -100) & (labels != tokenizer.eos_token_id)).sum(1)], 1)
             generated = unwrapped.generate(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False,
             )
             generated = accelerator.pad_across_processes(generated, dim=1, pad_index=tokenizer.pad_token_id)
-            labels = accelerator.pad_across_processes(batch["labels"], dim=1, pad_index=-100)
-            generated, labels = accelerator.gather_for_metrics((generated, labels))
-            labels = labels.masked_fill(labels == -100, tokenizer.pad_token_id)
-            predictions += [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
-            references += [t.strip() for t in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+            generated, index, counts = accelerator.gather_for_metrics((generated, index, counts))
+            outputs_text += [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+            indices += index.tolist()
+            unk_counts.append(counts)
     model.train()
-    result: dict[str, Any] = {"valid_loss": float(torch.cat(losses).mean()) if losses else float("nan")}
-    result["mechanisms_seen"] = sorted({f"{c.role}:{c.spec}" for c in calls})
-    if args.task == "classification":
-        result["accuracy"] = correct / max(total, 1)
-        result["valid_examples"] = total
-    else:
-        import sacrebleu
+    if sorted(indices) != list(range(len(raw_split))):
+        raise RuntimeError(f"evaluation of {split}: {len(indices)} predictions for {len(raw_split)} examples")
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    src_col, ref_col = (args.source_column, args.target_column) if seq2seq else (args.text_column, args.label_column)
+    sources = [str(x) for x in raw_split[src_col]]
+    references = [str(x).strip() for x in raw_split[ref_col]]
+    rows = [{"source": sources[indices[k]], "prediction": outputs_text[k], "reference": references[indices[k]]}
+            for k in order]
 
-        result["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score if predictions else 0.0
-        result["exact_match"] = sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
-        result["valid_examples"] = len(references)
-        result["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]]
+    def name(key: str) -> str:
+        return key if split == "valid" else f"test_{key}"
+
+    result: dict[str, Any] = {f"{split}_loss": float(torch.cat(losses).mean()) if losses else float("nan")}
+    if split == "valid":
+        result["mechanisms_seen"] = sorted({f"{c.role}:{c.spec}" for c in calls})
+    if seq2seq:
+        result.update({name(k): v for k, v in text_metrics([r["prediction"] for r in rows], references).items()})
+        counts = torch.cat(unk_counts).sum(0) if unk_counts else torch.zeros(2)
+        result[name("target_unk_rate")] = float(counts[0]) / max(float(counts[1]), 1.0)
+    else:
+        result[name("accuracy")] = sum(r["prediction"] == r["reference"] for r in rows) / max(len(rows), 1)
+    result[f"{split}_examples"] = len(rows)
+    if split == "valid" and seq2seq:
+        result["examples"] = rows[:3]
+    result["predictions"] = rows
     return result
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """sacreBLEU (its default 13a tokenization of the detokenized text), chrF (character 6-grams, word
+    bigrams off: chrF, not chrF++) and exact match after stripping, of ``predictions`` against one
+    reference each; with the signatures of BLEU and chrF."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(predictions) != len(references):
+        raise ValueError(f"predictions and references must have the same length, got {len(predictions)} "
+                         f"and {len(references)}")
+    preds = [p.strip() for p in predictions]
+    refs = [r.strip() for r in references]
+    bleu, chrf = BLEU(), CHRF()
+    return {
+        "bleu": bleu.corpus_score(preds, [refs]).score if preds else 0.0,
+        "chrf": chrf.corpus_score(preds, [refs]).score if preds else 0.0,
+        "exact_match": sum(p == r for p, r in zip(preds, refs)) / max(len(refs), 1),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def write_predictions(path: str | Path, predictions: dict[str, list[dict[str, Any]]]) -> None:
+    """One json object per line: ``split``, ``source``, ``prediction``, ``reference``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for split, rows in predictions.items():
+            for row in rows:
+                fh.write(json.dumps({"split": split, **row}, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ def test_help_shows_the_defaults(finetune, capsys):
     assert "    python scripts/finetune.py --task seq2seq" in out  # the description is kept as written
     entries = {}  # the help of each option, after usage and description
     for entry in re.split(r"\n  (?=-)", out[out.index("options:"):])[1:]:
-        entries[entry.split()[0]] = " ".join(entry.split())
+        entries[entry.split()[0]] = " ".join(entry.split("\n\n")[0].split())  # without the next group's title
     for option, default in (("--epochs", "1"), ("--lr", "0.0005"), ("--batch-size", "16"), ("--num-beams", "1"),
-                            ("--threads", "0"), ("--seed", "0"), ("--max-grad-norm", "1.0")):
+                            ("--threads", "0"), ("--seed", "0"), ("--max-grad-norm", "1.0"),
+                            ("--vocab-size", "8000")):
         assert entries[option].endswith(f"(default: {default})"), entries[option]
     assert not any("(default: None)" in e or "(default: False)" in e for e in entries.values())
 
