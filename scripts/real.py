@@ -82,7 +82,10 @@ JOB_COST = {"throughput": 400, "sentiment": 150, "fairseq": 170, "hf": 170}
 def _job(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     import demo
     import real_tasks
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # load reports and progress bars of every model: noise here
+    hf_logging.disable_progress_bar()
     t0, c0 = time.time(), demo.cpu_seconds()
     runner = {"sentiment": real_tasks.run_sentiment_job, "throughput": real_tasks.run_throughput_job,
               "fairseq": real_tasks.run_fairseq_job, "hf": real_tasks.run_hf_translation_job}[kind]
