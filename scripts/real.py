@@ -44,9 +44,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(steps=3, batch=8, lr=5e-5, warmup=0, alpha_lr=0.01, max_train=64, max_valid=16, max_test=24,
                  tp_rounds=1, tp_steps=1, max_words=12, max_pairs=0, max_test_pairs=0, vocab=120,
                  fairseq_epochs=1, hf_epochs=1, seeds=1),
-    "default": dict(steps=100, batch=32, lr=5e-5, warmup=10, alpha_lr=0.01, max_train=0, max_valid=500,
+    "default": dict(steps=100, batch=32, lr=1e-4, warmup=10, alpha_lr=0.01, max_train=0, max_valid=500,
                     max_test=0, tp_rounds=3, tp_steps=4, max_words=20, max_pairs=0, max_test_pairs=0, vocab=4000,
-                    fairseq_epochs=3, hf_epochs=3, seeds=3),
+                    fairseq_epochs=3, hf_epochs=2, seeds=3),
 }
 
 SENTIMENT_MECHANISMS: list[tuple[str, str, str | None]] = [
@@ -76,7 +76,7 @@ TRANSLATION_MECHANISMS = [
 ]
 TASKS = ("sentiment", "throughput", "translation")
 #: CPU seconds of one job at the default size, measured; used only to start the longest jobs first
-JOB_COST = {"throughput": 400, "sentiment": 150, "fairseq": 170, "hf": 170}
+JOB_COST = {"throughput": 200, "sentiment": 150, "fairseq": 160, "hf": 210}
 
 
 def _job(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
