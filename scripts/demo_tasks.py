@@ -262,13 +262,15 @@ def decode_fairseq(models, task, data_dir: Path) -> dict[str, Any]:
     return out
 
 
-def analyse_fairseq_model(model, task, data_dir: Path, n_sentences: int = 64) -> dict[str, Any]:
+def analyse_fairseq_model(model, task, data_dir: Path, n_sentences: int = 64,
+                          example_index: int | None = None) -> dict[str, Any]:
     """Support size of the last decoder layer's cross-attention (per head) on test sentences, and one
-    example (the first test sentence with at least 8 source words)."""
+    example (``example_index``, default: the first test sentence with at least 8 source words)."""
     src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
     src_lines = (data_dir / "test.en").read_text(encoding="utf-8").splitlines()[:n_sentences]
     tgt_lines = (data_dir / "test.de").read_text(encoding="utf-8").splitlines()[:n_sentences]
-    show = next((i for i, s in enumerate(src_lines) if len(s.split()) >= 8), 0)
+    show = next((i for i, s in enumerate(src_lines) if len(s.split()) >= 8), 0) if example_index is None \
+        else example_index
     captured: list[torch.Tensor] = []
     layer = model.decoder.layers[-1].encoder_attn
 

@@ -164,45 +164,6 @@ def decode_fairseq(models: list[Any], task: Any, data_dir: Path) -> dict[str, An
     return out
 
 
-def fairseq_cross_attention(model: Any, task: Any, data_dir: Path, n_verses: int, example_index: int
-                            ) -> dict[str, Any]:
-    """Share of nonzero cross-attention weights (last decoder layer, every head, teacher forcing) on
-    ``n_verses`` test verses, and the per-head weights of one verse for a plot."""
-    src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
-    src_lines = (data_dir / "test.en").read_text(encoding="utf-8").splitlines()[:n_verses]
-    tgt_lines = (data_dir / "test.de").read_text(encoding="utf-8").splitlines()[:n_verses]
-    captured: list[torch.Tensor] = []
-    layer = model.decoder.layers[-1].encoder_attn
-
-    def hook(_mod: Any, _inp: Any, output: Any) -> None:
-        if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
-            captured.append(output[1].detach())
-
-    handle = layer.register_forward_hook(hook)
-    nonzero, total, example = 0.0, 0.0, None
-    try:
-        with torch.no_grad():
-            for i, (s, t) in enumerate(zip(src_lines, tgt_lines)):
-                src = src_dict.encode_line(s, add_if_not_exist=False, append_eos=True).long().unsqueeze(0)
-                tgt = tgt_dict.encode_line(t, add_if_not_exist=False, append_eos=True).long().unsqueeze(0)
-                prev = torch.cat([torch.tensor([[tgt_dict.eos()]]), tgt[:, :-1]], dim=1)
-                captured.clear()
-                enc = model.encoder(src, src_lengths=torch.tensor([src.shape[1]]))
-                model.decoder(prev, encoder_out=enc, features_only=True,
-                              alignment_layer=len(model.decoder.layers) - 1)
-                if not captured:
-                    raise RuntimeError("the cross-attention returned no weights")
-                w = captured[-1].float()
-                w = w[:, 0] if w.dim() == 4 else w[0].unsqueeze(0)  # (H, T, S)
-                nonzero += float((w > 0).float().sum())
-                total += float(w.numel())
-                if i == example_index:
-                    example = {"source": s.split() + ["</s>"], "target": t.split() + ["</s>"], "per_head": w.tolist()}
-    finally:
-        handle.remove()
-    return {"support_fraction": nonzero / max(total, 1.0), "example": example}
-
-
 def example_verse(data_dir: Path, low: int = 8, high: int = 14) -> int:
     """Index of the first test verse with ``low`` to ``high`` source words (for the attention plots)."""
     rows = real_data.read_jsonl(data_dir / "test.jsonl")
@@ -225,7 +186,7 @@ def run_fairseq_job(label: str, spec: str, seed: int, epochs: int, data_dir: Pat
     for m in models:
         m.eval()
     decoded = decode_fairseq(models, task, data_dir)
-    analysis = fairseq_cross_attention(models[0], task, data_dir, 64, example_verse(data_dir))
+    analysis = demo_tasks.analyse_fairseq_model(models[0], task, data_dir, 64, example_verse(data_dir))
     curve = demo_tasks.parse_fairseq_log(save / "train.log")
     trajectory = demo_tasks.alpha_trajectory(save) if "learned" in spec else []
     (save / "checkpoint_best.pt").unlink(missing_ok=True)
