@@ -1,4 +1,4 @@
-"""Build the wheel, install it into a fresh virtual environment and run the README's examples against it.
+"""Build the wheel, install it into a fresh virtual environment and run the documented examples against it.
 
     .venv/bin/python scripts/check_wheel.py               # a temporary folder, removed at the end
     .venv/bin/python scripts/check_wheel.py --keep DIR    # build, venv and example folder kept in DIR
@@ -11,10 +11,12 @@ What a user does who installs the library rather than working in the repository:
 2. ``python -m venv`` (no system site-packages), ``pip install torch==2.13.0``, then
    ``pip install "<wheel>[hf]"``: only the registry and the documented commands;
 3. from a folder outside the repository (so the repository's sources cannot be imported): the
-   imports come from the venv; the README's Python examples of "The core", "Continuous
-   attention" and "HuggingFace transformers" run as written (the tiny local models they load are
-   the ones tests/test_docs.py builds); the C kernels compile from the installed sources into a
-   fresh cache and run; ``import user_dir`` without fairseq says how to install it.
+   imports come from the venv; the Python examples of the sections in SECTIONS (the README's
+   "Core" and "HuggingFace transformers", docs/core.md's "Adding a variant", docs/continuous.md's
+   "Quick example", docs/huggingface.md's "Converting a stock BART") run as written (the tiny
+   local models they load are the ones tests/test_docs.py builds); the C kernels compile from
+   the installed sources into a fresh cache and run; ``import user_dir`` without fairseq says
+   how to install it.
 
 It prints the time of each step and exits non-zero at the first failure. It does not run in the
 test suite (a fresh venv with transformers takes minutes even with pip's cache warm).
@@ -35,8 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("plugin", "user_dir", "hf_models")
 TORCH = "torch==2.13.0"
-#: the README sections ("## " headings) whose Python examples run against the installed wheel
-SECTIONS = ("The core: `plugin`", "Continuous attention", "HuggingFace transformers")
+#: (file, heading) of the sections whose Python examples run against the installed wheel; a section is
+#: everything under its heading (of any level) down to the next heading of the same or a higher level
+SECTIONS = (
+    ("README.md", "Core: `plugin`"),
+    ("README.md", "HuggingFace transformers"),
+    ("docs/core.md", "Adding a variant"),
+    ("docs/continuous.md", "Quick example"),
+    ("docs/huggingface.md", "Converting a stock BART"),
+)
 
 CHECK_INSTALLED = """
 import os, sys, torch, plugin, hf_models
@@ -98,22 +107,41 @@ def check_wheel_contents(wheel: Path, sources: Path) -> None:
     print(f"    the wheel holds all {len(expected)} package files, C sources: {', '.join(c_files)}")
 
 
-def readme_examples() -> list[tuple[str, str]]:
-    """(id, code) of the README's runnable Python blocks in SECTIONS, with their doc-test replacements."""
+def enclosing_headings(text: str) -> list[list[str]]:
+    """For each line of a Markdown text (0-based), the titles of the headings it lies under, outermost first."""
+    stack: list[tuple[int, str]] = []
+    out = []
+    fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            stack = [h for h in stack if h[0] < level] + [(level, line[level:].strip())]
+        out.append([title for _, title in stack])
+    return out
+
+
+def doc_examples() -> list[tuple[str, str]]:
+    """(id, code) of the runnable Python blocks in SECTIONS, with their doc-test replacements."""
     sys.path.insert(0, str(ROOT))
     from tests.test_docs import parse_blocks
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    headings = [(i + 1, line[3:].strip()) for i, line in enumerate(text.splitlines()) if line.startswith("## ")]
     out = []
-    for block in parse_blocks("README.md", text):
-        section = max((h for h in headings if h[0] < block.line), default=(0, ""))[1]
-        if block.language == "python" and section in SECTIONS and not block.skip:
-            if block.cont or set(block.setups) - {"hf-models"}:
-                sys.exit(f"FAILED: {block.id} needs {block.setups or 'the block before it'}; extend this script")
-            out.append((block.id, block.source()))
-    if len(out) < len(SECTIONS):
-        sys.exit(f"FAILED: found only {[i for i, _ in out]} in README.md sections {SECTIONS}")
+    for path in dict.fromkeys(p for p, _ in SECTIONS):
+        text = (ROOT / path).read_text(encoding="utf-8")
+        headings = enclosing_headings(text)
+        wanted = {title for p, title in SECTIONS if p == path}
+        found = set()
+        for block in parse_blocks(path, text):
+            titles = wanted.intersection(headings[block.line - 1])
+            if block.language == "python" and titles and not block.skip:
+                if block.cont or set(block.setups) - {"hf-models"}:
+                    sys.exit(f"FAILED: {block.id} needs {block.setups or 'the block before it'}; extend this script")
+                out.append((block.id, block.source()))
+                found |= titles
+        if wanted - found:
+            sys.exit(f"FAILED: no Python example in the sections {sorted(wanted - found)} of {path}")
     return out
 
 
@@ -153,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
         SETUPS["hf-models"](run, work / "setup-cache")  # tiny local models at path/to/... (built by this venv)
         step("installed package", [py, "-c", CHECK_INSTALLED], cwd=run, env=env)
-        for block_id, code in readme_examples():
-            script = run / f"{block_id.replace(':', '_').replace('.', '_')}.py"
+        for block_id, code in doc_examples():
+            script = run / f"{block_id.replace(':', '_').replace('.', '_').replace('/', '_')}.py"
             script.write_text(code, encoding="utf-8")
             step(block_id, [py, script.name], cwd=run, env=env)
     finally:

@@ -5,7 +5,7 @@
     python scripts/demo.py --size tiny          # a smoke run (one seed, a few updates)
     python scripts/demo.py --size large         # more data, training and seeds, closer to convergence
     python scripts/demo.py --only fairseq,canvas --out outputs/demo
-    python scripts/demo.py --publish            # copy outputs/demo's results into README.md and docs/
+    python scripts/demo.py --publish            # copy outputs/demo's results and plots into docs/demo.md
 
 Three tasks, each comparing mechanisms side by side, every mechanism with several seeds:
 1. translation with fairseq: English number expressions -> German number words (num2words,
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="parallel worker processes (0 = one per core, at most 8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
     ap.add_argument("--publish", action="store_true",
-                    help="train nothing: copy the results block of --out's report.md into README.md (section "
-                    "'The main job') and its plots to docs/demo_*.png")
+                    help="train nothing: copy the results block of --out's report.md into docs/demo.md (section "
+                    "'Results of the default run') and its plots to docs/demo_*.png")
     args = ap.parse_args(argv)
     if args.publish:
         import demo_tasks

@@ -635,14 +635,14 @@ def _beam_lines(groups: list[dict[str, Any]], keys: list[tuple[str, str]]) -> li
     return lines
 
 
-#: the report's results (tables and plain-words conclusions, no plots) lie between these lines; README.md
+#: the report's results (tables and plain-words conclusions, no plots) lie between these lines; docs/demo.md
 #: holds a copy between the same lines, which ``scripts/demo.py --publish`` refreshes
 SUMMARY_START, SUMMARY_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 
 
 def summary_block(report: str) -> str:
-    """The results block of a report, made to sit under a README section: headings one level lower,
-    plot lines left out (README shows the published copies of the plots)."""
+    """The results block of a report, made to sit under a section of docs/demo.md: headings one level
+    lower, plot lines left out (the page shows the published copies of the plots)."""
     if report.count(SUMMARY_START) != 1 or report.count(SUMMARY_END) != 1:
         raise ValueError(f"report: expected one {SUMMARY_START} ... {SUMMARY_END} block")
     body = report.split(SUMMARY_START, 1)[1].split(SUMMARY_END, 1)[0]
@@ -663,25 +663,26 @@ def replace_block(document: str, block: str) -> str:
     return f"{head}{SUMMARY_START}\n{block}\n{SUMMARY_END}{tail}"
 
 
-#: plots of a run -> their published copies (under the repository), which README.md shows
+#: plots of a run -> their published copies, beside the page (docs/), which docs/demo.md shows (README.md
+#: shows the canvas plot)
 PUBLISHED_PLOTS = {
-    "fairseq_attention_heatmaps.png": "docs/demo_attention_heatmaps.png",
-    "fairseq_alpha.png": "docs/demo_alpha.png",
-    "canvas_attention.png": "docs/demo_canvas.png",
+    "fairseq_attention_heatmaps.png": "demo_attention_heatmaps.png",
+    "fairseq_alpha.png": "demo_alpha.png",
+    "canvas_attention.png": "demo_canvas.png",
 }
 
 
-def publish(out: Path, readme: Path = ROOT / "README.md") -> list[Path]:
-    """Copy a finished run's results block into ``readme`` and its plots to docs/; the files written."""
+def publish(out: Path, page: Path = ROOT / "docs" / "demo.md") -> list[Path]:
+    """Copy a finished run's results block into ``page`` and its plots beside it; the files written."""
     import shutil
 
     report = (out / "report.md").read_text(encoding="utf-8")
-    readme.write_text(replace_block(readme.read_text(encoding="utf-8"), summary_block(report)), encoding="utf-8")
-    written = [readme]
+    page.write_text(replace_block(page.read_text(encoding="utf-8"), summary_block(report)), encoding="utf-8")
+    written = [page]
     for name, dest in PUBLISHED_PLOTS.items():
         if (out / name).exists():
-            shutil.copyfile(out / name, readme.parent / dest)
-            written.append(readme.parent / dest)
+            shutil.copyfile(out / name, page.parent / dest)
+            written.append(page.parent / dest)
     return written
 
 

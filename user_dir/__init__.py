@@ -26,7 +26,7 @@ if importlib.util.find_spec("fairseq") is None:
         "from the repository root: " + "; then ".join(f"`{c}`" for c in FAIRSEQ_INSTALL) + ". fairseq-fixed is "
         "fairseq 0.12 made to run on Python 3.11; --no-deps keeps out torchaudio, which breaks `import "
         "transformers` with this torch, and requirements/fairseq.txt lists its other requirements. `make venv` "
-        "does all of it; see README.md, 'Installation notes'.",
+        "does all of it; see docs/installation.md.",
         name="fairseq",
     )
 

@@ -1,4 +1,4 @@
-"""One input policy on every attention path (see plugin/inputs.py and the README's "Inputs and errors").
+"""One input policy on every attention path (see plugin/inputs.py and docs/core.md, "Inputs and errors").
 
 Every path is run, forced with ``plugin.use_path``, on the same adversarial inputs (NaN and
 infinities in q, k, v and in float masks, 0-D/1-D/key-padding masks, empty dimensions, huge

@@ -291,7 +291,7 @@ def test_alpha_bound_sums_fairseqs_inverse_sqrt_schedule():
     assert "far too few updates" in demo_tasks.alpha_sentence({**base, "max_move": 0.0, "bound": 0.0001})
 
 
-def test_results_block_is_copied_into_the_readme(tmp_path):
+def test_results_block_is_copied_into_the_demo_page(tmp_path):
     report = "\n".join(["# Attention mechanisms compared", "", demo_tasks.SUMMARY_START, "", "Run size `small`.", "",
                         "## Translation with fairseq", "", "| a | b |", "", "![plot](fairseq_alpha.png)", "",
                         demo_tasks.SUMMARY_END, "", "## Time", "per job"])
@@ -301,13 +301,18 @@ def test_results_block_is_copied_into_the_readme(tmp_path):
     (tmp_path / "out" / "report.md").write_text(report)
     (tmp_path / "out" / "fairseq_alpha.png").write_bytes(b"png")
     (tmp_path / "docs").mkdir()
-    readme = tmp_path / "README.md"
-    readme.write_text(f"## The main job\n\nintro\n\n{demo_tasks.SUMMARY_START}\nold numbers\n"
-                      f"{demo_tasks.SUMMARY_END}\n\nafter\n")
-    written = demo_tasks.publish(tmp_path / "out", readme)
-    assert readme.read_text() == (f"## The main job\n\nintro\n\n{demo_tasks.SUMMARY_START}\n{block}\n"
-                                  f"{demo_tasks.SUMMARY_END}\n\nafter\n")
-    assert (tmp_path / "docs" / "demo_alpha.png").read_bytes() == b"png" and len(written) == 2
+    page = tmp_path / "docs" / "demo.md"
+    page.write_text(f"## Results of the default run\n\nintro\n\n{demo_tasks.SUMMARY_START}\nold numbers\n"
+                    f"{demo_tasks.SUMMARY_END}\n\nafter\n")
+    written = demo_tasks.publish(tmp_path / "out", page)
+    assert page.read_text() == (f"## Results of the default run\n\nintro\n\n{demo_tasks.SUMMARY_START}\n{block}\n"
+                                f"{demo_tasks.SUMMARY_END}\n\nafter\n")
+    assert (tmp_path / "docs" / "demo_alpha.png").read_bytes() == b"png"
+    assert written == [page, tmp_path / "docs" / "demo_alpha.png"]
+    # the published page is the one in the repository, and it holds one block to replace
+    assert demo_tasks.publish.__defaults__ == (ROOT / "docs" / "demo.md",)
+    assert (ROOT / "docs" / "demo.md").read_text().count(demo_tasks.SUMMARY_START) == 1
+    assert demo_tasks.SUMMARY_START not in (ROOT / "README.md").read_text()
     with pytest.raises(ValueError, match="block"):
         demo_tasks.replace_block("no markers", block)
     with pytest.raises(ValueError, match="block"):

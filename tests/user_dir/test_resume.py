@@ -1,4 +1,4 @@
-"""What holds when fairseq training is resumed at an epoch boundary (README and docs/fairseq.md state it).
+"""What holds when fairseq training is resumed at an epoch boundary (docs/fairseq.md states it).
 
 Within an epoch a resumed run is bit-identical (test_command_line.py). At an epoch boundary
 fairseq builds the restarted run's batches from another seed, so the weights drift, stock
@@ -44,7 +44,7 @@ def test_without_it_the_sparse_model_and_stock_fairseq_drift_alike(data_bin, tmp
     assert 0.1 < sparse / stock < 10  # ... and of the same size for stock fairseq
 
 
-def test_the_readme_states_what_holds_for_resuming():
-    text = " ".join((ROOT / "README.md").read_text().split())
+def test_the_docs_state_what_holds_for_resuming():
+    text = " ".join((ROOT / "docs" / "fairseq.md").read_text().split())
     assert not re.search(r"--restore-file` is bit-identical\.", text)
     assert "bit-identical within an epoch" in text and "--update-epoch-batch-itr True" in text
