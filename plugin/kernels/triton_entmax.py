@@ -113,16 +113,31 @@ if triton is not None:
         return pid_bh // H, h, h // G, offs_m, pid_bh * Lq + offs_m, n_end
 
     @triton.jit
+    def _log2_1p(u):
+        """log2(1 + u) for u > -1, accurate for small |u| (mirrors the C kernel's log2_1p)."""
+        r = u / (2.0 + u)
+        r2 = r * r
+        near = 2.0 * r * (1.0 + r2 * (0.33333333 + r2 * (0.2 + r2 * (0.14285714 + r2 * 0.11111111))))
+        return tl.where((u > -0.29289322) & (u < 0.41421356), near * 1.44269504, tl.log2(1.0 + u))
+
+    @triton.jit
     def _power_tile(y, a, KIND: tl.constexpr):
-        """(y_+^(1/a), y_+^(1/a - 1)) with y_+ = max(y, 0): probabilities before normalization and their slope."""
+        """(y_+^(1/a), y_+^(1/a - 1)) with y_+ = max(y, 0): probabilities before normalization and their slope.
+
+        For KIND 2 (general alpha) the argument is ``u = y - 1`` (the threshold is carried as
+        ``s = t + 1``; mirrors plugin.kernels.maths.newton_threshold), and the powers are taken
+        from log2(1 + u) without rounding 1 + u.
+        """
+        if KIND == 2:
+            on = y > -1.0
+            w = tl.where(on, tl.exp2((1.0 / a - 1.0) * _log2_1p(tl.where(on, y, 0.0))), 0.0)
+            return tl.where(on, (1.0 + y) * w, 0.0), w
         pos = y > 0
         yp = tl.where(pos, y, 0.0)
         if KIND == 0:
             w = tl.where(pos, 1.0, 0.0)
-        elif KIND == 1:
-            w = yp
         else:
-            w = tl.where(pos, tl.exp2((1.0 / a - 1.0) * tl.log2(tl.where(pos, y, 1.0))), 0.0)
+            w = yp
         return yp * w, w
 
     @triton.jit
@@ -157,6 +172,8 @@ if triton is not None:
         # pass 2: Newton iterations on the threshold, from t = -1 upwards
         # (mirrors plugin.kernels.maths.newton_threshold; KIND 0, 1, 2 = SPARSEMAX, ENTMAX15, GENERAL)
         t = tl.full([BLOCK_M], -1.0, tl.float32)
+        if KIND == 2:  # general alpha: t holds s = t + 1 (digits kept for alpha near 1)
+            t = tl.zeros([BLOCK_M], tl.float32)
         done = dead
         it = 0
         todo = tl.sum(tl.where(done, 0, 1), axis=0)
@@ -212,7 +229,11 @@ if triton is not None:
             s = _score_tile(q, k, offs_m, offs_n, Lq, Lk, scale, causal_off, Mb, sm_m, sm_n, Bb, sb_m, sb_n,
                             CAUSAL, HAS_MASK, HAS_BIAS, PREC)
             y = a * (s - m[:, None]) - t[:, None]
-            if tl.max(tl.max(y, axis=1), axis=0) > 0:  # some entry of the tile is in a support
+            if KIND == 2:
+                floor = -1.0
+            else:
+                floor = 0.0
+            if tl.max(tl.max(y, axis=1), axis=0) > floor:  # some entry of the tile is in a support
                 p, w = _power_tile(y, a, KIND)
                 total += tl.sum(p, axis=1)
                 v = _tile(Vb, offs_n, offs_d, sv_n, sv_d, Lk, D)
@@ -388,7 +409,7 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor 
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
     BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
-    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    am1 = (alpha.detach().to(torch.float64) - 1).to(torch.float32).contiguous()  # digits kept near 1
     out = torch.empty_like(q)
     stats = torch.empty(B, H, Lq, 3, dtype=torch.float32, device=q.device)
     shape = (B, H, Lq, Lk)
@@ -417,7 +438,7 @@ def triton_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor
     BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     dout = dout.contiguous()
-    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    am1 = (alpha.detach().to(torch.float64) - 1).to(torch.float32).contiguous()  # digits kept near 1
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

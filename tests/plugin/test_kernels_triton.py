@@ -36,6 +36,9 @@ CASES = {
     "alpha1.7-dim24": ("entmax:alpha=1.7", "none", "float32", (1, 2, 2, 17, 19, 24)),
     # near softmax, where a schedule from alpha = 1 passes (alpha = 1 itself takes the sdpa path)
     "alpha1.01-near-softmax": ("entmax:alpha=1.01", "padding", "float32", (1, 2, 2, 17, 19, 16)),
+    # closer still: alpha - 1 below float32's resolution around 1 (the threshold is carried as t + 1)
+    "alpha1+3e-8-near-softmax": ("entmax:alpha=1.00000003", "padding", "float32", (1, 2, 2, 17, 19, 16)),
+    "alpha1+4e-5-causal": ("entmax:alpha=1.00004", "causal", "float32", (1, 2, 1, 20, 20, 16)),
 }
 
 
