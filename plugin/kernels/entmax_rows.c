@@ -33,8 +33,8 @@
  * General alpha: alpha - 1 can be as small as 1e-9 (a schedule leaving softmax), and t = -1 + s
  * in float32 would keep s only to 6e-8, an error multiplied by e = 1 / a in log p. So for this
  * kind the threshold is carried, iterated and stored as s = t + 1 (stats[1] = s), the entries as
- * u = x - s with y = 1 + u, and y^e = exp2(e log2(1 + u)) with log2(1 + u) from a series in u
- * (log2_1p), never from the rounded 1 + u: relative error about 1e-7 for every alpha in
+ * u = x - s with y = 1 + u, and y^e = exp2(e log2(1 + u)) with log2(1 + u) corrected for the
+ * rounding of 1 + u (log2_1p): relative error about 1e-7 for every alpha in
  * (1, 2], with short polynomials written so that the compiler vectorizes the loops.
  *
  * Masks: scores of -inf are masked. With causal != 0, row r (query q_start + r % c) sees
@@ -95,14 +95,12 @@ static inline float exp2_clamped(float x)
     return poly * scale;
 }
 
-/* log2(1 + u) for u > -1, accurate for small |u| (where 1 + u would round): the 2 atanh series of
- * u / (2 + u) while 1 + u lies in [sqrt(1/2), sqrt(2)), log2_pos(1 + u) elsewhere */
+/* log2(1 + u) for u > -1, accurate for small |u| (where 1 + u rounds): log2 of y = 1 + u rounded,
+ * plus the rounding error c = u - (y - 1) (exact) over y */
 static inline float log2_1p(float u)
 {
-    float s = u / (2.0f + u), s2 = s * s;
-    float near = 2.0f * s * (1.0f + s2 * (0.33333333f + s2 * (0.2f + s2 * (0.14285714f + s2 * 0.11111111f))));
-    float far = log2_pos(1.0f + u);
-    return (u > -0.29289322f && u < 0.41421356f) ? near * 1.44269504f : far;
+    float y = 1.0f + u, c = u - (y - 1.0f);
+    return log2_pos(y) + c / y * 1.44269504f;
 }
 
 /* (1 + u)^e for u > -1 */

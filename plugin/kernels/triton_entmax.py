@@ -114,7 +114,9 @@ if triton is not None:
 
     @triton.jit
     def _log2_1p(u):
-        """log2(1 + u) for u > -1, accurate for small |u| (mirrors the C kernel's log2_1p)."""
+        """log2(1 + u) for u > -1, accurate for small |u|: the 2 atanh series of u / (2 + u) while
+        1 + u lies in [sqrt(1/2), sqrt(2)) (plain arithmetic: a GPU's fast log2 has an absolute
+        error near 1 that 1 / (alpha - 1) would multiply), tl.log2(1 + u) elsewhere."""
         r = u / (2.0 + u)
         r2 = r * r
         near = 2.0 * r * (1.0 + r2 * (0.33333333 + r2 * (0.2 + r2 * (0.14285714 + r2 * 0.11111111))))
@@ -535,11 +537,13 @@ def triton_entmax_attention(
     biasc = None
     if bias is not None:
         biasc = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    # float64 keeps alpha - 1 near 1 (the kernels take am1 from it); a learned alpha keeps its dtype
+    alpha_f = alpha_t if alpha_t.dtype == torch.float64 else alpha_t.to(torch.float32)
     if torch.compiler.is_compiling():
-        out, _ = torch.ops.sparse_attention.triton_entmax_fwd(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind,
+        out, _ = torch.ops.sparse_attention.triton_entmax_fwd(qc, kc, vc, alpha_f, maskc, biasc, kind,
                                                               bool(causal), float(scale), block_m, block_n)
     else:
-        out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind, bool(causal),
+        out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_f, maskc, biasc, kind, bool(causal),
                                            float(scale), block_m, block_n)
     return out.to(q.dtype)
 
@@ -556,8 +560,8 @@ def _check_launch(op: str, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask:
                              f"{t.dtype} {tuple(t.shape)}")
         if t.device != q.device or t.dtype != q.dtype:
             raise ValueError(f"{op}: q, k, v must share device and dtype")
-    if alpha.dtype != torch.float32 or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
-        raise ValueError(f"{op}: alpha must be a float32 (H,) tensor on q's device, got {alpha.dtype} "
+    if alpha.dtype not in (torch.float32, torch.float64) or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
+        raise ValueError(f"{op}: alpha must be a float32 or float64 (H,) tensor on q's device, got {alpha.dtype} "
                          f"{tuple(alpha.shape)} on {alpha.device}")
     for label, extra in (("mask", mask), ("bias", bias)):
         if extra is not None and (extra.dim() != 4 or extra.device != q.device):
