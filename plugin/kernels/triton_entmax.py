@@ -560,7 +560,8 @@ def _check_launch(op: str, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask:
                              f"{t.dtype} {tuple(t.shape)}")
         if t.device != q.device or t.dtype != q.dtype:
             raise ValueError(f"{op}: q, k, v must share device and dtype")
-    if alpha.dtype not in (torch.float32, torch.float64) or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
+    if (alpha.dtype not in (torch.float32, torch.float64) or alpha.dim() != 1 or alpha.numel() != q.shape[1]
+            or alpha.device != q.device):
         raise ValueError(f"{op}: alpha must be a float32 or float64 (H,) tensor on q's device, "
                          f"got {alpha.dtype} "
                          f"{tuple(alpha.shape)} on {alpha.device}")
