@@ -130,7 +130,8 @@ def newton_threshold(z: Tensor, am1: Tensor, kind: int, max_iters: int = NEWTON_
     Returns
     -------
     stats : (rows, 3) float32, per row ``(m, t, 1 / norm)``, for the GENERAL kind
-        ``(m, s, 1 / norm)`` with ``s = t + 1``; ``(inf, 0, 0)`` for a row with no allowed entry. :func:`entmax_from_stats` gives the probabilities.
+        ``(m, s, 1 / norm)`` with ``s = t + 1``; ``(inf, 0, 0)`` for a row with no allowed entry.
+        :func:`entmax_from_stats` gives the probabilities.
     """
     m = z.amax(-1, keepdim=True)
     dead = ~torch.isfinite(m)
