@@ -180,7 +180,10 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
             }
             if (fabsf(fsum - 1.0f) <= NEWTON_TOL)
                 break;
-            d = (fsum - powf(fsum, 1.0f - a)) / slope; /* Newton on phi = f^(1/e) - 1 */
+            /* Newton on phi = f^(1/e) - 1: d = (f - f^(1 - a)) / slope, the difference as
+               -f expm1(-a log f) (1 - a rounds to 1 for a below 6e-8; mirrors
+               plugin.kernels.maths.newton_gap) */
+            d = -fsum * expm1f(-a * logf(fsum > 1e-30f ? fsum : 1e-30f)) / slope;
         }
         if (!(d > 0.0f) || t + d == t) /* no progress left at this precision */
             break;

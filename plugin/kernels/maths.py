@@ -156,7 +156,7 @@ def newton_threshold(z: Tensor, am1: Tensor, kind: int, max_iters: int = NEWTON_
             fsum = torch.where(on, (1 + u) * w, torch.zeros_like(u)).sum(-1, keepdim=True)
             slope = w.sum(-1, keepdim=True)
             converged = (fsum - 1).abs() <= tol
-            d = (fsum - fsum ** (1 - am1)) / slope.clamp(min=1e-30)
+            d = newton_gap(fsum, am1) / slope.clamp(min=1e-30)
         else:
             k = pos.sum(-1, keepdim=True).to(y.dtype)
             s1 = yp.sum(-1, keepdim=True)
@@ -186,6 +186,14 @@ def newton_threshold(z: Tensor, am1: Tensor, kind: int, max_iters: int = NEWTON_
     inv = torch.where(norm > 0, 1 / norm.clamp(min=torch.finfo(y.dtype).tiny), torch.zeros_like(norm))
     stats = torch.cat([m, t, inv], -1)
     return torch.where(dead, torch.tensor([float("inf"), 0.0, 0.0], dtype=z.dtype, device=z.device), stats)
+
+
+def newton_gap(fsum: Tensor, am1: Tensor) -> Tensor:
+    """``fsum - fsum^(1 - a)`` (the numerator of the general-alpha Newton step) as
+    ``-fsum expm1(-a log fsum)``: the difference itself cancels for ``a`` below float32's
+    resolution around 1 (``1 - a`` rounds to 1, or a rounding of the power makes a step 1 / a
+    times too long)."""
+    return -fsum * torch.expm1(-am1 * torch.log(fsum.clamp(min=1e-30)))
 
 
 def entmax_from_stats(z: Tensor, am1: Tensor, stats: Tensor, kind: int) -> Tensor:

@@ -123,6 +123,16 @@ if triton is not None:
         return tl.where((u > -0.29289322) & (u < 0.41421356), near * 1.44269504, tl.log2(1.0 + u))
 
     @triton.jit
+    def _newton_gap(fsum, a):
+        """``fsum - fsum^(1 - a) = fsum (1 - exp(-x))`` with ``x = a log(fsum)``, without the
+        cancellation of the difference (mirrors plugin.kernels.maths.newton_gap): for alpha - 1
+        below float32's resolution around 1, ``fsum^(1 - a)`` rounds to ``fsum`` (or differs by
+        a rounding of exp2/log2, a step 1 / a times too long that underflows every power)."""
+        x = a * tl.log(tl.maximum(fsum, 1e-30))
+        small = x * (1.0 - x * (0.5 - x * (0.16666667 - x * 0.041666667)))
+        return fsum * tl.where(tl.abs(x) < 1e-2, small, 1.0 - tl.exp(-x))
+
+    @triton.jit
     def _power_tile(y, a, KIND: tl.constexpr):
         """(y_+^(1/a), y_+^(1/a - 1)) with y_+ = max(y, 0): probabilities before normalization and their slope.
 
@@ -213,8 +223,7 @@ if triton is not None:
                 d = tl.where(exact, d_exact, (s2 - tl.sqrt(s2)) / tl.maximum(s1, 1e-30))
             else:
                 exact = tl.abs(fsum - 1.0) <= TOL
-                fpow = tl.exp2((1.0 - a) * tl.log2(tl.maximum(fsum, 1e-30)))
-                d = tl.where(exact, 0.0, (fsum - fpow) / tl.maximum(slope, 1e-30))
+                d = tl.where(exact, 0.0, _newton_gap(fsum, a) / tl.maximum(slope, 1e-30))
             # a step that no longer moves t (below its float32 resolution) ends the row too: a
             # long row's float32 sum may never come within TOL of 1
             stalled = (d <= 0) | (t + d == t)

@@ -62,3 +62,30 @@ def test_a_cosine_schedule_from_softmax_is_finite_in_its_first_steps():
                 out = mech(qq, k, v)
             (dq,) = torch.autograd.grad(out.sum(), qq)
             assert torch.isfinite(out).all() and torch.isfinite(dq).all(), (path, step)
+
+
+@pytest.mark.parametrize("am1", [2e-9, 4e-8])
+def test_newton_threshold_solves_for_s_below_float32_resolution(am1):
+    """The threshold statistic s = t + 1 itself (Python mirror and C row kernel): near alpha = 1 it
+    is about (alpha - 1) logsumexp(z - m); the Newton step must not cancel to 0 (or overshoot)."""
+    from plugin.kernels import chunked
+
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(6, 40, generator=g) * 3
+    z[2, 25:] = float("-inf")
+    zd = z.double()
+    m = zd.amax(-1, keepdim=True)
+    # float64 solution of sum_j (1 + a (z_j - m) - s)^(1 / a) = 1: bisection in s on [0, 1)
+    a = torch.tensor(am1, dtype=torch.float64)
+    lo, hi = torch.zeros_like(m), torch.full_like(m, 1e-3)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        u = a * (zd - m) - mid
+        f = torch.where(u > -1, torch.exp(torch.log1p(u.clamp(min=-1 + 1e-300)) / a), 0).sum(-1, keepdim=True)
+        lo, hi = torch.where(f >= 1, mid, lo), torch.where(f >= 1, hi, mid)
+    s_true = lo.squeeze(-1)
+    am1_rows = torch.full((6, 1), am1, dtype=torch.float32)
+    s_py = maths.newton_threshold(z, am1_rows, GENERAL)[:, 1].double()
+    s_c = chunked.rows_forward(z.clone(), am1_rows.view(-1).contiguous(), GENERAL)[:, 1].double()
+    for s in (s_py, s_c):
+        assert ((s - s_true).abs() / s_true).max() < 1e-4, (s, s_true)
