@@ -50,6 +50,29 @@ def _canonical(field: str, value: Any) -> str:
         raise ValueError(f"{field}={value!r}: {err}") from None
 
 
+def _check_schedule_state(state: Any) -> None:
+    """``attn_schedule_state`` as ``save_pretrained`` writes it, or None: ValueError naming the field otherwise."""
+    if state is None:
+        return
+    form = (f"expected None or {{role: {{'step': int in [0, 2**63 - 1], 'value': number or None, 'spec': str}}}} "
+            f"with role in {', '.join(ROLES)}")
+    if not isinstance(state, dict):
+        raise ValueError(f"{SCHEDULE_STATE_FIELD}={state!r} is not valid; {form}")
+    for role, entry in state.items():
+        where = f"{SCHEDULE_STATE_FIELD}[{role!r}]"
+        if role not in ROLES:
+            raise ValueError(f"{SCHEDULE_STATE_FIELD}: unknown role {role!r}; valid choices: {', '.join(ROLES)}")
+        if not isinstance(entry, dict) or set(entry) - {"step", "value", "spec"} or "step" not in entry:
+            raise ValueError(f"{where}={entry!r} is not valid; {form}")
+        plugin.schedule.check_step(entry["step"], f"{where}['step']")
+        value = entry.get("value")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value != value or abs(value) == float("inf")):
+            raise ValueError(f"{where}['value']={value!r} is not valid; expected a finite number or None")
+        if not isinstance(entry.get("spec", ""), str):
+            raise ValueError(f"{where}['spec']={entry['spec']!r} is not valid; expected a spec string")
+
+
 @dataclass(init=False, repr=False, eq=False, kw_only=True)
 class SparseAttentionConfigMixin(_ConfigBase):
     """The ``encoder_attn`` / ``decoder_attn`` / ``cross_attn`` fields, their schedules, validation and access.
@@ -78,6 +101,7 @@ class SparseAttentionConfigMixin(_ConfigBase):
     def __post_init__(self, **kwargs: Any) -> None:
         self.validate_attention_specs()
         super().__post_init__(**kwargs)
+        _check_schedule_state(getattr(self, SCHEDULE_STATE_FIELD, None))
         # a stock config.json sets model_type on the instance; ours is the class's ("sparse_bart", ...)
         vars(self).pop("model_type", None)
 

@@ -22,7 +22,7 @@ from .inputs import (
 from .normalizers.base import Normalizer, build_normalizer
 from .recording import CallRecord, notify, recording
 from .registry import ParsedSpec, Variant, canonical_spec, parse_spec, variant_of_function
-from .schedule import Schedule, parse_schedule
+from .schedule import Schedule, check_step, parse_schedule
 
 
 class AttentionMechanism(nn.Module):
@@ -100,7 +100,7 @@ class AttentionMechanism(nn.Module):
         """Set the training step that the schedule reads (an integer >= 0)."""
         if self.schedule is None:
             raise ValueError(f"set_schedule_step: the mechanism {self.spec!r} has no schedule")
-        self.schedule.value(step)  # validates step
+        check_step(step, "set_schedule_step: step")  # before the step or its buffer changes
         self.schedule_step_value = int(step)
         self.schedule_step.fill_(int(step))
         self._apply_schedule()

@@ -20,6 +20,11 @@ way from ``start`` to ``end``:
 Before ``warmup`` the value is ``start``; from ``warmup + steps`` on it is ``end``.
 ``steps=0`` is an abrupt switch at step ``warmup``.
 
+``steps``, ``warmup`` and ``hold`` are at most :data:`MAX_STEPS` (10**12) each, and a training
+step at most :data:`MAX_STEP` (2**63 - 1, what the int64 buffer ``schedule_step`` holds); larger
+values raise ``ValueError`` naming the schedule (or ``set_schedule_step``) and the key, before
+anything is changed.
+
 Keys: ``param`` (default: the spec's parameter when the discrete variant has exactly one,
 e.g. entmax's alpha or sparsemax's gamma), ``start`` (required), ``end`` (default: the
 spec's value, which it must equal when given: the spec names the mechanism the schedule
@@ -50,9 +55,12 @@ from torch import nn
 from .registry import LEARNED, ParsedSpec, parse_spec
 
 __all__ = [
+    "MAX_STEP",
+    "MAX_STEPS",
     "STRATEGIES",
     "Schedule",
     "check_schedule_syntax",
+    "check_step",
     "finish_schedules",
     "parse_schedule",
     "schedule_state",
@@ -62,6 +70,10 @@ __all__ = [
 
 STRATEGIES = ("linear", "cosine", "step")
 KEYS = ("param", "start", "end", "steps", "warmup", "hold")
+MAX_STEPS = 10**12
+"""Largest ``steps``, ``warmup`` and ``hold`` of a schedule (their sum stays far inside int64)."""
+MAX_STEP = 2**63 - 1
+"""Largest training step: what the int64 buffer ``schedule_step`` holds."""
 # LearnableAlpha keeps alpha in (1.01, 2): where a learned alpha can start after its warm-up
 _LEARNED_ALPHA = (1.01, 2.0)
 
@@ -78,6 +90,13 @@ class Schedule:
     warmup: int = 0
     hold: int = 0
 
+    def __post_init__(self) -> None:
+        for key in ("steps", "warmup", "hold"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEPS:
+                raise ValueError(f"schedule: {key}={value!r} is not valid; expected an integer in "
+                                 f"[0, 10**12]")
+
     @property
     def final_step(self) -> int:
         """The first step at which the value is ``end``."""
@@ -85,8 +104,7 @@ class Schedule:
 
     def value(self, step: int) -> float:
         """The parameter's value at training step ``step`` (an integer >= 0)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"schedule step must be an integer >= 0, got {step!r}")
+        check_step(step)
         t = step - self.warmup
         if t < 0:
             return self.start
@@ -127,6 +145,14 @@ def _numeric_params(part: ParsedSpec) -> list[str]:
     return [p.name for p in part.variant.params if p.kind in (float, int)]
 
 
+def check_step(step: Any, name: str = "schedule step") -> int:
+    """``step`` if it is a training step (an integer in [0, :data:`MAX_STEP`]), else ValueError naming ``name``."""
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"{name} must be an integer >= 0, at most 2**63 - 1 (what the int64 buffer "
+                         f"schedule_step holds), got {step!r}")
+    return step
+
+
 def _integer(name: str, key: str, text: str) -> int:
     try:
         value = float(text)
@@ -134,6 +160,8 @@ def _integer(name: str, key: str, text: str) -> int:
         value = math.nan
     if not math.isfinite(value) or value != int(value) or value < 0:
         raise ValueError(f"{name}: {key}={text!r} is not valid; expected an integer >= 0")
+    if value > MAX_STEPS:
+        raise ValueError(f"{name}: {key}={text!r} is too large; expected an integer in [0, 10**12]")
     return int(value)
 
 
@@ -241,6 +269,7 @@ def set_schedule_step(module: nn.Module, step: int) -> int:
     Call it once per optimizer update (fairseq's ``set_num_updates`` and
     :class:`hf_models.AttentionScheduleCallback` do) with the number of updates done so far.
     """
+    check_step(step, "set_schedule_step: step")  # before any mechanism changes
     count = 0
     for _, mech in scheduled_mechanisms(module):
         mech.set_schedule_step(step)

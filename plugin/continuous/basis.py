@@ -116,6 +116,21 @@ def grid_positions(height: int, width: int, dtype: torch.dtype = torch.float64, 
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
 
 
+def ridge_operator(f: Tensor, penalty: float) -> Tensor:
+    """``(F F^T + penalty I)^-1 F`` for ``f`` (..., J, n) in float64, stable for every penalty > 0.
+
+    From the SVD ``F = U S V^T``: ``U diag(s / (s^2 + penalty)) V^T``. Forming ``F F^T`` and
+    factoring it (Cholesky) fails for a penalty below the rounding of ``F F^T`` (about 1e-16
+    times its largest eigenvalue), since ``F F^T`` is singular whenever J > n. Singular values
+    below ``eps * max(J, n) * s_max`` are rounding (as in ``numpy.linalg.lstsq``) and count as
+    0, so a tiny penalty gives the minimum-norm least-squares operator instead of amplified noise.
+    """
+    u, sv, vh = torch.linalg.svd(f, full_matrices=False)
+    cutoff = sv.amax(-1, keepdim=True) * (torch.finfo(f.dtype).eps * max(f.shape[-2:]))
+    scale = torch.where(sv > cutoff, sv / (sv * sv + penalty), torch.zeros_like(sv))
+    return u @ (scale[..., None] * vh)
+
+
 class ValueRegression:
     """Ridge-regression operators ``R = (F F^T + penalty I)^-1 F`` (J x n), cached per layout.
 
@@ -148,8 +163,7 @@ class ValueRegression:
         if positions.shape[0] == 0:
             return torch.zeros(self.num_basis, 0, dtype=torch.float64, device="cpu")
         f = evaluate_basis(positions, self.basis_mu, self.basis_sigma).T  # (J, n)
-        gram = f @ f.T + self.penalty * torch.eye(self.num_basis, dtype=torch.float64, device="cpu")
-        return torch.cholesky_solve(f, torch.linalg.cholesky(gram))
+        return ridge_operator(f, self.penalty)
 
     def sequence(self, n: int, device: Any, dtype: torch.dtype) -> Tensor:
         """Operator (J, n) for a sequence of ``n`` positions ``(l + 1/2) / n``."""

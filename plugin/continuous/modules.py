@@ -27,6 +27,7 @@ from .basis import (
     grid_positions,
     key_positions,
     parse_widths,
+    ridge_operator,
 )
 from .density import check_alpha, inv2, scale_from_variance, support_radius
 from .expectations import DEFAULT_NUM_ANGLES, evaluate_basis, expected_basis
@@ -257,10 +258,8 @@ class ContinuousContext(nn.Module):
         basis_mu = self.basis_mu.to(device=allowed.device, dtype=f64)
         basis_sigma = self.basis_sigma.to(device=allowed.device, dtype=f64)
         f = (evaluate_basis(t, basis_mu, basis_sigma) * rows[..., None].to(f64)).transpose(-1, -2)  # (rows, J, lk)
-        J = f.shape[1]
-        gram = f @ f.transpose(-1, -2) + self.regression.penalty * torch.eye(J, dtype=f64, device=allowed.device)
-        ops = torch.cholesky_solve(f, torch.linalg.cholesky(gram))
-        return ops.to(dtype).reshape(b, h, J, lk)
+        ops = ridge_operator(f, self.regression.penalty)
+        return ops.to(dtype).reshape(b, h, f.shape[1], lk)
 
     def _padded_operator(self, n: int, n_max: int, device: Any, dtype: torch.dtype) -> Tensor:
         if n == 0:

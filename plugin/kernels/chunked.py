@@ -252,14 +252,14 @@ def _torch_probs(S4: Tensor, kind: int, alpha: Tensor) -> Tensor:
         return sparsemax(S4)
     if kind == ENTMAX15:
         return entmax15(S4)
-    return entmax(S4, alpha=alpha.to(S4.dtype).view(-1, 1))
+    return entmax(S4, alpha=alpha.view(-1, 1))
 
 
 def _torch_rows_backward(S4: Tensor, dP4: Tensor, kind: int, alpha: Tensor,
                          want_dalpha: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """p, dS and per-row dalpha (or None) for a chunk (B, H, c, n) whose masked scores are -inf."""
     p = _torch_probs(S4, kind, alpha)
-    a = alpha.to(S4.dtype).view(-1, 1, 1)
+    a = alpha.view(-1, 1, 1)
     dS = entmax_backward(p, dP4, 2.0 if kind == SPARSEMAX else a)
     dalpha = None
     if want_dalpha:
@@ -286,7 +286,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor
     qs, kr, vr = chunks.operands(q, k, v, scale)
     kT = kr.transpose(1, 2)
     out = q.new_zeros(B, H, Lq, Dv)
-    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    am1 = (alpha.detach().to(torch.float64) - 1).to(torch.float32).contiguous()  # digits kept near 1
     stats = torch.full((B, H, Lq, 3), float("inf"), dtype=torch.float32) if backend == "c" else None
     budget = kept_budget(q, k, v, out)
     kept: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor]] = {}
@@ -336,7 +336,7 @@ def chunked_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tenso
     dv = torch.zeros(B * Hkv, Lk, Dv, dtype=v.dtype) if need_v or kept else None
     dalpha = torch.zeros(H, dtype=torch.float32) if need_alpha else None
     dbias = torch.zeros(bias.shape, dtype=bias.dtype) if need_bias and bias is not None else None
-    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    am1 = (alpha.detach().to(torch.float64) - 1).to(torch.float32).contiguous()  # digits kept near 1
     for ch in chunks:
         if ch.kend == 0:
             continue
@@ -446,7 +446,7 @@ def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, m
     kind, alpha_t = head_alphas(alpha, q.shape[1], "chunked_entmax_attention")
     work = torch.float64 if (backend == "torch" and q.dtype == torch.float64) else torch.float32
     qw, kw, vw = (t.to(work).contiguous() for t in (q, k, v))
-    alpha_t = alpha_t.to(work)
+    alpha_t = alpha_t if alpha_t.dtype == torch.float64 else alpha_t.to(work)  # float64 keeps alpha - 1
     allowed = None
     if mask is not None:
         allowed = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))

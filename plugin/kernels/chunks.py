@@ -269,8 +269,17 @@ class ChunkedAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' backward is not differentiable
+            raise RuntimeError(
+                "the chunked attention paths compute first derivatives only (create_graph=True asks for a "
+                "second); take the reference path for higher derivatives: with plugin.use_path('reference')"
+            )
+        return ChunkedAttentionFunction._backward(ctx, dout)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def _backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         *tensors, stats = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[3:3 + ctx.n - 1])
         grads = ctx.run_backward(dout, *tensors, stats, ctx.kept, *ctx.config, needs)

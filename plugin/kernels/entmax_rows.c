@@ -30,8 +30,12 @@
  * f(t) = 1 to NEWTON_TOL or when a step no longer changes t in float32 (the final division
  * by norm absorbs the rest); every row stops after NEWTON_MAX_ITERS steps.
  *
- * y^e for general alpha uses exp2(e log2 y) with short polynomials (relative error about
- * 1e-7) written so that the compiler vectorizes the loops.
+ * General alpha: alpha - 1 can be as small as 1e-9 (a schedule leaving softmax), and t = -1 + s
+ * in float32 would keep s only to 6e-8, an error multiplied by e = 1 / a in log p. So for this
+ * kind the threshold is carried, iterated and stored as s = t + 1 (stats[1] = s), the entries as
+ * u = x - s with y = 1 + u, and y^e = exp2(e log2(1 + u)) with log2(1 + u) corrected for the
+ * rounding of 1 + u (log2_1p): relative error about 1e-7 for every alpha in
+ * (1, 2], with short polynomials written so that the compiler vectorizes the loops.
  *
  * Masks: scores of -inf are masked. With causal != 0, row r (query q_start + r % c) sees
  * keys j <= q_start + r % c + causal_off only; the later ones are written as 0.
@@ -91,7 +95,16 @@ static inline float exp2_clamped(float x)
     return poly * scale;
 }
 
-static inline float pow_pos(float y, float e) { return exp2_clamped(e * log2_pos(y)); }
+/* log2(1 + u) for u > -1, accurate for small |u| (where 1 + u rounds): log2 of y = 1 + u rounded,
+ * plus the rounding error c = u - (y - 1) (exact) over y */
+static inline float log2_1p(float u)
+{
+    float y = 1.0f + u, c = u - (y - 1.0f);
+    return log2_pos(y) + c / y * 1.44269504f;
+}
+
+/* (1 + u)^e for u > -1 */
+static inline float pow1p(float u, float e) { return exp2_clamped(e * log2_1p(u)); }
 
 static void zero_row(float *z, int64_t from, int64_t n)
 {
@@ -124,7 +137,10 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
         k += x > -1.0f;
     }
     const float e = 1.0f / a;
-    float t = -1.0f;
+    /* general alpha: t holds s = threshold + 1 (>= 0), and u = x - s with y = 1 + u, so that
+       alpha near 1 keeps every digit of s (see plugin.kernels.maths.newton_threshold) */
+    const int general = kind == KIND_GENERAL;
+    float t = general ? 0.0f : -1.0f;
     for (int it = 0; it < NEWTON_MAX_ITERS && k > 0; it++) {
         float d;
         int exact = 0;
@@ -157,14 +173,17 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
             const float em1 = e - 1.0f;
 #pragma omp simd reduction(+ : fsum, slope)
             for (int64_t i = 0; i < k; i++) {
-                float y = buf[i] - t;
-                float w = y > 0.0f ? pow_pos(y > 0.0f ? y : 1.0f, em1) : 0.0f;
+                float u = buf[i] - t;
+                float w = u > -1.0f ? pow1p(u > -1.0f ? u : 0.0f, em1) : 0.0f;
                 slope += w;
-                fsum += y * w;
+                fsum += (1.0f + u) * w;
             }
             if (fabsf(fsum - 1.0f) <= NEWTON_TOL)
                 break;
-            d = (fsum - powf(fsum, 1.0f - a)) / slope; /* Newton on phi = f^(1/e) - 1 */
+            /* Newton on phi = f^(1/e) - 1: d = (f - f^(1 - a)) / slope, the difference as
+               -f expm1(-a log f) (1 - a rounds to 1 for a below 6e-8; mirrors
+               plugin.kernels.maths.newton_gap) */
+            d = -fsum * expm1f(-a * logf(fsum > 1e-30f ? fsum : 1e-30f)) / slope;
         }
         if (!(d > 0.0f) || t + d == t) /* no progress left at this precision */
             break;
@@ -175,7 +194,7 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
         for (int64_t i = 0; i < k; i++) {
             float x = buf[i];
             buf[k2] = x;
-            k2 += x > t;
+            k2 += general ? x - t > -1.0f : x > t;
         }
         k = k2;
     }
@@ -196,9 +215,9 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
     } else {
 #pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < k; i++) {
-            float y = buf[i] - t;
-            float w = pow_pos(y > 0.0f ? y : 1.0f, e);
-            s += y > 0.0f ? w : 0.0f;
+            float u = buf[i] - t;
+            float w = pow1p(u > -1.0f ? u : 0.0f, e);
+            s += u > -1.0f ? w : 0.0f;
         }
     }
     *norm = s;
@@ -244,10 +263,10 @@ static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, 
     } else {
 #pragma omp simd reduction(+ : count)
         for (int64_t j = 0; j < lim; j++) {
-            float y = a * (z[j] - m) - t;
-            float w = pow_pos(y > 0.0f ? y : 1.0f, e);
-            z[j] = y > 0.0f ? w * inv : 0.0f;
-            count += y > 0.0f;
+            float u = a * (z[j] - m) - t; /* t holds s: y = 1 + u */
+            float w = pow1p(u > -1.0f ? u : 0.0f, e);
+            z[j] = u > -1.0f ? w * inv : 0.0f;
+            count += u > -1.0f;
         }
     }
     zero_row(z, lim, n);
@@ -291,18 +310,18 @@ static void row_backward(float *z, float *dp, int64_t lim, int64_t n, float a, i
             sg += gj;
             sgd += gj * dp[j];
         }
-    } else { /* w = y^(e-1): p = y w / norm, g = p^(2-alpha) = w norm^(alpha-2) */
+    } else { /* w = y^(e-1), y = 1 + u: p = y w / norm, g = p^(2-alpha) = w norm^(alpha-2) */
         const float e = 1.0f / a, em1 = e - 1.0f, ginv = powf(inv, 1.0f - a);
         const float ln_inv = logf(inv > 0.0f ? inv : 1.0f), ln2 = 0.69314718f;
         if (dalpha == NULL) {
 #pragma omp simd reduction(+ : sg, sgd)
             for (int64_t j = 0; j < lim; j++) {
-                float y = a * (z[j] - m) - t;
-                int on = y > 0.0f;
-                float w = pow_pos(on ? y : 1.0f, em1);
+                float u = a * (z[j] - m) - t; /* t holds s: y = 1 + u */
+                int on = u > -1.0f;
+                float w = pow1p(on ? u : 0.0f, em1);
                 w = on ? w : 0.0f;
                 float gj = w * ginv;
-                z[j] = on ? y * w * inv : 0.0f;
+                z[j] = on ? (1.0f + u) * w * inv : 0.0f;
                 g[j] = gj;
                 sg += gj;
                 sgd += gj * dp[j];
@@ -311,12 +330,12 @@ static void row_backward(float *z, float *dp, int64_t lim, int64_t n, float a, i
 #pragma omp simd reduction(+ : sg, sgd, s_plogp, s_gz, s_dplogp, s_dgz)
             for (int64_t j = 0; j < lim; j++) {
                 float zs = z[j] - m;
-                float y = a * zs - t;
-                int on = y > 0.0f;
-                float lg = log2_pos(on ? y : 1.0f);
+                float u = a * zs - t; /* t holds s: y = 1 + u */
+                int on = u > -1.0f;
+                float lg = log2_1p(on ? u : 0.0f);
                 float w = exp2_clamped(em1 * lg);
                 w = on ? w : 0.0f;
-                float gj = w * ginv, pj = on ? y * w * inv : 0.0f;
+                float gj = w * ginv, pj = on ? (1.0f + u) * w * inv : 0.0f;
                 float plogp = on ? pj * (e * lg * ln2 + ln_inv) : 0.0f; /* log p = e log y + log(1/norm) */
                 float gz = on ? gj * zs : 0.0f;
                 z[j] = pj;
@@ -527,8 +546,11 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
                 sgd += (double)g * dp;
                 ds[e] = dp;
                 if (dalpha != NULL) {
-                    /* y = a (z - m) - t = (p / norm)^a, so z - m = (y + t) / a */
-                    const float y = powf(p / inv, a), zs = (y + t) / a;
+                    /* y = a (z - m) - t = (p / norm)^a, so z - m = (y + t) / a; for a general
+                       alpha the statistic is s = t + 1 and z - m = (expm1(a log(p / norm)) + s) / a */
+                    const float zs = kind == KIND_GENERAL
+                                         ? (float)((expm1((double)a * log((double)p / inv)) + t) / a)
+                                         : (powf(p / inv, a) + t) / a;
                     const double plogp = (double)p * log((double)p);
                     s_plogp += plogp;
                     s_gz += (double)g * zs;

@@ -47,6 +47,8 @@ def gradient_weights(p: Tensor, alpha: Tensor | float) -> Tensor:
     support = p > 0
     if not isinstance(alpha, Tensor) and alpha == 2:
         return support.to(p.dtype)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(p.dtype)
     return torch.where(support, p.clamp(min=torch.finfo(p.dtype).tiny) ** (2 - alpha), torch.zeros_like(p))
 
 
@@ -88,12 +90,13 @@ def entmax_alpha_grad(p: Tensor, grad: Tensor, zs: Tensor, alpha: Tensor) -> Ten
     """
     support = p > 0
     tiny = torch.finfo(p.dtype).tiny
+    am1 = (alpha - 1).to(p.dtype)  # in alpha's precision first: a float64 alpha near 1 keeps its digits
     g = gradient_weights(p, alpha)
     plogp = torch.where(support, p * torch.log(p.clamp(min=tiny)), torch.zeros_like(p))
     zs = torch.where(support, zs, torch.zeros_like(zs))
     gsum = g.sum(-1, keepdim=True).clamp(min=tiny)
     tau_prime = ((g * zs).sum(-1, keepdim=True) - plogp.sum(-1, keepdim=True)) / gsum
-    dp_dalpha = (-plogp + g * (zs - tau_prime)) / (alpha - 1)
+    dp_dalpha = (-plogp + g * (zs - tau_prime)) / am1
     return (grad * dp_dalpha).sum(-1, keepdim=True)
 
 
@@ -113,6 +116,11 @@ def newton_threshold(z: Tensor, am1: Tensor, kind: int, max_iters: int = NEWTON_
     ``d = (f - f^(1 - a)) / f'`` is taken. A general alpha stops when ``|f(t) - 1| <= tol``; every
     row stops when a step no longer moves ``t`` (float32) or after ``max_iters`` steps.
 
+    A general alpha works with ``s = t + 1`` instead of ``t`` (started at 0) and with
+    ``u = x - s``, ``y = 1 + u``, ``y^e = exp(e log1p(u))``: near alpha = 1 (``a`` down to 1e-9,
+    where a schedule leaving softmax passes) ``t = -1 + s`` in float32 would keep ``s`` only to
+    6e-8, an error that ``e = 1 / a`` multiplies in ``log p``; ``s`` itself keeps every digit.
+
     Parameters
     ----------
     z : (rows, n) float32 scores, ``-inf`` where masked.
@@ -121,15 +129,17 @@ def newton_threshold(z: Tensor, am1: Tensor, kind: int, max_iters: int = NEWTON_
 
     Returns
     -------
-    stats : (rows, 3) float32, per row ``(m, t, 1 / norm)``; ``(inf, 0, 0)`` for a row with no
-        allowed entry. :func:`entmax_from_stats` gives the probabilities.
+    stats : (rows, 3) float32, per row ``(m, t, 1 / norm)``, for the GENERAL kind
+        ``(m, s, 1 / norm)`` with ``s = t + 1``; ``(inf, 0, 0)`` for a row with no allowed entry.
+        :func:`entmax_from_stats` gives the probabilities.
     """
     m = z.amax(-1, keepdim=True)
     dead = ~torch.isfinite(m)
     m = torch.where(dead, torch.zeros_like(m), m)
     x = am1 * (z - m)
     e = 1.0 / am1
-    t = torch.full_like(m, -1.0)
+    general = kind == GENERAL
+    t = torch.full_like(m, 0.0 if general else -1.0)  # for GENERAL: s = t + 1
     done = dead.clone()
     for _ in range(max_iters):
         if bool(done.all()):
@@ -139,12 +149,14 @@ def newton_threshold(z: Tensor, am1: Tensor, kind: int, max_iters: int = NEWTON_
         yp = torch.where(pos, y, torch.zeros_like(y))
         converged = torch.zeros_like(done)
         exact = torch.zeros_like(done)
-        if kind == GENERAL:
-            w = torch.where(pos, yp.clamp(min=torch.finfo(y.dtype).tiny) ** (e - 1), torch.zeros_like(y))
-            fsum = (yp * w).sum(-1, keepdim=True)
+        if general:
+            u = y  # x - s
+            on = u > -1
+            w = torch.where(on, _pow1p(u, e - 1), torch.zeros_like(u))
+            fsum = torch.where(on, (1 + u) * w, torch.zeros_like(u)).sum(-1, keepdim=True)
             slope = w.sum(-1, keepdim=True)
             converged = (fsum - 1).abs() <= tol
-            d = (fsum - fsum ** (1 - am1)) / slope.clamp(min=1e-30)
+            d = newton_gap(fsum, am1) / slope.clamp(min=1e-30)
         else:
             k = pos.sum(-1, keepdim=True).to(y.dtype)
             s1 = yp.sum(-1, keepdim=True)
@@ -169,34 +181,51 @@ def newton_threshold(z: Tensor, am1: Tensor, kind: int, max_iters: int = NEWTON_
     elif kind == ENTMAX15:
         terms = yp * yp
     else:
-        terms = torch.where(pos, yp.clamp(min=torch.finfo(y.dtype).tiny) ** e, torch.zeros_like(y))
+        terms = torch.where(y > -1, _pow1p(y, e), torch.zeros_like(y))
     norm = terms.sum(-1, keepdim=True)
     inv = torch.where(norm > 0, 1 / norm.clamp(min=torch.finfo(y.dtype).tiny), torch.zeros_like(norm))
     stats = torch.cat([m, t, inv], -1)
     return torch.where(dead, torch.tensor([float("inf"), 0.0, 0.0], dtype=z.dtype, device=z.device), stats)
 
 
-def entmax_from_stats(z: Tensor, am1: Tensor, stats: Tensor) -> Tensor:
+def newton_gap(fsum: Tensor, am1: Tensor) -> Tensor:
+    """``fsum - fsum^(1 - a)`` (the numerator of the general-alpha Newton step) as
+    ``-fsum expm1(-a log fsum)``: the difference itself cancels for ``a`` below float32's
+    resolution around 1 (``1 - a`` rounds to 1, or a rounding of the power makes a step 1 / a
+    times too long)."""
+    return -fsum * torch.expm1(-am1 * torch.log(fsum.clamp(min=1e-30)))
+
+
+def entmax_from_stats(z: Tensor, am1: Tensor, stats: Tensor, kind: int) -> Tensor:
     """``p_j = [a (z_j - m) - t]_+^(1 / a) / norm`` from the statistics of :func:`newton_threshold`.
 
-    ``z`` (rows, n) scores (``-inf`` where masked), ``am1`` (rows, 1), ``stats`` (rows, 3);
-    rows with no allowed entry give zeros.
+    ``z`` (rows, n) scores (``-inf`` where masked), ``am1`` (rows, 1), ``stats`` (rows, 3) of the
+    row kind ``kind`` (for GENERAL, ``p_j = (1 + u_j)_+^(1 / a) / norm`` with
+    ``u_j = a (z_j - m) - s``); rows with no allowed entry give zeros.
     """
     m, t, inv = stats[:, :1], stats[:, 1:2], stats[:, 2:]
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     y = am1 * (z - m) - t
+    if kind == GENERAL:
+        return torch.where(y > -1, _pow1p(y, 1.0 / am1), torch.zeros_like(y)) * inv
     pos = y > 0
     p = torch.where(pos, y.clamp(min=torch.finfo(y.dtype).tiny) ** (1.0 / am1), torch.zeros_like(y))
     return p * inv
+
+
+def _pow1p(u: Tensor, e: Tensor | float) -> Tensor:
+    """``(1 + u)^e`` for ``u > -1`` as ``exp(e log1p(u))`` (any finite value elsewhere, to be masked)."""
+    return torch.exp(e * torch.log1p(torch.where(u > -1, u, torch.zeros_like(u))))
 
 
 def head_alphas(alpha: float | Tensor, heads: int, op: str,
                 device: torch.device | None = None) -> tuple[int, Tensor]:
     """The row kind and the per-head alpha ``(heads,)`` of an attention call's ``alpha``.
 
-    ``alpha`` is a float in (1, 2] (its kind by :func:`kind_of_alpha`) or a tensor with one value
-    per head (``(H,)``, ``(H, 1)``, or one value for all; kind GENERAL). ``op`` names the caller
-    in the ``ValueError`` raised otherwise.
+    ``alpha`` is a float in (1, 2] (its kind by :func:`kind_of_alpha`; returned in float64, so
+    that ``alpha - 1`` keeps its digits near 1) or a tensor with one value per head (``(H,)``,
+    ``(H, 1)``, or one value for all; kind GENERAL). ``op`` names the caller in the ``ValueError``
+    raised otherwise.
     """
     if isinstance(alpha, Tensor):
         alpha_t = alpha.reshape(-1)
@@ -208,4 +237,5 @@ def head_alphas(alpha: float | Tensor, heads: int, op: str,
     a = float(alpha)
     if not 1 < a <= 2:
         raise ValueError(f"{op}: alpha must lie in (1, 2], got {alpha!r}")
-    return kind_of_alpha(a), torch.full((heads,), a, device=device)
+    # float64: alpha = 1 + 1e-8 is 1 in float32 (the kernels take alpha - 1 from it)
+    return kind_of_alpha(a), torch.full((heads,), a, dtype=torch.float64, device=device)

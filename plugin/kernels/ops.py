@@ -96,7 +96,7 @@ def chunked_entmax_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Ten
     if kind not in KIND_NAMES:
         raise ValueError(f"{op}: kind must be one of {sorted(KIND_NAMES)}, got {kind!r}")
     _check_attention(op, q, k, v, bias, mask, (torch.float32,) if backend == "c" else (torch.float32, torch.float64))
-    _check(f"{op}: alpha", alpha, (q.dtype,), 1)
+    _check(f"{op}: alpha", alpha, (q.dtype, torch.float64), 1)  # float64 keeps alpha - 1 near 1
     if alpha.numel() != q.shape[1]:
         raise ValueError(f"{op}: alpha must have one value per head (H={q.shape[1]}), got {alpha.numel()}")
     if not bool(((alpha > 1) & (alpha <= 2)).all()):
@@ -133,7 +133,7 @@ def chunked_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Ten
         backend, (True, True, True, need_alpha, need_bias),
     )
     assert dq is not None and dk is not None and dv is not None  # asked for
-    return (dq, dk, dv, dalpha if dalpha is not None else alpha.new_empty(0),
+    return (dq, dk, dv, dalpha.to(alpha.dtype) if dalpha is not None else alpha.new_empty(0),
             dbias if dbias is not None else q.new_empty(0))
 
 

@@ -113,16 +113,43 @@ if triton is not None:
         return pid_bh // H, h, h // G, offs_m, pid_bh * Lq + offs_m, n_end
 
     @triton.jit
+    def _log2_1p(u):
+        """log2(1 + u) for u > -1, accurate for small |u|: the 2 atanh series of u / (2 + u) while
+        1 + u lies in [sqrt(1/2), sqrt(2)) (plain arithmetic: a GPU's fast log2 has an absolute
+        error near 1 that 1 / (alpha - 1) would multiply), tl.log2(1 + u) elsewhere."""
+        r = u / (2.0 + u)
+        r2 = r * r
+        near = 2.0 * r * (1.0 + r2 * (0.33333333 + r2 * (0.2 + r2 * (0.14285714 + r2 * 0.11111111))))
+        return tl.where((u > -0.29289322) & (u < 0.41421356), near * 1.44269504, tl.log2(1.0 + u))
+
+    @triton.jit
+    def _newton_gap(fsum, a):
+        """``fsum - fsum^(1 - a) = fsum (1 - exp(-x))`` with ``x = a log(fsum)``, without the
+        cancellation of the difference (mirrors plugin.kernels.maths.newton_gap): for alpha - 1
+        below float32's resolution around 1, ``fsum^(1 - a)`` rounds to ``fsum`` (or differs by
+        a rounding of exp2/log2, a step 1 / a times too long that underflows every power)."""
+        x = a * tl.log(tl.maximum(fsum, 1e-30))
+        small = x * (1.0 - x * (0.5 - x * (0.16666667 - x * 0.041666667)))
+        return fsum * tl.where(tl.abs(x) < 1e-2, small, 1.0 - tl.exp(-x))
+
+    @triton.jit
     def _power_tile(y, a, KIND: tl.constexpr):
-        """(y_+^(1/a), y_+^(1/a - 1)) with y_+ = max(y, 0): probabilities before normalization and their slope."""
+        """(y_+^(1/a), y_+^(1/a - 1)) with y_+ = max(y, 0): probabilities before normalization and their slope.
+
+        For KIND 2 (general alpha) the argument is ``u = y - 1`` (the threshold is carried as
+        ``s = t + 1``; mirrors plugin.kernels.maths.newton_threshold), and the powers are taken
+        from log2(1 + u) without rounding 1 + u.
+        """
+        if KIND == 2:
+            on = y > -1.0
+            w = tl.where(on, tl.exp2((1.0 / a - 1.0) * _log2_1p(tl.where(on, y, 0.0))), 0.0)
+            return tl.where(on, (1.0 + y) * w, 0.0), w
         pos = y > 0
         yp = tl.where(pos, y, 0.0)
         if KIND == 0:
             w = tl.where(pos, 1.0, 0.0)
-        elif KIND == 1:
-            w = yp
         else:
-            w = tl.where(pos, tl.exp2((1.0 / a - 1.0) * tl.log2(tl.where(pos, y, 1.0))), 0.0)
+            w = yp
         return yp * w, w
 
     @triton.jit
@@ -157,6 +184,8 @@ if triton is not None:
         # pass 2: Newton iterations on the threshold, from t = -1 upwards
         # (mirrors plugin.kernels.maths.newton_threshold; KIND 0, 1, 2 = SPARSEMAX, ENTMAX15, GENERAL)
         t = tl.full([BLOCK_M], -1.0, tl.float32)
+        if KIND == 2:  # general alpha: t holds s = t + 1 (digits kept for alpha near 1)
+            t = tl.zeros([BLOCK_M], tl.float32)
         done = dead
         it = 0
         todo = tl.sum(tl.where(done, 0, 1), axis=0)
@@ -194,8 +223,7 @@ if triton is not None:
                 d = tl.where(exact, d_exact, (s2 - tl.sqrt(s2)) / tl.maximum(s1, 1e-30))
             else:
                 exact = tl.abs(fsum - 1.0) <= TOL
-                fpow = tl.exp2((1.0 - a) * tl.log2(tl.maximum(fsum, 1e-30)))
-                d = tl.where(exact, 0.0, (fsum - fpow) / tl.maximum(slope, 1e-30))
+                d = tl.where(exact, 0.0, _newton_gap(fsum, a) / tl.maximum(slope, 1e-30))
             # a step that no longer moves t (below its float32 resolution) ends the row too: a
             # long row's float32 sum may never come within TOL of 1
             stalled = (d <= 0) | (t + d == t)
@@ -212,7 +240,11 @@ if triton is not None:
             s = _score_tile(q, k, offs_m, offs_n, Lq, Lk, scale, causal_off, Mb, sm_m, sm_n, Bb, sb_m, sb_n,
                             CAUSAL, HAS_MASK, HAS_BIAS, PREC)
             y = a * (s - m[:, None]) - t[:, None]
-            if tl.max(tl.max(y, axis=1), axis=0) > 0:  # some entry of the tile is in a support
+            if KIND == 2:
+                floor = -1.0
+            else:
+                floor = 0.0
+            if tl.max(tl.max(y, axis=1), axis=0) > floor:  # some entry of the tile is in a support
                 p, w = _power_tile(y, a, KIND)
                 total += tl.sum(p, axis=1)
                 v = _tile(Vb, offs_n, offs_d, sv_n, sv_d, Lk, D)
@@ -388,7 +420,7 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask: Tensor 
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
     BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
-    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    am1 = (alpha.detach().to(torch.float64) - 1).to(torch.float32).contiguous()  # digits kept near 1
     out = torch.empty_like(q)
     stats = torch.empty(B, H, Lq, 3, dtype=torch.float32, device=q.device)
     shape = (B, H, Lq, Lk)
@@ -417,7 +449,7 @@ def triton_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor
     BM, BN, BD = _blocks(D, Lq, Lk, q.dtype, block_m, block_n)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     dout = dout.contiguous()
-    am1 = (alpha.detach().to(torch.float32) - 1).contiguous()
+    am1 = (alpha.detach().to(torch.float64) - 1).to(torch.float32).contiguous()  # digits kept near 1
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -514,11 +546,13 @@ def triton_entmax_attention(
     biasc = None
     if bias is not None:
         biasc = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    # float64 keeps alpha - 1 near 1 (the kernels take am1 from it); a learned alpha keeps its dtype
+    alpha_f = alpha_t if alpha_t.dtype == torch.float64 else alpha_t.to(torch.float32)
     if torch.compiler.is_compiling():
-        out, _ = torch.ops.sparse_attention.triton_entmax_fwd(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind,
+        out, _ = torch.ops.sparse_attention.triton_entmax_fwd(qc, kc, vc, alpha_f, maskc, biasc, kind,
                                                               bool(causal), float(scale), block_m, block_n)
     else:
-        out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_t.to(torch.float32), maskc, biasc, kind, bool(causal),
+        out = _TritonEntmaxAttention.apply(qc, kc, vc, alpha_f, maskc, biasc, kind, bool(causal),
                                            float(scale), block_m, block_n)
     return out.to(q.dtype)
 
@@ -535,8 +569,10 @@ def _check_launch(op: str, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, mask:
                              f"{t.dtype} {tuple(t.shape)}")
         if t.device != q.device or t.dtype != q.dtype:
             raise ValueError(f"{op}: q, k, v must share device and dtype")
-    if alpha.dtype != torch.float32 or alpha.dim() != 1 or alpha.numel() != q.shape[1] or alpha.device != q.device:
-        raise ValueError(f"{op}: alpha must be a float32 (H,) tensor on q's device, got {alpha.dtype} "
+    if (alpha.dtype not in (torch.float32, torch.float64) or alpha.dim() != 1 or alpha.numel() != q.shape[1]
+            or alpha.device != q.device):
+        raise ValueError(f"{op}: alpha must be a float32 or float64 (H,) tensor on q's device, "
+                         f"got {alpha.dtype} "
                          f"{tuple(alpha.shape)} on {alpha.device}")
     for label, extra in (("mask", mask), ("bias", bias)):
         if extra is not None and (extra.dim() != 4 or extra.device != q.device):

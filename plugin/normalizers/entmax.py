@@ -98,36 +98,56 @@ def _bisection_steps(dtype: torch.dtype) -> int:
 
 
 class EntmaxBisectFunction(torch.autograd.Function):
-    """General alpha by bisection on tau, then renormalization; closed-form gradients for z and alpha."""
+    """General alpha by bisection on tau, then renormalization; closed-form gradients for z and alpha.
+
+    The threshold is searched as ``s = tau + 1`` in [0, 1 - d^(1 - alpha)], with
+    ``p_j = (1 + x_j - s)_+^(1 / (alpha - 1))`` computed as ``exp(log1p(x_j - s) / (alpha - 1))``:
+    near alpha = 1 the form in ``tau = -1 + s`` would keep ``s`` only to the dtype's resolution
+    around 1, an error that ``1 / (alpha - 1)`` multiplies. ``alpha`` may be float64 for a float32
+    ``z`` (``alpha - 1`` is taken before rounding). The backward is differentiable (second
+    derivatives, also through alpha).
+    """
 
     @staticmethod
     def forward(ctx, z: Tensor, allowed: Tensor, alpha: Tensor) -> Tensor:
         zs, _ = shift_by_max(z, allowed)
         zs = torch.where(allowed, zs, torch.zeros_like(zs))
-        am1 = alpha - 1
+        am1 = (alpha - 1).to(z.dtype)
         x = zs * am1  # max over allowed entries is 0
         inv = 1.0 / am1
         count = allowed.sum(-1, keepdim=True).clamp(min=1).to(z.dtype)
-        # p_max <= 1 gives tau >= max - 1; sum p >= 1 needs tau <= max - (1/d)^(alpha-1)
-        hi = -(count ** (-am1))
-        lo = torch.full_like(hi, -1.0)
+        # p_max <= 1 gives s >= 0; sum p >= 1 needs s <= 1 - (1/d)^(alpha-1)
+        hi = -torch.expm1(-am1 * torch.log(count))
+        lo = torch.zeros_like(hi)
+
+        def unnormalized(s: Tensor) -> Tensor:
+            u = x - s
+            on = allowed & (u > -1)
+            return torch.where(on, torch.exp(inv * torch.log1p(torch.where(on, u, torch.zeros_like(u)))),
+                               torch.zeros_like(u))
+
         for _ in range(_bisection_steps(z.dtype)):
             mid = (lo + hi) / 2
-            p = torch.where(allowed, torch.clamp(x - mid, min=0) ** inv, torch.zeros_like(x))
-            too_much = p.sum(-1, keepdim=True) >= 1
+            too_much = unnormalized(mid).sum(-1, keepdim=True) >= 1
             lo = torch.where(too_much, mid, lo)
             hi = torch.where(too_much, hi, mid)
-        p = torch.where(allowed, torch.clamp(x - lo, min=0) ** inv, torch.zeros_like(x))
+        p = unnormalized(lo)
         p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
         p = torch.where(allowed, p, torch.zeros_like(p))
-        ctx.save_for_backward(p, zs, alpha)
+        ctx.save_for_backward(p, z, allowed, alpha)
         return p
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:
-        p, zs, alpha = ctx.saved_tensors
+        p, z, allowed, alpha = ctx.saved_tensors
         dz = entmax_backward(p, grad, alpha)
-        dalpha = entmax_alpha_grad(p, grad, zs, alpha) if ctx.needs_input_grad[2] else None
+        dalpha = None
+        if ctx.needs_input_grad[2]:
+            # zs from z by differentiable ops, so that a second derivative through dalpha sees
+            # z (the formula does not depend on the shift: the maximum is detached)
+            m = torch.where(allowed, z, torch.full_like(z, -torch.inf)).amax(-1, keepdim=True).detach()
+            zs = torch.where(allowed, z - torch.where(torch.isfinite(m), m, torch.zeros_like(m)), torch.zeros_like(z))
+            dalpha = entmax_alpha_grad(p, grad, zs, alpha).to(alpha.dtype)
         return dz, None, dalpha
 
 
@@ -185,7 +205,7 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
                 if alpha.numel() and not bool(((alpha > 1) & (alpha <= 2)).all()):
                     raise ValueError("entmax: alpha must lie in (1, 2]; got values outside it")
         z, allowed, d, invalid = prepare(scores, dim, mask, "entmax")
-        a = _alpha_tensor(alpha_t.to(z.dtype), scores, d)
+        a = _alpha_tensor(alpha_t if alpha_t.dtype == torch.float64 else alpha_t.to(z.dtype), scores, d)
         p = EntmaxBisectFunction.apply(z, allowed, a)
         return finish(p, d, scores.dtype, invalid)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 <= alpha <= 2:
@@ -198,7 +218,9 @@ def entmax(scores: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, mask: Ten
     elif alpha == 1.5:
         p = Entmax15Function.apply(z, allowed)
     else:
-        a = torch.full(z.shape[:-1] + (1,), float(alpha), dtype=z.dtype, device=z.device)
+        # float64 (where the device has it): alpha = 1 + 1e-8 is 1 in float32
+        a_dtype = torch.float32 if z.device.type == "mps" else torch.float64
+        a = torch.full(z.shape[:-1] + (1,), float(alpha), dtype=a_dtype, device=z.device)
         p = EntmaxBisectFunction.apply(z, allowed, a)
     return finish(p, d, scores.dtype, invalid)
 

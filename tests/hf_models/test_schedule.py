@@ -150,3 +150,21 @@ def test_a_hand_written_loop_drives_the_schedule():
     assert seen == ["entmax:alpha=1", "entmax:alpha=1.25", "entmax:alpha=1.5", "entmax:alpha=1.75", "entmax:alpha=2"]
     state = hf_models.schedule_state(model)
     assert {s["step"] for s in state.values()} == {4} and len(state) == 2  # one cross-attention per decoder layer
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"cross_attn": "entmax:alpha=2", "cross_attn_schedule": "linear:start=1,steps=4e15"},
+     ["cross_attn_schedule", "steps", "10**12"]),
+    ({"cross_attn": "entmax:alpha=2", "cross_attn_schedule": "linear:start=1,steps=4", "attn_schedule_state": "x"},
+     ["attn_schedule_state", "encoder, decoder, cross"]),
+    ({"attn_schedule_state": {"middle": {"step": 1}}}, ["attn_schedule_state", "middle", "encoder, decoder, cross"]),
+    ({"attn_schedule_state": {"cross": {"step": 2**64, "value": 1.5, "spec": "entmax:alpha=1.5"}}},
+     ["attn_schedule_state['cross']['step']", "2**63 - 1"]),
+    ({"attn_schedule_state": {"cross": {"step": 3, "value": "fast", "spec": "entmax:alpha=1.5"}}},
+     ["attn_schedule_state['cross']['value']", "finite number"]),
+])
+def test_out_of_range_steps_and_a_malformed_schedule_state_raise_naming_the_field(fields, words):
+    with pytest.raises(ValueError) as err:
+        hf_models.SparseBartConfig(**config_kwargs("bart"), **fields)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))

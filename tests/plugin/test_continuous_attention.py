@@ -415,3 +415,28 @@ def test_layer_rejects_bad_inputs():
     with pytest.raises(ValueError, match="mask"):
         grid_layer = ContinuousAttention(5, ndim=2)
         grid_layer(torch.randn(2, 3, 5), torch.randn(2, 3, 3, 4), torch.ones(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("penalty", [4e-17, 3e-15, 2e-9])
+def test_every_documented_ridge_penalty_gives_the_ridge_operator(penalty):
+    """A penalty below the rounding of F F^T (J = 64 > n keys: F F^T is singular, and its
+    Cholesky factorization failed) still gives (F F^T + penalty I)^-1 F, checked against the same
+    operator in 40-digit arithmetic (as F (F^T F + penalty I)^-1, from the same float64 F)."""
+    mpmath = pytest.importorskip("mpmath")
+    from plugin.continuous.basis import sequence_positions
+    from plugin.continuous.expectations import evaluate_basis
+
+    mech = plugin.AttentionMechanism(f"continuous_softmax:penalty={penalty!r}", num_heads=2)
+    reg = mech.continuous.regression
+    n = 23
+    f = evaluate_basis(sequence_positions(n, device="cpu"), reg.basis_mu, reg.basis_sigma).T.double()
+    with mpmath.workdps(40):
+        fm = mpmath.matrix(f.tolist())
+        exact = fm * mpmath.inverse(fm.T * fm + mpmath.mpf(penalty) * mpmath.eye(n))
+        exact = torch.tensor([[float(exact[i, j]) for j in range(n)] for i in range(f.shape[0])], dtype=torch.float64)
+    op = reg.sequence(n, "cpu", torch.float64)
+    assert torch.isfinite(op).all()
+    assert (op - exact).abs().max() < 1e-6 * exact.abs().max()
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for _ in range(3))
+    assert torch.isfinite(mech(q, k, v)).all()

@@ -52,7 +52,7 @@ def _python(q, k, v, dout, mask, kind, alpha):
     rows = S.reshape(-1, LK)
     am1 = (a - 1).reshape(-1, 1)
     stats = maths.newton_threshold(rows, am1, kind)
-    P = maths.entmax_from_stats(rows, am1, stats).view(B, H, LQ, LK)
+    P = maths.entmax_from_stats(rows, am1, stats, kind).view(B, H, LQ, LK)
     dP = dout @ v.transpose(-1, -2)
     dS = maths.entmax_backward(P, dP, 2.0 if kind == constants.SPARSEMAX else a)
     zs = S - stats[:, 0].view(B, H, LQ, 1)
@@ -132,7 +132,7 @@ def test_newton_threshold_gives_the_entmax_of_the_bisection_reference(alpha):
     z[0, 5:] = float("-inf")
     kind = maths.kind_of_alpha(alpha)
     p = maths.entmax_from_stats(z.float(), torch.full((50, 1), alpha - 1), maths.newton_threshold(
-        z.float(), torch.full((50, 1), alpha - 1), kind))
+        z.float(), torch.full((50, 1), alpha - 1), kind), kind)
     ref = entmax_pkg.entmax_bisect(z, alpha=alpha, dim=-1, n_iter=100)
     torch.testing.assert_close(p.double(), ref, atol=TOL["out"], rtol=0)
 
@@ -141,7 +141,7 @@ def test_a_row_without_an_allowed_entry_has_the_statistics_of_the_kernels():
     z = torch.full((1, 4), float("-inf"))
     stats = maths.newton_threshold(z, torch.ones(1, 1), constants.SPARSEMAX)
     assert stats.tolist() == [[float("inf"), 0.0, 0.0]]
-    assert maths.entmax_from_stats(z, torch.ones(1, 1), stats).tolist() == [[0.0] * 4]
+    assert maths.entmax_from_stats(z, torch.ones(1, 1), stats, constants.SPARSEMAX).tolist() == [[0.0] * 4]
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3])

@@ -36,6 +36,13 @@ CASES = {
     "alpha1.7-dim24": ("entmax:alpha=1.7", "none", "float32", (1, 2, 2, 17, 19, 24)),
     # near softmax, where a schedule from alpha = 1 passes (alpha = 1 itself takes the sdpa path)
     "alpha1.01-near-softmax": ("entmax:alpha=1.01", "padding", "float32", (1, 2, 2, 17, 19, 16)),
+    # closer still: alpha - 1 below float32's resolution around 1 (the threshold is carried as t + 1)
+    "alpha1+3e-8-near-softmax": ("entmax:alpha=1.00000003", "padding", "float32", (1, 2, 2, 17, 19, 16)),
+    "alpha1+4e-5-causal": ("entmax:alpha=1.00004", "causal", "float32", (1, 2, 1, 20, 20, 16)),
+    # alpha - 1 far below float32's resolution around 1, over several query and key tiles: the
+    # Newton step's f - f^(1 - a) must not cancel (a rounding there overshoots and underflows a row)
+    "alpha1+2e-9-padding-tiles": ("entmax:alpha=1.000000002", "padding", "float32", (2, 2, 2, 18, 35, 16)),
+    "alpha1+7e-9-causal-tiles": ("entmax:alpha=1.000000007", "causal", "float32", (1, 2, 1, 33, 40, 16)),
 }
 
 

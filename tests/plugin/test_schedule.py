@@ -247,3 +247,36 @@ def test_a_schedule_needs_a_spec_string():
         plugin.AttentionMechanism(plugin.softmax, schedule="linear:start=1,steps=2")
     with pytest.raises(ValueError, match="no discrete part"):
         plugin.AttentionMechanism("continuous_softmax", schedule="linear:start=1,steps=2")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("cosine:start=1,steps=3e25", "steps"),
+    ("linear:start=1,steps=4,warmup=7000000000000", "warmup"),
+    ("step:start=1,steps=8,hold=2.5e14", "hold"),
+])
+def test_step_counts_beyond_the_maximum_raise_when_the_schedule_is_parsed(text, key):
+    with pytest.raises(ValueError) as err:
+        plugin.AttentionMechanism("entmax:alpha=1.5", num_heads=2, schedule=text)
+    assert "schedule" in str(err.value) and key in str(err.value) and "10**12" in str(err.value)
+    # the largest accepted counts finish inside the int64 buffer
+    top = plugin.schedule.MAX_STEPS
+    mech = plugin.AttentionMechanism("entmax:alpha=1.5", num_heads=2,
+                                     schedule=f"linear:start=1,steps={top},warmup={top}")
+    plugin.finish_schedules(torch.nn.Sequential(mech))
+    assert int(mech.schedule_step) == mech.schedule_step_value == 2 * top
+    assert mech.current_spec() == "entmax:alpha=1.5"
+
+
+@pytest.mark.parametrize("step", [2**63 + 11, 2**70, -5])
+def test_a_rejected_step_leaves_the_step_and_its_buffer_unchanged(step):
+    mech = plugin.AttentionMechanism("entmax:alpha=2", num_heads=2, schedule="linear:start=1,steps=10")
+    model = torch.nn.Sequential(mech)
+    plugin.set_schedule_step(model, 4)
+    with pytest.raises(ValueError, match=r"set_schedule_step: step .*integer >= 0, at most 2\*\*63 - 1"):
+        plugin.set_schedule_step(model, step)
+    with pytest.raises(ValueError, match=r"set_schedule_step: step"):
+        mech.set_schedule_step(step)
+    assert mech.schedule_step_value == int(mech.schedule_step) == 4
+    assert mech.current_spec() == "entmax:alpha=1.4"
+    plugin.set_schedule_step(model, 2**63 - 1)  # the buffer's largest value is a valid step
+    assert int(mech.schedule_step) == mech.schedule_step_value == 2**63 - 1
