@@ -31,6 +31,7 @@ from .normalizers import (
     softmax,
     sparsemax,
 )
+from .normalizers.contract import check_normalizers
 from .normalizers.structured import fusedmax, oscarmax
 from .recording import CallRecord, record_calls
 from .registry import (
@@ -85,6 +86,7 @@ __all__ = [
     "attention",
     "available_normalizers",
     "canonical_spec",
+    "check_normalizers",
     "continuous",
     "entmax",
     "entmax15",

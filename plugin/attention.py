@@ -20,6 +20,7 @@ from .inputs import (
     split_mask,
 )
 from .normalizers.base import Normalizer, build_normalizer
+from .normalizers.contract import check_output
 from .recording import CallRecord, notify, recording
 from .registry import ParsedSpec, Variant, canonical_spec, parse_spec, variant_of_function
 from .schedule import Schedule, check_step, parse_schedule
@@ -219,12 +220,19 @@ class AttentionMechanism(nn.Module):
         defaults = self._variant.defaults() if self._variant is not None else {}
         return {**defaults, **dict(getattr(self.normalizer, "params", None) or {})}
 
+    def _normalizer_name(self) -> str:
+        """The discrete variant's name (errors name it), or the name of a normalizer handed in unregistered."""
+        if self._variant is not None:
+            return self._variant.name
+        return getattr(getattr(self.normalizer, "function", None), "__name__", None) or self.spec
+
     def _reference(self, q, k, v, allowed, additive, scale, dropout_p):
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
         if additive is not None:
             scores = scores + additive.to(work)
-        p = self.normalizer(scores, dim=-1, mask=allowed)
+        # the normalizer's output checked before its first use (the shape always, the values on demand)
+        p = check_output(self.normalizer(scores, dim=-1, mask=allowed), scores, allowed, self._normalizer_name())
         p = p.to(work)
         weights = p
         out = None

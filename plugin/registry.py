@@ -207,6 +207,32 @@ def _check_name(name: str) -> None:
         )
 
 
+def _check_params(
+    caller: str, name: str, params: Sequence[Param], check: Callable[[dict[str, Any]], None] | None = None
+) -> None:
+    """Each parameter a :class:`Param` with a unique name and a default that its own declaration accepts.
+
+    A default outside its range (or of another type than ``kind``) would otherwise be used by every spec
+    that does not set the parameter, unchecked; ``check`` (the joint check) must accept the defaults too.
+    """
+    seen: set[str] = set()
+    for p in params:
+        if not isinstance(p, Param):
+            raise ValueError(f"{caller}({name!r}): params must hold plugin.Param values, got {p!r}")
+        if p.name in seen:
+            raise ValueError(f"{caller}({name!r}): parameter {p.name!r} is declared twice")
+        seen.add(p.name)
+        try:
+            p.validate(p.default, name)
+        except ValueError as exc:  # names the variant, the parameter, the default and the range
+            raise ValueError(f"{caller}: invalid default: {exc}") from None
+    if check is not None:
+        try:
+            check({p.name: p.default for p in params})
+        except ValueError as exc:
+            raise ValueError(f"{caller}({name!r}): the defaults are not valid together: {exc}") from None
+
+
 def register_normalizer(
     name: str,
     function: Callable[..., Any] | None = None,
@@ -228,6 +254,12 @@ def register_normalizer(
     ``paths`` lists the fast paths that compute the variant exactly (:mod:`plugin.paths`, e.g.
     ``plugin.paths.threshold_family(alpha=2.0, gamma="t")`` for a variant of the sparsemax /
     entmax family), tried in order; without paths every call takes the reference path.
+
+    Each parameter's default must satisfy its own declaration (type, range or choices), else
+    ``ValueError`` here. What the function must return (the contract that
+    :func:`plugin.check_normalizers` checks): a tensor of the shape of ``scores``, nonnegative,
+    exactly 0 on masked entries (``mask`` False or score ``-inf``), each row summing to 1 over
+    its allowed entries, or all zeros when nothing is allowed.
     """
     _check_name(name)
     if function is None and factory is None:
@@ -237,6 +269,7 @@ def register_normalizer(
                 and callable(getattr(path, "build", None))):
             raise ValueError(f"register_normalizer: paths must hold plugin.paths.Path values (from the factories of "
                              f"plugin.paths: sdpa_softmax, threshold_family, structured_chunked), got {path!r}")
+    _check_params("register_normalizer", name, params)
     variant = Variant(name, "discrete", factory, tuple(params), formula, summary, function, tuple(paths))
     _add(variant, replace)
     return variant
@@ -261,6 +294,7 @@ def register_continuous(
     None; ``context`` is (B, H, Lq, D) and ``weights`` (B, H, Lq, Lk) or None.
     """
     _check_name(name)
+    _check_params("register_continuous", name, params, check)
     variant = Variant(name, "continuous", factory, tuple(params), formula, summary, check=check)
     _add(variant, replace)
     return variant

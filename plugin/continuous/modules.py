@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..normalizers.contract import check_output
 from .basis import (
     DEFAULT_WIDTHS,
     DEFAULT_WIDTHS_2D,
@@ -403,6 +404,7 @@ class ContinuousAttention(nn.Module):
                     f"normalizer must be a discrete spec such as 'softmax' or 'sparsemax', got {normalizer!r}"
                 )
             self.normalizer = build_normalizer(parts[0].variant, 1, parts[0].params)
+            self.normalizer_name = parts[0].name  # errors name it
             dim = value_dim if attn_dim is None else attn_dim
             self.query_proj = nn.Linear(query_dim, dim, bias=False)
             self.key_proj = nn.Linear(value_dim, dim, bias=False)
@@ -453,7 +455,8 @@ class ContinuousAttention(nn.Module):
         if self.location == "attention":
             scores = self._scores(q, v)
             key_mask = None if mask is None else mask[:, None, :]
-            probs = self.normalizer(scores, dim=-1, mask=key_mask).to(q.dtype)
+            probs = check_output(self.normalizer(scores, dim=-1, mask=key_mask), scores, key_mask,
+                                 self.normalizer_name).to(q.dtype)
             out = ctx.density_context(probs[:, None], v[:, None], None if mask is None else mask[:, None, None, :])
             context = out.context[:, 0]
             if self.combine:
@@ -484,7 +487,8 @@ class ContinuousAttention(nn.Module):
         probs = None
         if self.location == "attention":
             scores = self._scores(q, flat)
-            probs = self.normalizer(scores, dim=-1).to(q.dtype)  # (B, Lq, P)
+            probs = check_output(self.normalizer(scores, dim=-1), scores, None, self.normalizer_name)
+            probs = probs.to(q.dtype)  # (B, Lq, P)
             mu = probs @ positions
             diff = positions - mu[..., None, :]  # (B, Lq, P, 2)
             cov = (probs[..., None, None] * diff[..., :, None] * diff[..., None, :]).sum(-3)

@@ -103,3 +103,59 @@ def test_record_calls_reports_spec_and_role():
     assert [(c.spec, c.role) for c in calls] == [("sparsemax:gamma=0.5", "encoder")]
     mech(q, q, q)
     assert len(calls) == 1  # recording stopped with the block
+
+
+def _only_a(text):
+    if text != "a":
+        raise ValueError(text)
+
+
+@pytest.mark.parametrize(
+    "param, words",
+    [
+        (Param("x", 5.0, float, low=0, high=1), ["'x'", "5.0", "[0, 1]", "out of range"]),
+        (Param("x", 0.0, float, low=0, low_inclusive=False), ["'x'", "0.0", "> 0"]),
+        (Param("n", 2.5, int, low=1), ["'n'", "2.5", "integer"]),
+        (Param("x", "abc", float), ["'x'", "'abc'", "a number"]),
+        (Param("x", float("nan"), float), ["'x'", "nan", "finite"]),
+        (Param("x", True, float), ["'x'", "True"]),
+        (Param("s", 3, str), ["'s'", "3", "a string"]),
+        (Param("s", "b", str, check=_only_a, expected="'a'"), ["'s'", "'b'", "'a'"]),
+    ],
+)
+def test_a_default_its_own_declaration_refuses_is_refused_at_registration(param, words):
+    for register in (
+        lambda: plugin.register_normalizer("test_bad_default", plugin.sparsemax, params=(param,)),
+        lambda: plugin.register_continuous("test_bad_default", lambda num_heads=None, **p: None, params=(param,)),
+    ):
+        with pytest.raises(ValueError, match="invalid default") as err:
+            register()
+        for w in ["test_bad_default", *words]:
+            assert w in str(err.value)
+        assert "test_bad_default" not in plugin.variants()
+
+
+def test_defaults_in_range_and_choices_are_accepted_at_registration():
+    try:
+        plugin.register_normalizer("test_good_default", plugin.sparsemax, params=(
+            Param("x", "learned", float, low=0, high=1, choices=("learned",)),
+            Param("n", 3, int, low=1, high=3),
+            Param("y", 0, float, low=0),
+        ))
+        assert plugin.available_normalizers()["test_good_default"] == {"x": "learned", "n": 3, "y": 0}
+    finally:
+        plugin.unregister("test_good_default")
+
+
+def test_registration_refuses_duplicate_parameters_and_defaults_the_joint_check_refuses():
+    with pytest.raises(ValueError, match="'x' is declared twice"):
+        plugin.register_normalizer("test_bad_params", plugin.sparsemax, params=(Param("x", 1.0), Param("x", 2.0)))
+
+    def even(params):
+        if params["n"] % 2:
+            raise ValueError(f"n must be even, got {params['n']}")
+
+    with pytest.raises(ValueError, match="test_bad_params.*n must be even, got 3"):
+        plugin.register_continuous("test_bad_params", lambda num_heads=None, **p: None,
+                                   params=(Param("n", 3, int),), check=even)
+    assert "test_bad_params" not in plugin.variants()
