@@ -79,6 +79,12 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path):
         assert heading in report
     for png in ("sentiment_attention.png", "sentiment_support_alpha.png", "translation_attention.png"):
         assert (out / png).stat().st_size > 0
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    written = real_report.publish(out, docs)
+    page = (docs / "real.md").read_text()
+    assert docs / "real.md" in written and "](real_sentiment_attention.png)" in page and "](sentiment_" not in page
+    assert (docs / "real_translation_attention.png").stat().st_size > 0 and "## Sentiment" in page
     trained = [p for p in out.rglob("*.safetensors") if "minilm" not in p.parts[-2]] + list(out.rglob("checkpoint*.pt"))
     assert not trained  # the trained models are deleted without --keep-models
 
