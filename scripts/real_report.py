@@ -128,6 +128,13 @@ def translation_section(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {g['mechanism']} | `{g['spec']}` | {len(g['seeds'])} | {fmt(g['greedy_bleu'])} | "
                          f"{fmt(g['greedy_chrf'])} | {fmt(g['beam_bleu'])} | {fmt(g['beam_chrf'])} | "
                          f"{_pct(g['support_fraction'])} |")
+        floor = data["copy_source"]["chrf"]
+        best = max(max(g["greedy_chrf"]["max"], g["beam_chrf"]["max"]) for g in groups)
+        if best <= floor:
+            lines += ["", f"**At this size these models did not learn to translate**: the best chrF of any run "
+                      f"({best:.1f}) is not above the copied source's ({floor:.1f}), and the outputs below repeat "
+                      "one sentence whatever the input. The differences between mechanisms on this route are noise "
+                      "and support no comparison; it needs more training than this run gives it.", ""]
         lines += ["", "chrF against softmax, greedy:", "", *compare(groups, "greedy_chrf"), "",
                   "chrF against softmax, beam 5:", "", *compare(groups, "beam_chrf"), ""]
         if route == "fairseq" and "train_wps" in groups[0]:
