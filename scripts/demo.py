@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -238,14 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     if "fairseq" in tasks:
         demo_tasks.plot_fairseq(out, results["fairseq"])
         demo_tasks.plot_alpha(out, [r for g in results["fairseq"] for r in g["runs"]])
+    finish_run(out, results, started, cpu_started, demo_tasks.write_report)
+    return 0
+
+
+def finish_run(out: Path, results: dict, started: float, cpu_started: float,
+               write_report: Callable[[Path, dict], Path]) -> Path:
+    """Record a run's wall and CPU time (this process, the data preparation and every worker, each
+    joined when the pool closed) in ``results``, write results.json and the report; the report's path."""
     results["total_seconds"] = time.time() - started
-    # this process, the corpus preparation and every worker (each joined when the pool closed)
     results["total_cpu_seconds"] = cpu_seconds() - cpu_started
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    report = demo_tasks.write_report(out, results)
+    report = write_report(out, results)
     print(f"\nreport: {report} ({results['total_seconds'] / 60:.1f} min wall, "
           f"{results['total_cpu_seconds'] / 60:.1f} min CPU)")
-    return 0
+    return report
 
 
 if __name__ == "__main__":

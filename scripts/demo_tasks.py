@@ -451,10 +451,24 @@ def _plt():
     return plt
 
 
-def plot_fairseq(out: Path, groups: list[dict[str, Any]]) -> None:
-    """Cross-attention heatmaps (first seed of each mechanism), validation curves (every seed)."""
+def heatmap(ax: Any, w: Any, xlabels: list[str], ylabels: list[str], title: str, vmax: float | None = None) -> None:
+    """Attention weights ``w`` (rows attend to columns) on ``ax``, exact zeros white, tokens on the axes;
+    the colour scale runs from 0 to ``vmax`` (default: the largest weight)."""
     import numpy as np
 
+    w = np.asarray(w)
+    top = max(float(w.max()), 1e-9) if vmax is None else vmax
+    ax.imshow(np.ma.masked_where(w == 0, w), cmap="viridis", vmin=0, vmax=top, aspect="auto")
+    ax.set_facecolor("white")
+    ax.set_xticks(range(len(xlabels)))
+    ax.set_xticklabels(xlabels, rotation=70, ha="right", fontsize=6)
+    ax.set_yticks(range(len(ylabels)))
+    ax.set_yticklabels(ylabels, fontsize=6)
+    ax.set_title(title, fontsize=8)
+
+
+def plot_fairseq(out: Path, groups: list[dict[str, Any]]) -> None:
+    """Cross-attention heatmaps (first seed of each mechanism), validation curves (every seed)."""
     plt = _plt()
     n = len(groups)
     cols = min(4, n)
@@ -463,15 +477,9 @@ def plot_fairseq(out: Path, groups: list[dict[str, Any]]) -> None:
     for ax, g in zip(axes.flat, groups):
         run0 = g["runs"][0]
         ex = run0["example"]
-        w = np.array(ex["per_head"][0])
-        ax.imshow(np.ma.masked_where(w == 0, w), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_facecolor("white")
-        ax.set_xticks(range(len(ex["source"])))
-        ax.set_xticklabels(ex["source"], rotation=70, ha="right", fontsize=6)
-        ax.set_yticks(range(len(ex["target"])))
-        ax.set_yticklabels(ex["target"], fontsize=6)
-        ax.set_title(f"{g['mechanism']} (seed {run0['seed']})\ngreedy BLEU {run0['greedy_bleu']:.1f}, "
-                     f"support {100 * run0['support_fraction']:.0f}%", fontsize=8)
+        heatmap(ax, ex["per_head"][0], ex["source"], ex["target"],
+                f"{g['mechanism']} (seed {run0['seed']})\ngreedy BLEU {run0['greedy_bleu']:.1f}, "
+                f"support {100 * run0['support_fraction']:.0f}%", vmax=1.0)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle("Cross-attention, first head of the last decoder layer, one test sentence; white = exactly zero")

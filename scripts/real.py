@@ -25,7 +25,6 @@ Everything goes to one folder: report.md, PNG plots, results.json, logs and the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -216,14 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         real_tasks.plot_sentiment(out, results["sentiment"])
     if "fairseq" in results or "hf" in results:
         real_tasks.plot_translation(out, {r: results[r] for r in ("fairseq", "hf") if r in results})
-    results["total_seconds"] = time.time() - started
-    results["total_cpu_seconds"] = demo.cpu_seconds() - cpu_started
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     import real_report
 
-    report = real_report.write_report(out, results)
-    print(f"\nreport: {report} ({results['total_seconds'] / 60:.1f} min wall, "
-          f"{results['total_cpu_seconds'] / 60:.1f} min CPU)")
+    demo.finish_run(out, results, started, cpu_started, real_report.write_report)
     return 0
 
 

@@ -478,19 +478,6 @@ def run_throughput_job(specs: list[tuple[str, str]], size: dict[str, Any], data_
 # ----------------------------------------------------------------------------- plots
 
 
-def _heatmap(ax: Any, w: Any, xlabels: list[str], ylabels: list[str], title: str) -> None:
-    import numpy as np
-
-    w = np.asarray(w)
-    ax.imshow(np.ma.masked_where(w == 0, w), cmap="viridis", vmin=0, vmax=max(float(w.max()), 1e-9), aspect="auto")
-    ax.set_facecolor("white")
-    ax.set_xticks(range(len(xlabels)))
-    ax.set_xticklabels(xlabels, rotation=70, ha="right", fontsize=6)
-    ax.set_yticks(range(len(ylabels)))
-    ax.set_yticklabels(ylabels, fontsize=6)
-    ax.set_title(title, fontsize=8)
-
-
 def plot_sentiment(out: Path, groups: list[dict[str, Any]]) -> list[Path]:
     """The attention of one test snippet (last layer, first head; first seed of each mechanism), the share of
     nonzero weights per layer, and alpha over training (learned per head, or scheduled)."""
@@ -503,7 +490,7 @@ def plot_sentiment(out: Path, groups: list[dict[str, Any]]) -> list[Path]:
     for ax, g in zip(axes.flat, groups):
         r = g["runs"][0]
         ex = r["example"]
-        _heatmap(ax, ex["layers"][-1][0], ex["tokens"], ex["tokens"],
+        demo_tasks.heatmap(ax, ex["layers"][-1][0], ex["tokens"], ex["tokens"],
                  f"{g['mechanism']} (seed {r['seed']})\n"
                  f"last layer, head 1; test accuracy {100 * r['test_accuracy']:.1f}%")
     for ax in list(axes.flat)[n:]:
@@ -561,7 +548,7 @@ def plot_translation(out: Path, groups: dict[str, list[dict[str, Any]]]) -> Path
             if ex is None:
                 ax.axis("off")
                 continue
-            _heatmap(ax, ex["per_head"][0], ex["source"], ex["target"],
+            demo_tasks.heatmap(ax, ex["per_head"][0], ex["source"], ex["target"],
                      f"{route}: {g['mechanism']} (seed {r['seed']})\nbeam chrF {r['beam_chrf']:.1f}, "
                      f"support {100 * r['support_fraction']:.0f}%")
     fig.suptitle("Cross-attention over a held-out verse (first head, last decoder layer; white = exactly zero)",
