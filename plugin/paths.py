@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -361,8 +361,19 @@ def length_scaled(paths: tuple[Path, ...], factor: Callable[[Call], Callable[[Te
     key counts of :func:`keys_per_row`. Each path keeps its name and refusals; its runner multiplies
     query row ``i`` (and an additive mask's row ``i``, its ``-inf`` entries kept) by ``factor(n_i)``
     and runs the base path. Exact: ``f (q . k) scale + f b = ((f q) . k) scale + f b``. Gradients
-    reach the factor's parameters through the scaled queries.
+    reach the factor's parameters through the scaled queries (and the scaled additive mask: a base
+    path that takes no gradient for the mask refuses such a call while the factor is learned).
     """
+
+    def supports(path: Path) -> Callable[[Call], str | None]:
+        def check(call: Call) -> str | None:
+            # an additive mask is scaled too: it carries the gradient of a learned factor
+            if call.bias and not call.bias_grad and torch.is_grad_enabled() and any(
+                    p.requires_grad for p in getattr(call.normalizer, "parameters", tuple)()):
+                call = replace(call, bias_grad=True)
+            return path.supports(call)
+
+        return check
 
     def wrap(path: Path) -> Path:
         def build(call: Call) -> Runner:
@@ -382,6 +393,6 @@ def length_scaled(paths: tuple[Path, ...], factor: Callable[[Call], Callable[[Te
 
             return runner
 
-        return Path(path.name, path.supports, build)
+        return Path(path.name, supports(path), build)
 
     return tuple(wrap(p) for p in paths)
