@@ -81,14 +81,14 @@ def test_every_role_trains_with_its_variant_on_a_fast_path(trained):
 def test_the_checkpoint_holds_the_trained_length_parameters(trained):
     save, _ = trained
     state = torch.load(save / "checkpoint_last.pt")["model"]
+    alpha_init = float(plugin.LearnableAlpha(1).weight.detach())  # alpha = 1.5 at the start
     expected = {
         "encoder.layers.{i}.self_attn.mechanism.normalizer.s.weight": 1.0,  # s_init
         "decoder.layers.{i}.self_attn.mechanism.normalizer.beta.weight": 0.5,  # beta_init
         "decoder.layers.{i}.self_attn.mechanism.normalizer.gamma.weight": 0.0,  # gamma_init
         "decoder.layers.{i}.encoder_attn.mechanism.normalizer.beta.weight": 0.5,
         "decoder.layers.{i}.encoder_attn.mechanism.normalizer.gamma.weight": 0.0,
-        # alpha = 1.5 at the start
-        "decoder.layers.{i}.encoder_attn.mechanism.normalizer.learned.weight": float(plugin.LearnableAlpha(1).weight.detach()),
+        "decoder.layers.{i}.encoder_attn.mechanism.normalizer.learned.weight": alpha_init,
     }
     for pattern, init in expected.items():
         for i in (0, 1):
