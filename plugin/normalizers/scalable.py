@@ -182,6 +182,7 @@ class LengthScaledNormalizer(nn.Module):
         self.num_heads = num_heads
         self.fixed: dict[str, float] = {}
         self.learned: LearnableAlpha | None = None
+        self.warmup_alpha: float | None = None  # a schedule's alpha, in place of a learned one while set
         learnable = ("s",) if kind == "softmax" else ("beta", "gamma")
         for name in learnable:
             value = params[name]
@@ -214,13 +215,25 @@ class LengthScaledNormalizer(nn.Module):
         out: dict[str, Any] = {}
         for name in (("s",) if self.kind == "softmax" else ("alpha", "beta", "gamma", "delta")):
             if name == "alpha":
-                out[name] = self.learned if self.learned is not None else self.fixed["alpha"]
+                alpha = self._fixed_alpha()
+                out[name] = self.learned if alpha is None else alpha
             else:
                 out[name] = self._modules[name] if name in self._modules else self.fixed[name]
         return out
 
+    def _fixed_alpha(self) -> float | None:
+        """The float alpha computed with now, or None while a learned alpha runs."""
+        return self.fixed["alpha"] if self.learned is None else self.warmup_alpha
+
     def set_param(self, name: str, value: float | None) -> None:
-        """Set a fixed parameter (a schedule's current value; None leaves it unchanged)."""
+        """Set a fixed parameter (a schedule's current value; None leaves it unchanged).
+
+        For a learned alpha the value replaces it until None hands over to it (a scheduled warm-up,
+        as for ``entmax:alpha=learned``).
+        """
+        if name == "alpha" and self.learned is not None:
+            self.warmup_alpha = None if value is None else float(value)
+            return
         if name not in self.fixed:
             raise ValueError(f"{self.name} has no fixed parameter {name!r}; fixed parameters: "
                              f"{', '.join(sorted(self.fixed)) or '(none)'}")
@@ -258,9 +271,13 @@ class LengthScaledNormalizer(nn.Module):
         if self.kind == "softmax":
             p = softmax(x, dim=-1, mask=m)
         else:
-            alpha: Tensor | float = self.fixed.get("alpha", 0.0)
-            if self.learned is not None:
+            fixed = self._fixed_alpha()
+            alpha: Tensor | float
+            if fixed is None:
+                assert self.learned is not None  # no float alpha only while a learned alpha runs
                 alpha = self.learned().to(x.dtype)
+            else:
+                alpha = fixed
             p = entmax(x, alpha=alpha, dim=-1, mask=m)
         return p.movedim(-1, dim).to(scores.dtype)
 

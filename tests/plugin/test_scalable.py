@@ -250,3 +250,24 @@ def test_plain_functions_equal_the_modules():
     torch.testing.assert_close(plugin.scalable_entmax(z, mask=mask, alpha=1.3, beta=0.4, gamma=0.5, delta=0.5),
                                plugin.get_normalizer("scalable_entmax:alpha=1.3,beta=0.4,gamma=0.5,delta=0.5")(
                                    z, mask=mask))
+
+
+def test_a_schedule_moves_alpha_then_hands_over_to_the_learned_alpha():
+    H = 2
+    q, k, v = _qkv(B=1, H=H, Lq=6, Lk=6, dtype=torch.float32)
+    mech = plugin.AttentionMechanism("scalable_entmax:alpha=learned", num_heads=H,
+                                     schedule="linear:param=alpha,start=1,end=1.5,steps=4")
+    seen = []
+    for step in (0, 2, 4):
+        mech.set_schedule_step(step)
+        with plugin.record_calls() as calls:
+            out = mech(q, k, v, causal=True)
+        with kernels.reference_path():
+            torch.testing.assert_close(out, mech(q, k, v, causal=True), atol=2e-6, rtol=2e-6)
+        seen.append((calls[0].spec, calls[0].path))
+    assert seen == [("scalable_entmax:alpha=1", "sdpa"), ("scalable_entmax:alpha=1.25", "cpu_chunked"),
+                    ("scalable_entmax:alpha=learned", "cpu_chunked")]
+    fixed = plugin.AttentionMechanism("scalable_softmax:s=0.5", schedule="linear:param=s,start=0,end=0.5,steps=2")
+    with plugin.record_calls() as calls:  # s = 0 at step 0: a factor of 0, uniform weights
+        torch.testing.assert_close(fixed(q, k, v), v.mean(2, keepdim=True).expand_as(q))
+    assert calls[0].spec == "scalable_softmax:s=0"
