@@ -235,8 +235,10 @@ class LengthScaledNormalizer(nn.Module):
             self.warmup_alpha = None if value is None else float(value)
             return
         if name not in self.fixed:
-            raise ValueError(f"{self.name} has no fixed parameter {name!r}; fixed parameters: "
-                             f"{', '.join(sorted(self.fixed)) or '(none)'}")
+            movable = sorted(self.fixed) + (["alpha"] if self.learned is not None else [])
+            what = "is learned" if name in self._modules else "is not a parameter"
+            raise ValueError(f"{self.name}: {name!r} {what}; a schedule moves a fixed parameter or a learned "
+                             f"alpha (valid choices: {', '.join(movable) or '(none)'})")
         if value is not None:
             self.fixed[name] = float(value)
 

@@ -271,3 +271,8 @@ def test_a_schedule_moves_alpha_then_hands_over_to_the_learned_alpha():
     with plugin.record_calls() as calls:  # s = 0 at step 0: a factor of 0, uniform weights
         torch.testing.assert_close(fixed(q, k, v), v.mean(2, keepdim=True).expand_as(q))
     assert calls[0].spec == "scalable_softmax:s=0"
+
+
+def test_a_schedule_of_a_learned_length_parameter_is_refused_naming_it():
+    with pytest.raises(ValueError, match="'beta' is learned.*alpha, delta"):
+        plugin.AttentionMechanism("scalable_entmax", num_heads=2, schedule="linear:param=beta,start=0,end=1.5,steps=4")
