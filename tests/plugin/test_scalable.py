@@ -276,3 +276,24 @@ def test_a_schedule_moves_alpha_then_hands_over_to_the_learned_alpha():
 def test_a_schedule_of_a_learned_length_parameter_is_refused_naming_it():
     with pytest.raises(ValueError, match="'beta' is learned.*alpha, delta"):
         plugin.AttentionMechanism("scalable_entmax", num_heads=2, schedule="linear:param=beta,start=0,end=1.5,steps=4")
+
+
+@pytest.mark.parametrize("spec,path", [("scalable_softmax", "sdpa"), ("scalable_entmax:alpha=1", "sdpa"),
+                                       ("scalable_entmax", "cpu_chunked_torch"),
+                                       ("scalable_entmax:alpha=learned", "cpu_chunked_torch")])
+def test_length_parameters_gradcheck_on_the_fast_path_in_float64(spec, path):
+    """float64 finite differences through the declared fast path itself (queries scaled, base path run)."""
+    H = 2
+    q, k, v = _qkv(B=2, H=H, Lq=4, Lk=6, D=4)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    mech = _learned(spec, H)
+    names = [n for n, _ in mech.named_parameters()]
+
+    def run(q_, *weights):
+        return torch.func.functional_call(mech, dict(zip(names, weights)), (q_, k, v), {"mask": mask, "causal": True})
+
+    leaves = [q.clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in mech.parameters()]
+    with kernels.use_path(path), plugin.record_calls() as calls:
+        assert torch.autograd.gradcheck(run, tuple(leaves), eps=1e-6, atol=1e-6)
+    assert {c.path for c in calls} == {path}
