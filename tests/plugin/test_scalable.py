@@ -297,3 +297,19 @@ def test_length_parameters_gradcheck_on_the_fast_path_in_float64(spec, path):
     with kernels.use_path(path), plugin.record_calls() as calls:
         assert torch.autograd.gradcheck(run, tuple(leaves), eps=1e-6, atol=1e-6)
     assert {c.path for c in calls} == {path}
+
+
+def test_ssmax_keeps_the_focus_that_softmax_loses_as_n_grows():
+    """The SSMax paper's Figure 1 input (-2 everywhere, +3 on one key, s = 0.43): the top weight is
+    1 / (1 + (n - 1) n^(-5 s)), towards 1 as n grows, where softmax's 1 / (1 + (n - 1) e^(-5)) fades."""
+    s = 0.43
+    tops, soft = [], []
+    for n in (10, 100, 1000, 10000):
+        x = torch.full((n,), -2.0, dtype=torch.float64)
+        x[-1] = 3.0
+        top = float(plugin.scalable_softmax(x, s=s)[-1])
+        assert top == pytest.approx(1 / (1 + (n - 1) * n ** (-5 * s)), rel=1e-12)
+        tops.append(top)
+        soft.append(float(torch.softmax(x, -1)[-1]))
+    assert tops == sorted(tops) and tops[-1] > 0.999
+    assert soft == sorted(soft, reverse=True) and soft[-1] < 0.02
