@@ -313,3 +313,11 @@ def test_ssmax_keeps_the_focus_that_softmax_loses_as_n_grows():
         soft.append(float(torch.softmax(x, -1)[-1]))
     assert tops == sorted(tops) and tops[-1] > 0.999
     assert soft == sorted(soft, reverse=True) and soft[-1] < 0.02
+
+
+def test_the_plain_function_as_a_normalizer_takes_the_reference_path_and_says_why():
+    q, k, v = _qkv(dtype=torch.float32)
+    with plugin.record_calls() as calls:
+        out = plugin.attention(q, k, v, plugin.scalable_softmax, causal=True)
+    assert calls[0].path == "reference" and "length factor" in calls[0].refused["sdpa"]
+    torch.testing.assert_close(out, plugin.attention(q, k, v, "scalable_softmax:s=1", causal=True))
