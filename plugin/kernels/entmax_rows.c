@@ -558,6 +558,9 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
 #endif
     {
+        /* a general alpha's weights g = p^(2 - alpha) (a power each) are kept for the second
+           loop over the row (one row has at most Lk nonzeros); without room they are recomputed */
+        float *gw = kind == KIND_GENERAL ? (float *)malloc(sizeof(float) * (size_t)(Lk > 0 ? Lk : 1)) : NULL;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 16)
 #endif
@@ -577,6 +580,8 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
                     dp += dor[d] * vr[d];
                 const float p = val[e];
                 const float g = gradient_weight(p, a, kind);
+                if (gw != NULL)
+                    gw[e - offsets[r]] = g;
                 sg += g;
                 sgd += (double)g * dp;
                 ds[e] = dp;
@@ -596,7 +601,7 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
             const double delta = sg > 0.0 ? sgd / sg : 0.0;
             for (int64_t e = offsets[r]; e < offsets[r + 1]; e++) {
                 const float p = val[e];
-                const float g = gradient_weight(p, a, kind);
+                const float g = gw != NULL ? gw[e - offsets[r]] : gradient_weight(p, a, kind);
                 const float s = (float)(g * ((double)ds[e] - delta));
                 const float *kr = Kg + (int64_t)idx[e] * D;
                 ds[e] = s;
@@ -609,6 +614,7 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
                 dalpha[r] = (float)((-s_dplogp + s_dgz - tau_prime * sgd) / (double)a);
             }
         }
+        free(gw);
         /* the implicit barrier of the loop above makes every ds final */
         const int64_t groups = rows_per_group > 0 ? (rows + rows_per_group - 1) / rows_per_group : 0;
 #ifdef _OPENMP
