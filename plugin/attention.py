@@ -218,7 +218,10 @@ class AttentionMechanism(nn.Module):
     def path_params(self) -> dict[str, Any]:
         """The discrete variant's parameters now: its defaults, overridden by the normalizer's ``params``."""
         defaults = self._variant.defaults() if self._variant is not None else {}
-        return {**defaults, **dict(getattr(self.normalizer, "params", None) or {})}
+        params = getattr(self.normalizer, "params", None)
+        if params:
+            defaults.update(params)
+        return defaults
 
     def _normalizer_name(self) -> str:
         """The discrete variant's name (errors name it), or the name of a normalizer handed in unregistered."""
