@@ -243,8 +243,11 @@ def _fairseq_model(data: Path, arch: str, extra: list[str], dims: list[str]) -> 
     import torch
     from fairseq import options, tasks
 
+    import plugin
+
+    user_dir = Path(plugin.__file__).resolve().parents[1] / "user_dir"  # the checkout whose plugin runs
     parser = options.get_training_parser()
-    ns = options.parse_args_and_arch(parser, input_args=[str(data), "--user-dir", str(ROOT / "user_dir"),
+    ns = options.parse_args_and_arch(parser, input_args=[str(data), "--user-dir", str(user_dir),
                                                          "--arch", arch, "--cpu", *dims, *extra])
     task = tasks.setup_task(ns)
     torch.manual_seed(0)
@@ -253,6 +256,7 @@ def _fairseq_model(data: Path, arch: str, extra: list[str], dims: list[str]) -> 
 
 def run_fairseq(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from fairseq.modules import MultiheadAttention
     from fairseq.sequence_generator import SequenceGenerator
 
     vocab, batch, src_len, new = (50, 2, 8, 8) if args.quick else (500, 4, 32, 64)
@@ -281,7 +285,13 @@ def run_fairseq(args: argparse.Namespace) -> dict[str, Any]:
         src[:, -1] = d.eos()
         lengths = (src != d.pad()).sum(1)
         sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+        for model in models.values():  # what fairseq-generate does (prepare_for_inference_): no weights kept
+            model.make_generation_fast_(need_attn=False)
         for beam in (1, 5):
+            for model in models.values():  # fairseq-generate's beamable_mm_beam_size: one encoder copy per sentence
+                for module in model.modules():
+                    if isinstance(module, MultiheadAttention):
+                        module.set_beam_size(beam)
             gens = {spec: SequenceGenerator([m], d, beam_size=beam, max_len_a=0, max_len_b=new, min_len=new)
                     for spec, m in models.items()}
 

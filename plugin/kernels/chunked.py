@@ -470,6 +470,9 @@ def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, m
 
         out, _ = chunked_entmax_fwd(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
                                     backend)
+    elif not needs_grad:  # no graph to record (inference, cached decoding): the forward alone
+        out = chunked_forward(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows, backend,
+                              False)[0]
     else:
         out = ChunkedAttentionFunction.apply(chunked_forward, chunked_backward, 6, qw, kw, vw, alpha_t, biasw,
                                              allowed, kind, causal, float(scale), chunk_rows, backend, keep_sparse)
