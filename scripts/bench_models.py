@@ -295,7 +295,7 @@ def run_fairseq(args: argparse.Namespace) -> dict[str, Any]:
             gens = {spec: SequenceGenerator([m], d, beam_size=beam, max_len_a=0, max_len_b=new, min_len=new)
                     for spec, m in models.items()}
 
-            def decode(spec: str, g: Any = None) -> None:
+            def decode(spec: str, gens: dict[str, Any] = gens) -> None:
                 with torch.no_grad():
                     hyps = gens[spec].generate([models[spec]], sample)
                 assert len(hyps) == batch
@@ -403,8 +403,6 @@ def long_memory(spec: str, lengths: list[int], quick: bool) -> dict[int, float]:
 
 
 def run_long(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     specs, notes = long_specs()
     lengths = [256, 512] if args.quick else args.lengths
     memory: dict[str, dict[int, float]] = {}
@@ -419,12 +417,12 @@ def run_long(args: argparse.Namespace) -> dict[str, Any]:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=_pythonpath()))
             if proc.returncode:
                 raise RuntimeError(f"the memory worker for {spec!r} failed:\n{proc.stderr[-2000:]}")
-            memory[spec] = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+            memory[spec] = {int(n): mib for n, mib in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
     rows = []
     for L in lengths:
         q, k, v, H = _long_inputs(L, args.quick)
         calls = {spec: _long_call(spec, H) for spec in specs}
-        runs = {spec: (lambda c=c: c(q, k, v)) for spec, c in calls.items()}
+        runs = {spec: (lambda c=c, q=q, k=k, v=v: c(q, k, v)) for spec, c in calls.items()}
         repeat = max(1, min(20, int(2**16 // L))) if not args.quick else 2
         med = take_turns(runs, args.rounds, repeat, clock(args.clock))
         for spec in specs:
