@@ -174,14 +174,18 @@ def _expected_basis_1d(mu: Tensor, s2: Tensor, bmu: Tensor, bsig: Tensor, alpha:
     function (``a < FLOAT32_MIN_RATIO[alpha] * s``), which are computed again in float64. The
     rows go in blocks of about ``_BLOCK_ELEMENTS`` entries, so that the thirty-odd elementwise
     passes run in the cache. A compiled graph cannot gather a data-dependent set of entries
-    (and fuses the passes itself): there the sparse densities are computed in float64
-    throughout, in one block.
+    (and fuses the passes itself): there both precisions are computed for every entry, in one
+    block, and the same entries as in eager mode are taken from float64.
     """
     dtype, f64 = mu.dtype, torch.float64
     if torch.compiler.is_compiling():
-        work = f64 if dtype == f64 or alpha != 1.0 else dtype
-        res = _closed_form_1d(mu.to(work)[:, None], s2.to(work)[:, None], bmu.to(work), bsig.to(work), alpha, grads)
-        return res[0].to(dtype), *(None if t is None else t.to(dtype) for t in res[1:])  # type: ignore[return-value]
+        res = _closed_form_1d(mu[:, None], s2[:, None], bmu, bsig, alpha, grads)
+        if alpha == 1.0 or dtype == f64:
+            return res
+        exact = _closed_form_1d(mu.to(f64)[:, None], s2.to(f64)[:, None], bmu.to(f64), bsig.to(f64), alpha, grads)
+        narrow = support_radius(s2, alpha)[:, None] < bsig * FLOAT32_MIN_RATIO[alpha]
+        return tuple(None if t is None else torch.where(narrow, x.to(dtype), t)  # type: ignore[return-value]
+                     for t, x in zip(res, exact))
     N, J = mu.shape[0], bmu.shape[0]
     tables = [torch.empty(N, J, dtype=dtype, device=mu.device) for _ in range(3 if grads else 1)]
     groups = []  # (width, its columns: a slice when they are contiguous, as in the default bases)

@@ -462,8 +462,8 @@ def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, m
     if torch.compiler.is_compiling():
         from .ops import chunked_entmax_fwd
 
-        out, _ = chunked_entmax_fwd(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
-                                    backend)
+        out = chunked_entmax_fwd(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
+                                 backend, keep_sparse)[0]
     else:
         out = ChunkedAttentionFunction.apply(chunked_forward, chunked_backward, 6, qw, kw, vw, alpha_t, biasw,
                                              allowed, kind, causal, float(scale), chunk_rows, backend, keep_sparse)
