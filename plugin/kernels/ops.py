@@ -121,7 +121,7 @@ def unpack_kept(directory: Tensor, blob: Tensor) -> dict:
     """The inverse of :func:`pack_kept`: the kept chunks as views into ``blob``."""
     kept = {}
     for row in directory.tolist():
-        tensors = []
+        tensors: list[Tensor | None] = []
         for j in range(3, len(row), 3):
             start, numel, code = row[j:j + 3]
             if code < 0:

@@ -276,7 +276,7 @@ def test_nonfinite_inputs_give_nan_slices_as_in_eager():
     assert out[0, 1].isnan().all() and out[1, 0].isnan().all() and not out[0, 0].isnan().any()
 
 
-# ----------------------------------------------------------------------------- the compiled backward keeps the sparse chunks
+# ----------------------------------------------------------------------------- compiled backward: the kept chunks
 
 
 def _spy_kept(monkeypatch, name):

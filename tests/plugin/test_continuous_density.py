@@ -271,7 +271,8 @@ def test_float32_stays_within_its_documented_error_in_every_regime(alpha):
         lo, hi = _limits1(alpha, mu[i].item(), s2[i].item())
         for j in range(0, 64, 9):
             m, w = bm[j].item(), bs[j].item()
-            want = integrate.quad(lambda t: p(t) * _gauss1(t, m, w), lo, hi, epsabs=1e-13, limit=200, points=[m])[0]
+            want = integrate.quad(lambda t, p=p, m=m, w=w: p(t) * _gauss1(t, m, w), lo, hi, epsabs=1e-13, limit=200,
+                                  points=[m])[0]
             assert abs(e32[i, j].item() - want) < 1e-5 * e64[i].abs().max().item(), (i, j)
 
 
