@@ -175,9 +175,9 @@ def _expected_basis_1d(mu: Tensor, s2: Tensor, bmu: Tensor, bsig: Tensor, alpha:
 
     float64 inputs are computed in float64. float32 inputs are computed in float32, except the
     entries of a sparse density (alpha = 1.5, 2) whose support is narrow next to the basis
-    function (``a < FLOAT32_MIN_RATIO[alpha] * s``), which are computed again in float64. The
-    rows go in blocks of about ``_BLOCK_ELEMENTS`` entries, so that the thirty-odd elementwise
-    passes run in the cache. A compiled graph cannot gather a data-dependent set of entries
+    function (``a < FLOAT32_MIN_RATIO[alpha] * s``), which are computed again in float64. On the
+    CPU the rows go in blocks of about ``_BLOCK_ELEMENTS`` entries, so that the thirty-odd
+    elementwise passes run in the cache. A compiled graph cannot gather a data-dependent set of entries
     (and fuses the passes itself): there both precisions are computed for every entry, in one
     block, and the same entries as in eager mode are taken from float64.
     """
@@ -201,7 +201,8 @@ def _expected_basis_1d(mu: Tensor, s2: Tensor, bmu: Tensor, bsig: Tensor, alpha:
             groups.append((FLOAT32_MIN_RATIO[alpha] * width, slice(c0, c1) if c1 - c0 == cols.numel() else cols))
         a = support_radius(s2, alpha)
         bmu64, bsig64 = bmu.to(f64), bsig.to(f64)
-    step = max(1, _BLOCK_ELEMENTS // max(J, 1))
+    # blocks pay off on the CPU (cache); elsewhere each block's launches and syncs would cost more
+    step = max(1, _BLOCK_ELEMENTS // max(J, 1)) if mu.device.type == "cpu" else max(N, 1)
     for i in range(0, N, step):
         block = slice(i, min(i + step, N))
         part = _closed_form_1d(mu[block, None], s2[block, None], bmu, bsig, alpha, grads)
