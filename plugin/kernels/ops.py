@@ -23,8 +23,9 @@ The Triton kernels are registered the same way in :mod:`plugin.kernels.triton_en
 
 The chunked paths keep the sparse chunks of their forward pass (the probabilities in CSR
 form, a data-dependent size) for the backward pass, which then works on the nonzeros only.
-Eager calls hold them in Python; the forward ops return them packed into two tensors of
-data-dependent size (a directory, one row per kept chunk, and one byte buffer; see
+Eager calls hold them in Python; the forward ops return them packed into two tensors whose
+sizes depend on the shapes only (a directory, one row per kept chunk, and one byte buffer as
+large as the kept budget, allocated but written only where chunks are kept; see
 :func:`pack_kept`), which the compiled graph saves for the backward op like any residual. So a
 compiled backward recomputes exactly the chunks an eager one does (the dense ones, and those
 beyond the kept budget), never the sparse ones.
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .chunked import chunked_backward, chunked_forward
+from .chunks import SPARSE_BUDGET_FACTOR, SPARSE_MIN_BUDGET
 from .constants import KIND_NAMES
 from .structured_chunked import KINDS, structured_backward, structured_forward
 
@@ -44,6 +46,7 @@ __all__ = [
     "chunked_entmax_bwd",
     "chunked_entmax_fwd",
     "group_mean",
+    "kept_capacity",
     "pack_kept",
     "structured_chunked_bwd",
     "structured_chunked_fwd",
@@ -90,37 +93,61 @@ _KEPT_DTYPES = (torch.int64, torch.int32, torch.float32, torch.float64, torch.bo
 _ALIGN = 8  # bytes: every tensor starts at a multiple of the largest element size
 
 
-def pack_kept(kept: dict, parts: int) -> tuple[Tensor, Tensor]:
+def kept_capacity(q: Tensor, k: Tensor, v: Tensor, parts: int) -> tuple:
+    """``(rows, nbytes)`` of the packed kept chunks of an attention call: fixed by the shapes.
+
+    ``rows`` bounds the number of chunks (one per query row at most), plus a first row for the
+    count; ``nbytes`` is the budget of :func:`plugin.kernels.chunks.kept_budget` (integer
+    arithmetic, so that the fake implementations compute it on symbolic shapes) plus room for
+    the alignment of every tensor. The buffers are allocated, not written: only the pages that
+    receive kept chunks become resident.
+    """
+    B, H, Lq = q.shape[0], q.shape[1], q.shape[2]
+    chunks = B * H * Lq
+    elements = q.numel() + k.numel() + v.numel() + chunks * v.shape[-1]
+    budget = torch.sym_max(SPARSE_MIN_BUDGET, int(SPARSE_BUDGET_FACTOR * 4) * elements)
+    return chunks + 1, budget + chunks * parts * _ALIGN
+
+
+def pack_kept(kept: dict, parts: int, capacity: tuple) -> tuple[Tensor, Tensor]:
     """The kept chunks of a forward pass as ``(directory, blob)``, for a compiled graph to save.
 
-    ``kept`` maps a chunk's key ``(b0, hk0, i0)`` to a tuple of ``parts`` 1-D CPU tensors (or None).
-    ``directory`` is int64 (chunks, 3 + 3 * parts): the key, then per tensor its byte offset in
-    ``blob``, its length and its dtype code (-1 for None); ``blob`` is uint8, the tensors' bytes.
-    Both have data-dependent sizes (the fake implementations declare them dynamic).
+    ``kept`` maps a chunk's key ``(b0, hk0, i0)`` to a tuple of ``parts`` 1-D CPU tensors (or
+    None); ``capacity`` is :func:`kept_capacity`. ``directory`` is int64 (rows, 3 + 3 * parts):
+    ``directory[0, 0]`` is the number of chunks, then one row per chunk: its key, and per tensor
+    its byte offset in ``blob``, its length and its dtype code (-1 for None); ``blob`` is uint8,
+    the tensors' bytes. Both sizes depend on the shapes only (a graph with data-dependent shapes
+    would break where it is not compiled whole); a chunk that does not fit is left out, and the
+    backward pass recomputes it.
     """
-    directory = torch.empty(len(kept), 3 + 3 * parts, dtype=torch.int64)
-    total = 0
-    for row, (key, tensors) in enumerate(kept.items()):
-        directory[row, :3] = torch.tensor(key)
-        for j, t in enumerate(tensors):
+    rows, nbytes = capacity
+    directory = torch.empty(rows, 3 + 3 * parts, dtype=torch.int64)
+    blob = torch.empty(nbytes, dtype=torch.uint8)
+    count, total = 0, 0
+    for key, tensors in kept.items():
+        sizes = [0 if t is None else -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors]
+        if count + 1 >= rows or total + sum(sizes) > nbytes:
+            continue
+        entry = list(key)
+        for t, size in zip(tensors, sizes):
             if t is None:
-                directory[row, 3 + 3 * j:6 + 3 * j] = torch.tensor([0, 0, -1])
+                entry += [0, 0, -1]
                 continue
-            directory[row, 3 + 3 * j:6 + 3 * j] = torch.tensor([total, t.numel(), _KEPT_DTYPES.index(t.dtype)])
-            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    blob = torch.empty(total, dtype=torch.uint8)
-    for row, tensors in enumerate(kept.values()):
-        for j, t in enumerate(tensors):
-            if t is not None:
-                start = int(directory[row, 3 + 3 * j])
-                blob[start:start + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+            blob[total:total + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+            entry += [total, t.numel(), _KEPT_DTYPES.index(t.dtype)]
+            total += size
+        count += 1
+        directory[count] = torch.tensor(entry)
+    directory[0, 0] = count
     return directory, blob
 
 
 def unpack_kept(directory: Tensor, blob: Tensor) -> dict:
     """The inverse of :func:`pack_kept`: the kept chunks as views into ``blob``."""
     kept = {}
-    for row in directory.tolist():
+    if directory.numel() == 0:
+        return kept
+    for row in directory[1:1 + int(directory[0, 0])].tolist():
         tensors: list[Tensor | None] = []
         for j in range(3, len(row), 3):
             start, numel, code = row[j:j + 3]
@@ -134,10 +161,16 @@ def unpack_kept(directory: Tensor, blob: Tensor) -> dict:
     return kept
 
 
-def _fake_kept(q: Tensor, parts: int) -> tuple[Tensor, Tensor]:
-    ctx = torch.library.get_ctx()
-    return (q.new_empty(ctx.new_dynamic_size(), 3 + 3 * parts, dtype=torch.int64),
-            q.new_empty(ctx.new_dynamic_size(), dtype=torch.uint8))
+def _no_kept(q: Tensor, parts: int) -> tuple[Tensor, Tensor]:
+    return q.new_empty(0, 3 + 3 * parts, dtype=torch.int64), q.new_empty(0, dtype=torch.uint8)
+
+
+def _fake_kept(q: Tensor, k: Tensor, v: Tensor, parts: int, keeps: bool) -> tuple[Tensor, Tensor]:
+    """The fake ``(directory, blob)``: sized by :func:`kept_capacity` when the op keeps chunks, else empty."""
+    if not keeps:
+        return _no_kept(q, parts)
+    rows, nbytes = kept_capacity(q, k, v, parts)
+    return q.new_empty(rows, 3 + 3 * parts, dtype=torch.int64), q.new_empty(nbytes, dtype=torch.uint8)
 
 
 def _register_kept_autograd(forward_op, backward_op, n: int, optional: int) -> None:
@@ -189,14 +222,17 @@ def chunked_entmax_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Ten
         raise ValueError(f"{op}: alpha must lie in (1, 2]; got values outside it")
     out, stats, kept = chunked_forward(q, k, v, alpha, bias, mask, kind, causal, scale, chunk_rows, backend,
                                        keep_sparse and backend == "c")
-    return (out, stats if stats is not None else q.new_empty(0, dtype=torch.float32), *pack_kept(kept, 3))
+    keeps = keep_sparse and backend == "c"
+    packed = pack_kept(kept, 3, kept_capacity(q, k, v, 3)) if keeps else _no_kept(q, 3)
+    return (out, stats if stats is not None else q.new_empty(0, dtype=torch.float32), *packed)
 
 
 @chunked_entmax_fwd.register_fake
 def _(q, k, v, alpha, bias, mask, kind, causal, scale, chunk_rows, backend, keep_sparse=False):
     B, H, Lq, _ = q.shape
     stats_shape = (B, H, Lq, 3) if backend == "c" else (0,)
-    return (q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32), *_fake_kept(q, 3))
+    return (q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32),
+            *_fake_kept(q, k, v, 3, keep_sparse and backend == "c"))
 
 
 @torch.library.custom_op("sparse_attention::chunked_entmax_bwd", mutates_args=())
@@ -252,14 +288,17 @@ def structured_chunked_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     _check_attention(op, q, k, v, bias, mask, (torch.float32, torch.float64))
     out, stats, kept = structured_forward(q, k, v, bias, mask, kind, lam, causal, scale, chunk_rows, masked,
                                           keep_sparse)
-    return (out, stats if stats is not None else q.new_empty(0, dtype=torch.float32), *pack_kept(kept, 5))
+    keeps = keep_sparse and q.dtype == torch.float32  # the C rows: float32
+    packed = pack_kept(kept, 5, kept_capacity(q, k, v, 5)) if keeps else _no_kept(q, 5)
+    return (out, stats if stats is not None else q.new_empty(0, dtype=torch.float32), *packed)
 
 
 @structured_chunked_fwd.register_fake
 def _(q, k, v, bias, mask, kind, lam, causal, scale, chunk_rows, masked, keep_sparse=False):
     B, H, Lq, _ = q.shape
     stats_shape = (B, H, Lq, 3) if q.dtype == torch.float32 else (0,)
-    return (q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32), *_fake_kept(q, 5))
+    return (q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32),
+            *_fake_kept(q, k, v, 5, keep_sparse and q.dtype == torch.float32))
 
 
 @torch.library.custom_op("sparse_attention::structured_chunked_bwd", mutates_args=())

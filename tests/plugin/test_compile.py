@@ -327,14 +327,14 @@ def test_compiled_chunked_kernel_with_many_chunks_equals_eager(kind, alpha):
     _assert_equal(*results)
 
 
-def test_kept_chunks_survive_packing_into_tensors():
+def test_kept_chunks_survive_packing_into_tensors_of_fixed_size():
     kept = {
         (0, 1, 5): (torch.tensor([0, 2, 3]), torch.tensor([4, 1, 7], dtype=torch.int32), torch.rand(3), None),
         (1, 0, 0): (torch.tensor([0, 0]), torch.empty(0, dtype=torch.int32), torch.empty(0),
                     torch.tensor([True, False, True])),
     }
-    directory, blob = ops.pack_kept(kept, 4)
-    assert directory.shape == (2, 15) and blob.dtype == torch.uint8
+    directory, blob = ops.pack_kept(kept, 4, (5, 4096))
+    assert directory.shape == (5, 15) and blob.shape == (4096,) and blob.dtype == torch.uint8
     back = ops.unpack_kept(directory, blob)
     assert list(back) == list(kept)
     for key, tensors in kept.items():
@@ -343,3 +343,16 @@ def test_kept_chunks_survive_packing_into_tensors():
                 assert got is None
             else:
                 assert got.dtype == want.dtype and torch.equal(got, want)
+    # what does not fit is left out (the backward recomputes it)
+    assert list(ops.unpack_kept(*ops.pack_kept(kept, 4, (5, 60)))) == [(0, 1, 5)]  # 56 bytes, then 24
+
+
+@pytest.mark.parametrize("spec", ["sparsemax", "fusedmax:lam=0.05"])
+def test_compiling_without_fullgraph_breaks_nowhere_in_the_core(spec):
+    # the kept chunks have shapes fixed by the inputs: nothing data-dependent for Dynamo to break at
+    mech = _mechanism(spec)
+    q, k, v = _qkv(16)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            explained = torch._dynamo.explain(lambda q, k, v: mech(q, k, v))(q, k, v)
+        assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
