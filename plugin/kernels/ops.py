@@ -144,7 +144,7 @@ def pack_kept(kept: dict, parts: int, capacity: tuple) -> tuple[Tensor, Tensor]:
 
 def unpack_kept(directory: Tensor, blob: Tensor) -> dict:
     """The inverse of :func:`pack_kept`: the kept chunks as views into ``blob``."""
-    kept = {}
+    kept: dict = {}
     if directory.numel() == 0:
         return kept
     for row in directory[1:1 + int(directory[0, 0])].tolist():
