@@ -48,7 +48,7 @@ SIZES: dict[str, dict[str, Any]] = {
                  fairseq_epochs=1, hf_epochs=1, seeds=1),
     "default": dict(steps=100, batch=32, lr=1e-4, warmup=10, alpha_lr=0.01, max_train=0, max_valid=500,
                     max_test=0, tp_rounds=3, tp_steps=4, max_words=20, max_pairs=0, max_test_pairs=0, vocab=4000,
-                    fairseq_epochs=3, hf_epochs=2, seeds=3),
+                    fairseq_epochs=3, hf_epochs=3, seeds=3),
 }
 
 SENTIMENT_MECHANISMS: list[tuple[str, str, str | None]] = [
@@ -69,12 +69,12 @@ THROUGHPUT_MECHANISMS = [
     ("entmax, learned alpha", "entmax:alpha=learned"),
 ]
 TRANSLATION_MECHANISMS = [
-    # label, cross-attention spec, every seed (True) or the first only
-    ("softmax", "softmax", True),
-    ("sparsemax", "sparsemax", True),
-    ("entmax, learned alpha", "entmax:alpha=learned", True),
-    ("fusedmax", "fusedmax:lam=0.1", False),
-    ("continuous sparsemax", "sparsemax+continuous_sparsemax", False),
+    # label, cross-attention spec, every seed (True) or the first only, routes
+    ("softmax", "softmax", True, ("fairseq", "hf")),
+    ("sparsemax", "sparsemax", True, ("fairseq", "hf")),
+    ("entmax, learned alpha", "entmax:alpha=learned", True, ("fairseq", "hf")),
+    ("fusedmax", "fusedmax:lam=0.1", False, ("fairseq",)),
+    ("continuous sparsemax", "sparsemax+continuous_sparsemax", False, ("fairseq",)),
 ]
 TASKS = ("sentiment", "throughput", "translation")
 ROUTES = ("fairseq", "hf")  # the translation routes
@@ -116,14 +116,14 @@ def build_jobs(tasks: list[str], size: dict[str, Any], seeds: list[int], out: Pa
                                         model_dir=model_dir, work=out / "sentiment", keep_models=keep_models))
                      for label, spec, sched in SENTIMENT_MECHANISMS]
         if "translation" in tasks:
-            for label, spec, every_seed in TRANSLATION_MECHANISMS:
+            for label, spec, every_seed, on_routes in TRANSLATION_MECHANISMS:
                 if not every_seed and seed != seeds[0]:
                     continue
                 common = dict(label=label, spec=spec, seed=seed, data_dir=out / "data" / "translation",
                               keep_models=keep_models)
-                if "fairseq" in routes:
+                if "fairseq" in routes and "fairseq" in on_routes:
                     jobs.append(("fairseq", dict(common, epochs=size["fairseq_epochs"], work=out / "fairseq")))
-                if "hf" in routes:
+                if "hf" in routes and "hf" in on_routes:
                     jobs.append(("hf", dict(common, epochs=size["hf_epochs"], vocab=size["vocab"], work=out / "hf")))
     return sorted(jobs, key=lambda job: -JOB_COST[job[0]])
 
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     jobs = build_jobs(tasks, size, seeds, out, model_dir, args.keep_models, routes)
+    (out / "jobs.jsonl").unlink(missing_ok=True)
     done: dict[str, list[dict[str, Any]]] = {}
     timing = []
     import multiprocessing
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             kind, kw = futures[fut]
             result = fut.result()  # a failed job stops the run with its error
             done.setdefault(kind, []).append(result)
+            with open(out / "jobs.jsonl", "a", encoding="utf-8") as fh:  # each job's result as soon as it ends
+                fh.write(json.dumps({"kind": kind, **result}, default=str) + "\n")
             timing.append({"task": kind, "mechanism": kw.get("label", kind), "seed": kw.get("seed", 0),
                            "wall_seconds": result["job_seconds"], "cpu_seconds": result["job_cpu_seconds"]})
             print(f"[{n}/{len(jobs)}] {kind}: {kw.get('label', '')} seed {kw.get('seed', '-')} "
@@ -267,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     results["jobs"] = timing
     import demo_tasks
 
-    order = {"sentiment": [m[0] for m in SENTIMENT_MECHANISMS], "fairseq": [m[0] for m in TRANSLATION_MECHANISMS],
-             "hf": [m[0] for m in TRANSLATION_MECHANISMS]}
+    order = {"sentiment": [m[0] for m in SENTIMENT_MECHANISMS],
+             **{route: [m[0] for m in TRANSLATION_MECHANISMS if route in m[3]] for route in ROUTES}}
     keys = {"sentiment": ["test_accuracy", "valid_accuracy", "support_fraction"],
             "fairseq": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction", "train_wps",
                         "greedy_distinct", "beam_distinct"],
@@ -281,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     if "throughput" in done:
         results["throughput"] = done["throughput"][0]
     if earlier is not None:
+        # this run's own results first, whatever the merge does
+        (out / "results.this_run.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
         parts_run = [t for t in tasks if t != "translation"] + (list(routes) if "translation" in tasks else [])
         try:
             results = merge_reused(results, earlier, parts_run, args.reuse)
         except ValueError as err:
-            print(f"real.py: {err}", file=sys.stderr)
-            (out / "results.unmerged.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+            print(f"real.py: {err} (this run's results: {out / 'results.this_run.json'})", file=sys.stderr)
             return 2
     if "sentiment" in results:
         real_tasks.plot_sentiment(out, results["sentiment"])

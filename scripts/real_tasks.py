@@ -269,13 +269,18 @@ def run_hf_translation_job(label: str, spec: str, seed: int, epochs: int, vocab:
     show = example_verse(data_dir)
     import plugin
 
+    # verses of similar length decoded together: little padding, and a length cap close to each verse's own
+    order = sorted(range(len(rows)), key=lambda k: len(tok(rows[k]["source"])["input_ids"]))
+    rows_by_length = [rows[k] for k in order]
+    hyps_by_length: list[str] = []
+    show = order.index(show)
     with torch.no_grad(), plugin.record_calls() as calls:
         for i in range(0, len(rows), 32):
-            chunk = rows[i: i + 32]
+            chunk = rows_by_length[i: i + 32]
             batch = tok([r["source"] for r in chunk], return_tensors="pt", padding=True)
             gen = model.generate(**batch, num_beams=BEAM, early_stopping="never", do_sample=False,
                                  max_new_tokens=int(MAX_LEN_A * batch["input_ids"].shape[1] + MAX_LEN_B))
-            hyps += [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
+            hyps_by_length += [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
             labels = tok(text_target=[r["target"] for r in chunk], return_tensors="pt", padding=True)["input_ids"]
             out = model(**batch, labels=labels.masked_fill(labels == tok.pad_token_id, -100), output_attentions=True)
             w = out.cross_attentions[-1].float()  # (B, H, T, S)
@@ -291,6 +296,9 @@ def run_hf_translation_job(label: str, spec: str, seed: int, epochs: int, vocab:
                            "target": tok.convert_ids_to_tokens(labels[j][:t_len].tolist()),
                            "per_head": w[j, :, :t_len, :s_len].tolist()}
         seen = {f"{c.role}:{c.spec}" for c in calls}
+    hyps = [""] * len(rows)
+    for k, h in zip(order, hyps_by_length):
+        hyps[k] = h
     beam = translation_scores(hyps, [r["target"] for r in rows])
     greedy = [p["prediction"] for p in real_data.read_jsonl(save / "predictions.jsonl") if p["split"] == "test"]
     trajectory = metrics.get("attention_parameters", [])
