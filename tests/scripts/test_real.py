@@ -39,7 +39,7 @@ def test_the_comparison_sentences_follow_the_seeds_spread():
     assert "within the spread" in lines[1] and "one seed" in lines[2]
 
 
-def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path):
+def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path, capsys):
     out = tmp_path / "out"
     code = real.main([
         "--size", "tiny", "--out", str(out), "--workers", "1",
@@ -106,6 +106,20 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path):
     for heading in ("## Sentiment", "## Training throughput", "### fairseq", "### transformers", "| earlier |"):
         assert heading in report
     assert (again / "sentiment_attention.png").stat().st_size > 0
+
+    # an interrupted run resumes: the jobs in jobs.jsonl are not run again
+    lines = (again / "jobs.jsonl").read_text().splitlines()
+    (again / "jobs.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # as if the last job had not ended
+    capsys.readouterr()
+    assert real.main(["--size", "tiny", "--out", str(again), "--workers", "1", "--only", "translation",
+                      "--routes", "hf", "--reuse", str(out), "--bible", str(tmp_path / "bible.db"), "--resume"]) == 0
+    assert f"--resume: {len(lines) - 1} of {len(lines)} jobs already done" in capsys.readouterr().out
+    resumed = json.loads((again / "results.json").read_text())
+    assert [g["mechanism"] for g in resumed["hf"]] == [g["mechanism"] for g in merged["hf"]]
+    kept = [json.loads(line)["mechanism"] for line in lines[:-1]]
+    for g, h in zip(resumed["hf"], merged["hf"]):
+        if g["mechanism"] in kept:
+            assert g["runs"] == h["runs"]
 
 
 def test_a_missing_package_stops_the_run_with_the_pip_command(tmp_path, monkeypatch, capsys):
