@@ -147,11 +147,11 @@ def finished_jobs(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
     return found
 
 
-def check_reusable(earlier: dict[str, Any], size: str, seeds: int, source: Path) -> None:
-    """ValueError unless the earlier run ``earlier`` (results.json) has this run's size and number of seeds."""
-    for key, value in (("size", size), ("seeds", seeds)):
-        if earlier.get(key) != value:
-            raise ValueError(f"--reuse {source}: that run has {key} {earlier.get(key)!r}, this one {value!r}")
+def check_reusable(earlier: dict[str, Any], size: str, source: Path) -> None:
+    """ValueError unless the earlier run ``earlier`` (results.json) has this run's size (the seeds may differ:
+    the report gives each part's)."""
+    if earlier.get("size") != size:
+        raise ValueError(f"--reuse {source}: that run has size {earlier.get('size')!r}, this one {size!r}")
 
 
 def merge_reused(results: dict[str, Any], earlier: dict[str, Any], parts_run: list[str], source: Path
@@ -161,7 +161,7 @@ def merge_reused(results: dict[str, Any], earlier: dict[str, Any], parts_run: li
 
     Raises ValueError when the earlier run has another size or seeds, or (a route rerun beside a reused one)
     other translation data."""
-    check_reusable(earlier, results["size"], results["seeds"], source)
+    check_reusable(earlier, results["size"], source)
     reused = [p for p in PARTS if p not in parts_run and p in earlier]
     if not reused:
         return results
@@ -180,7 +180,8 @@ def merge_reused(results: dict[str, Any], earlier: dict[str, Any], parts_run: li
     merged["jobs"] = [dict(j, reused=True) for j in earlier.get("jobs", []) if task_of.get(j["task"]) in reused
                       ] + results["jobs"]
     merged["tasks"] = sorted({*earlier.get("tasks", []), *results["tasks"]}, key=TASKS.index)
-    merged["reused"] = {"from": str(source), "parts": reused, "total_seconds": earlier.get("total_seconds"),
+    merged["reused"] = {"from": str(source), "parts": reused, "seeds": earlier.get("seeds"),
+                        "total_seconds": earlier.get("total_seconds"),
                         "total_cpu_seconds": earlier.get("total_cpu_seconds"), "machine": earlier.get("machine", {})}
     return merged
 
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"translation: comma-separated routes among {', '.join(ROUTES)} (default: both)")
     ap.add_argument("--reuse", type=Path, metavar="DIR",
                     help="an earlier run's folder (its results.json): the parts not run now (tasks, routes) are "
-                    "taken from it into this run's results and report (same size and seeds)")
+                    "taken from it into this run's results and report (same size; the report gives each part's "
+                    "seeds)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the jobs an interrupted run of the same --out, size and options finished (their "
                     "results are in --out's jobs.jsonl) and run only the others")
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(1, (args.seeds or size["seeds"]) + 1))
     if earlier is not None:
         try:
-            check_reusable(earlier, args.size, len(seeds), args.reuse)
+            check_reusable(earlier, args.size, args.reuse)
         except ValueError as err:
             ap.error(str(err))
     workers = args.workers or demo.default_workers()

@@ -248,9 +248,10 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         earlier = reused.get("machine") or {}
         total = reused.get("total_seconds")
         rerun = [names[p] for p in PART_ORDER if p not in reused["parts"] and p in results]
-        lines += ["", f"This run trained {', '.join(rerun)}; "
+        lines += ["", f"This run trained {', '.join(rerun)} ({results['seeds']} seed(s) per mechanism); "
                   f"the {', '.join(names[p] for p in reused['parts'])} results come unchanged from an earlier run of "
-                  f"the same size and seeds ({earlier.get('workers', '?')} worker(s)"
+                  f"the same size ({reused.get('seeds', '?')} seed(s) per mechanism, {earlier.get('workers', '?')} "
+                  "worker(s)"
                   + (f", {total / 60:.1f} min wall" if total else "") + "). Its jobs' times are in the table at the "
                   "end."]
     else:

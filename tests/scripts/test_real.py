@@ -102,7 +102,8 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path, capsys):
     assert {j["task"] for j in merged["jobs"] if not j.get("reused")} == {"hf"}
     assert {j["task"] for j in merged["jobs"] if j.get("reused")} == {"sentiment", "throughput", "fairseq"}
     report = (again / "report.md").read_text()
-    assert "This run trained transformers translation; the sentiment, throughput, fairseq translation" in report
+    assert ("This run trained transformers translation (1 seed(s) per mechanism); the sentiment, throughput, "
+            "fairseq translation results come unchanged from an earlier run of the same size (1 seed(s)") in report
     for heading in ("## Sentiment", "## Training throughput", "### fairseq", "### transformers", "| earlier |"):
         assert heading in report
     assert (again / "sentiment_attention.png").stat().st_size > 0
@@ -166,8 +167,9 @@ def test_reuse_refuses_a_run_of_another_size_or_other_data(tmp_path):
     earlier = {**now, "fairseq": [{"mechanism": "softmax"}], "jobs": [{"task": "fairseq", "mechanism": "softmax"}]}
     merged = real.merge_reused(dict(now, hf=[]), earlier, ["hf"], tmp_path)
     assert merged["fairseq"] == earlier["fairseq"] and merged["jobs"][0]["reused"]
-    with pytest.raises(ValueError, match="seeds"):
-        real.merge_reused(dict(now, seeds=1), earlier, ["hf"], tmp_path)
+    with pytest.raises(ValueError, match="size"):
+        real.merge_reused(dict(now, size="tiny"), earlier, ["hf"], tmp_path)
+    assert real.merge_reused(dict(now, hf=[], seeds=2), earlier, ["hf"], tmp_path)["reused"]["seeds"] == 3
     other = dict(earlier, translation_data=dict(now["translation_data"], vocab=8000))
     with pytest.raises(ValueError, match="vocab"):
         real.merge_reused(dict(now, hf=[]), other, ["hf"], tmp_path)
