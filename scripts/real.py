@@ -83,8 +83,10 @@ ROUTES = ("fairseq", "hf")  # the translation routes
 #: copies the others from an earlier run
 PARTS = {"sentiment": ("sentiment", "sentiment_data"), "throughput": ("throughput", "sentiment_data"),
          "fairseq": ("fairseq", "translation_data"), "hf": ("hf", "translation_data")}
-#: CPU seconds of one job at the default size, measured; used only to start the longest jobs first
-JOB_COST = {"throughput": 200, "sentiment": 150, "fairseq": 160, "hf": 210}
+#: CPU seconds of one job at the default size, measured on the shared 2-core machine (sentiment 190-270, fairseq
+#: 150-205, transformers translation about 170 at 3 epochs of length-grouped batches, throughput 127); used only
+#: to start the longest jobs first. The default run: about 7550 CPU s in all, about 63 min on 2 idle cores
+JOB_COST = {"sentiment": 220, "fairseq": 170, "hf": 170, "throughput": 130}
 
 
 def _job(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the jobs an interrupted run of the same --out, size and options finished (their "
                     "results are in --out's jobs.jsonl) and run only the others")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: the report of the jobs an interrupted run of the same --out finished "
+                    "(jobs.jsonl); it lists the jobs that did not run")
     ap.add_argument("--seeds", type=int, default=0, help="seeds per mechanism (0 = the size's default)")
     ap.add_argument("--workers", type=int, default=0, help="parallel worker processes (0 = one per core, at most 8)")
     ap.add_argument("--keep-models", action="store_true", help="keep the trained models (default: delete them)")
@@ -277,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         timing.append({"task": kind, "mechanism": kw.get("label", kind), "seed": kw.get("seed", 0),
                        "wall_seconds": result["job_seconds"], "cpu_seconds": result["job_cpu_seconds"]})
 
-    finished = finished_jobs(out / "jobs.jsonl") if args.resume else {}
-    if not args.resume:
+    resume = args.resume or args.report_only
+    finished = finished_jobs(out / "jobs.jsonl") if resume else {}
+    if not resume:
         (out / "jobs.jsonl").unlink(missing_ok=True)
     todo = []
     for kind, kw in jobs:
@@ -287,9 +293,14 @@ def main(argv: list[str] | None = None) -> int:
             record(kind, kw, finished[key])
         else:
             todo.append((kind, kw))
-    if finished:
-        print(f"--resume: {len(jobs) - len(todo)} of {len(jobs)} jobs already done in {out / 'jobs.jsonl'}",
-              flush=True)
+    if resume:
+        print(f"--{'report-only' if args.report_only else 'resume'}: {len(jobs) - len(todo)} of {len(jobs)} jobs "
+              f"already done in {out / 'jobs.jsonl'}", flush=True)
+    if args.report_only:
+        results["jobs_not_run"] = ["{}: {}, seed {}".format(*job_key(kind, kw)) for kind, kw in todo]
+        todo = []
+        if not done:
+            ap.error(f"--report-only: no finished job in {out / 'jobs.jsonl'}")
     jobs = todo
     import multiprocessing
 

@@ -256,6 +256,9 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
                   "end."]
     else:
         lines[-1] += " Every number below comes from this run."
+    if results.get("jobs_not_run"):
+        lines += ["", f"The run was stopped before these jobs ran, so they are missing below: "
+                  f"{'; '.join(results['jobs_not_run'])}."]
     lines.append("")
     lines += data_section(results)
     if "sentiment" in results:

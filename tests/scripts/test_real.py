@@ -112,8 +112,14 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path, capsys):
     lines = (again / "jobs.jsonl").read_text().splitlines()
     (again / "jobs.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # as if the last job had not ended
     capsys.readouterr()
-    assert real.main(["--size", "tiny", "--out", str(again), "--workers", "1", "--only", "translation",
-                      "--routes", "hf", "--reuse", str(out), "--bible", str(tmp_path / "bible.db"), "--resume"]) == 0
+    rerun = ["--size", "tiny", "--out", str(again), "--workers", "1", "--only", "translation", "--routes", "hf",
+             "--reuse", str(out), "--bible", str(tmp_path / "bible.db")]
+    assert real.main([*rerun, "--report-only"]) == 0  # the report of what finished, the missing job named
+    last = json.loads(lines[-1])
+    assert f"missing below: hf: {last['mechanism']}, seed {last['seed']}." in (again / "report.md").read_text()
+    assert len(json.loads((again / "results.json").read_text())["hf"]) == len(merged["hf"]) - 1
+    capsys.readouterr()
+    assert real.main([*rerun, "--resume"]) == 0
     assert f"--resume: {len(lines) - 1} of {len(lines)} jobs already done" in capsys.readouterr().out
     resumed = json.loads((again / "results.json").read_text())
     assert [g["mechanism"] for g in resumed["hf"]] == [g["mechanism"] for g in merged["hf"]]
