@@ -247,6 +247,13 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         f"{results['total_seconds'] / 60:.1f} min, CPU time {results['total_cpu_seconds'] / 60:.1f} min (load "
         f"average {machine.get('load_start', '?')} at the start, {machine.get('load_end', '?')} at the end).",
     ]
+    if "jobs_not_run" in results:  # --report-only: the times above are the report's own
+        mine = [j for j in results.get("jobs", []) if not j.get("reused")]
+        lines[-1] = (f"Run size `{results['size']}`, written from the {len(mine)} jobs an interrupted run finished "
+                     f"({machine.get('workers', 1)} worker process(es) with one torch thread each on "
+                     f"{machine.get('cpus', '?')} CPU core(s); its wall time was not recorded; its jobs took "
+                     f"{sum(j['cpu_seconds'] for j in mine) / 60:.1f} CPU-min, each job's time is in the table at "
+                     "the end).")
     reused = results.get("reused")
     if reused:
         names = {"sentiment": "sentiment", "throughput": "throughput", "fairseq": "fairseq translation",
@@ -254,7 +261,8 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         earlier = reused.get("machine") or {}
         total = reused.get("total_seconds")
         rerun = [names[p] for p in PART_ORDER if p not in reused["parts"] and p in results]
-        lines += ["", f"This run trained {', '.join(rerun)} ({results['seeds']} seed(s) per mechanism); "
+        planned = " planned" if results.get("jobs_not_run") else ""
+        lines += ["", f"This run trained {', '.join(rerun)} ({results['seeds']} seed(s) per mechanism{planned}); "
                   f"the {', '.join(names[p] for p in reused['parts'])} results come unchanged from an earlier run of "
                   f"the same size ({reused.get('seeds', '?')} seed(s) per mechanism, {earlier.get('workers', '?')} "
                   "worker(s)"
