@@ -85,7 +85,7 @@ PARTS = {"sentiment": ("sentiment", "sentiment_data"), "throughput": ("throughpu
          "fairseq": ("fairseq", "translation_data"), "hf": ("hf", "translation_data")}
 #: CPU seconds of one job at the default size, measured on the shared 2-core machine (sentiment 190-270, fairseq
 #: 150-205, transformers translation about 170 at 3 epochs of length-grouped batches, throughput 127); used only
-#: to start the longest jobs first. The default run: about 7550 CPU s in all, about 63 min on 2 idle cores
+#: to start the longest jobs first. The default run: about 7700 CPU s in all, about 64 min on 2 idle cores
 JOB_COST = {"sentiment": 220, "fairseq": 170, "hf": 170, "throughput": 130}
 
 
