@@ -141,9 +141,10 @@ def routes_agree(fairseq: list[dict[str, Any]], hf: list[dict[str, Any]]) -> lis
             noise = (exceeds_noise(f[key], base_f[key]) if f[key]["n"] > 1 else None,
                      exceeds_noise(g[key], base_h[key]) if g[key]["n"] > 1 else None)
             same = "same sign" if (df > 0) == (dh > 0) else "opposite signs"
-            beyond = {(True, True): "both beyond the spread", (False, False): "both within the spread",
-                      (True, False): "fairseq's beyond the spread", (False, True): "transformers' beyond the spread"
-                      }.get(noise, "one seed")
+            verdicts: dict[tuple[bool | None, bool | None], str] = {
+                (True, True): "both beyond the spread", (False, False): "both within the spread",
+                (True, False): "fairseq's beyond the spread", (False, True): "transformers' beyond the spread"}
+            beyond = verdicts.get(noise, "one seed")
             parts.append(f"{name} {df:+.1f} / {dh:+.1f} ({same}; {beyond})")
         lines.append(f"- {g['mechanism']}: " + ", ".join(parts))
     return lines + [""]
@@ -163,8 +164,8 @@ def translation_section(results: dict[str, Any]) -> list[str]:
              f"0.1; fairseq {results['sizes'].get('fairseq_epochs', '?')} epochs, transformers "
              f"{results['sizes'].get('hf_epochs', '?')} (`scripts/finetune.py --max-tokens 1024 --lr-scheduler "
              "inverse_sqrt --label-smoothing 0.1`; its model built from a config starts from weights of standard "
-             "deviation d ** -0.5, as fairseq's do). Scores: sacreBLEU (13a) and chrF of the detokenized output against "
-             "the raw reference verses; greedy and beam 5 (fairseq: the optimal stopping rule of "
+             "deviation d ** -0.5, as fairseq's do). Scores: sacreBLEU (13a) and chrF of the detokenized output "
+             "against the raw reference verses; greedy and beam 5 (fairseq: the optimal stopping rule of "
              "`user_dir/beam_search.py`; transformers: `early_stopping=\"never\"`). For scale: the English source "
              f"copied unchanged scores BLEU {data['copy_source']['bleu']:.1f} and chrF "
              f"{data['copy_source']['chrf']:.1f} against the German references (names and numbers match).", ""]
