@@ -81,32 +81,35 @@ class ALiBiAttentionMechanism(AttentionMechanism):
     """An :class:`plugin.AttentionMechanism` with the ALiBi bias added to its scores.
 
     ``ALiBiAttentionMechanism("entmax:alpha=1.5", num_heads=8)``; ``symmetric=True`` for a
-    bidirectional encoder (``-m |i - j|``). The slopes are a buffer that is not saved (they
-    follow from ``num_heads``), so the parameters and the state dict are those of the plain
-    mechanism. ``forward`` has the signature of :func:`plugin.attention`; the bias is added to
+    bidirectional encoder (``-m |i - j|``). The slopes follow from ``num_heads`` and are neither
+    parameters nor buffers (so they survive meta-device construction, as in transformers'
+    ``from_pretrained``): the state dict is that of the plain mechanism. ``forward`` has the signature of :func:`plugin.attention`; the bias is added to
     ``mask`` (bool or additive), and ``causal`` is applied as usual.
     """
-
-    slopes: Tensor
 
     def __init__(self, spec: Any, num_heads: int, role: str | None = None, schedule: str | None = None,
                  symmetric: bool = False) -> None:
         super().__init__(spec, num_heads=num_heads, role=role, schedule=schedule)
         self.symmetric = bool(symmetric)
-        self.register_buffer("slopes", alibi_slopes(num_heads).float(), persistent=False)
+        self.slope_values = tuple(alibi_slopes(num_heads).tolist())
+
+    @property
+    def slopes(self) -> Tensor:
+        """The slope of each head, float32 (H,)."""
+        return torch.tensor(self.slope_values, dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", positions='alibi'{', symmetric=True' if self.symmetric else ''}"
 
-    def position_bias(self, q_len: int, k_len: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    def position_bias(self, q_len: int, k_len: int, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
         """The ALiBi bias (1, H, q_len, k_len) this mechanism adds."""
-        return alibi_bias(self.slopes, q_len, k_len, self.symmetric, dtype, self.slopes.device)
+        return alibi_bias(self.slopes, q_len, k_len, self.symmetric, dtype, device)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False,
                 scale: float | None = None, dropout_p: float = 0.0,
                 return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
-        if q.dim() != 4 or k.dim() != 4 or q.shape[1] != self.slopes.numel():
-            raise ValueError(f"ALiBiAttentionMechanism: q must be (B, H, Lq, D) with H = {self.slopes.numel()} "
+        if q.dim() != 4 or k.dim() != 4 or q.shape[1] != len(self.slope_values):
+            raise ValueError(f"ALiBiAttentionMechanism: q must be (B, H, Lq, D) with H = {len(self.slope_values)} "
                              f"heads and k (B, Hkv, Lk, D); got q {tuple(q.shape)}, k {tuple(k.shape)}")
         work = q.dtype if q.dtype == torch.float64 else torch.float32
         B, _, Lq, _ = q.shape
@@ -116,6 +119,6 @@ class ALiBiAttentionMechanism(AttentionMechanism):
                 raise ValueError(f"attention: a 2-D mask of shape {tuple(mask.shape)} is ambiguous when B = Lq = {B}: "
                                  f"it could be (B, Lk) key padding or (Lq, Lk); pass it as (B, 1, 1, Lk) or (1, 1, Lq, Lk)")
             mask = mask[:, None, None, :]  # (B, Lk) key padding, as plugin.attention reads it
-        bias = self.position_bias(Lq, Lk, work)
+        bias = self.position_bias(Lq, Lk, work, q.device)
         return super().forward(q, k, v, mask=with_bias(mask, bias), causal=causal, scale=scale,
                                dropout_p=dropout_p, return_weights=return_weights)
