@@ -83,8 +83,9 @@ class ALiBiAttentionMechanism(AttentionMechanism):
     ``ALiBiAttentionMechanism("entmax:alpha=1.5", num_heads=8)``; ``symmetric=True`` for a
     bidirectional encoder (``-m |i - j|``). The slopes follow from ``num_heads`` and are neither
     parameters nor buffers (so they survive meta-device construction, as in transformers'
-    ``from_pretrained``): the state dict is that of the plain mechanism. ``forward`` has the signature of :func:`plugin.attention`; the bias is added to
-    ``mask`` (bool or additive), and ``causal`` is applied as usual.
+    ``from_pretrained``): the state dict is that of the plain mechanism. ``forward`` has the
+    signature of :func:`plugin.attention`; the bias is added to ``mask`` (bool or additive), and
+    ``causal`` is applied as usual.
     """
 
     def __init__(self, spec: Any, num_heads: int, role: str | None = None, schedule: str | None = None,
@@ -116,8 +117,9 @@ class ALiBiAttentionMechanism(AttentionMechanism):
         Lk = k.shape[2]
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == B != 1 and mask.shape[1] in (1, Lk):
             if B == Lq:
-                raise ValueError(f"attention: a 2-D mask of shape {tuple(mask.shape)} is ambiguous when B = Lq = {B}: "
-                                 f"it could be (B, Lk) key padding or (Lq, Lk); pass it as (B, 1, 1, Lk) or (1, 1, Lq, Lk)")
+                raise ValueError(f"attention: a 2-D mask of shape {tuple(mask.shape)} is ambiguous when B = Lq = "
+                                 f"{B}: it could be (B, Lk) key padding or (Lq, Lk); pass it as (B, 1, 1, Lk) or "
+                                 f"(1, 1, Lq, Lk)")
             mask = mask[:, None, None, :]  # (B, Lk) key padding, as plugin.attention reads it
         bias = self.position_bias(Lq, Lk, work, q.device)
         return super().forward(q, k, v, mask=with_bias(mask, bias), causal=causal, scale=scale,

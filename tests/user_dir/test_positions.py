@@ -9,7 +9,16 @@ from torch.testing import assert_close
 import plugin
 from plugin.positions import ALiBiAttentionMechanism
 
-from .helpers import NO_DROPOUT, PAIRS, build_model, generate_argv, make_batch, parse_generate_output, run_cli, train_argv
+from .helpers import (
+    NO_DROPOUT,
+    PAIRS,
+    build_model,
+    generate_argv,
+    make_batch,
+    parse_generate_output,
+    run_cli,
+    train_argv,
+)
 from .test_variants_in_the_model import check_incremental_equals_full, check_padding_invariance
 
 ARCH = "sparse_transformer_tiny"
