@@ -59,7 +59,7 @@ MECHANISMS = [
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
     "flip_flop": dict(params=dict(write_prob=0.1), seq_len=48, vary_len=16, layers=2, steps=600, lr=3e-3),
     "mqmtar": dict(params=dict(abc_size=64, vocab_size=64, k_len=1, v_len=1, num_kv=0.8, num_q=4),
-                   seq_len=48, vary_len=16, layers=2, steps=1200, lr=3e-3),
+                   seq_len=48, vary_len=16, layers=2, steps=1000, lr=3e-3),
     "local_count": dict(params=dict(vocab_size=16, max_reps=12), seq_len=48, vary_len=16, layers=2, steps=600,
                         lr=3e-3),
     "copy": dict(params=dict(vocab_size=16), seq_len=24, vary_len=8, layers=2, steps=1200, lr=3e-3),
@@ -68,7 +68,7 @@ TASK_SETTINGS: dict[str, dict[str, Any]] = {
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(tasks=("flip_flop", "local_count"), seeds=1, lengths=(64, 128), step_factor=0.02, eval_n=8,
                  positions=("nope", "alibi"), d_model=32, heads=2),
-    "default": dict(tasks=("flip_flop", "mqmtar", "local_count"), seeds=2,
+    "default": dict(tasks=("flip_flop", "mqmtar"), seeds=2,
                     lengths=(64, 128, 256, 512, 1024, 2048, 4096), step_factor=1.0, eval_n=64,
                     positions=("alibi", "nope"), d_model=64, heads=4),
 }
@@ -110,14 +110,23 @@ def build_model(spec: str, positions: str, vocab_in: int, vocab_out: int, d_mode
             self.probe: int | None = None  # a query row whose weights are recorded (last layer)
             self.probed: Any = None
 
-        def forward(self, x):
+        def forward(self, x, keep_from: int = 0):
+            """``keep_from``: compute only the query rows from there on (the last rows; keys from every row)."""
             B, L, _ = x.shape
-            q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
-            x = x + self.out(self.mech(q, k, v, causal=True).transpose(1, 2).reshape(B, L, d_model))
+            h = self.ln1(x)
+            wq, wk, wv = self.qkv.weight.split(d_model)
+            bq, bk, bv = self.qkv.bias.split(d_model)
+            q = nn.functional.linear(h[:, keep_from:], wq, bq).view(B, L - keep_from, heads, -1).transpose(1, 2)
+            k = nn.functional.linear(h, wk, bk).view(B, L, heads, -1).transpose(1, 2)
+            v = nn.functional.linear(h, wv, bv).view(B, L, heads, -1).transpose(1, 2)
+            x = x[:, keep_from:]
+            att = self.mech(q, k, v, causal=True)  # queries are the last rows: causal aligns them bottom-right
+            x = x + self.out(att.transpose(1, 2).reshape(B, L - keep_from, d_model))
             if self.probe is not None:
-                row = self.probe
-                _, w = self.mech(q[:, :, row:row + 1], k[:, :, :row + 1], v[:, :, :row + 1], return_weights=True)
-                self.probed = w[:, :, 0]  # (B, H, row + 1)
+                row = self.probe - keep_from
+                _, w = self.mech(q[:, :, row:row + 1], k[:, :, :self.probe + 1], v[:, :, :self.probe + 1],
+                                 return_weights=True)
+                self.probed = w[:, :, 0]  # (B, H, probe + 1)
             return x + self.mlp(self.ln2(x))
 
     class Decoder(nn.Module):
@@ -128,10 +137,11 @@ def build_model(spec: str, positions: str, vocab_in: int, vocab_out: int, d_mode
             self.ln = nn.LayerNorm(d_model)
             self.head = nn.Linear(d_model, vocab_out)
 
-        def forward(self, tokens):
+        def forward(self, tokens, keep_from: int = 0):
+            """Logits (B, L - keep_from, vocab_out) of the positions from ``keep_from`` on."""
             x = self.embed(tokens)
-            for block in self.blocks:
-                x = block(x)
+            for i, block in enumerate(self.blocks):
+                x = block(x, keep_from if i == len(self.blocks) - 1 else 0)
             return self.head(self.ln(x))
 
     return Decoder()
@@ -188,7 +198,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     setting = TASK_SETTINGS[job["task"]]
     torch.manual_seed(job["seed"])
     data = Data(job["task"], tasks.params_of(job["task"], **setting["params"]), job["seed"])
@@ -231,7 +241,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 row = min(starts) if not data.labeling else int(weight.sum(1).min()) - 1
                 if probed < 16 and len(set(starts)) <= 1:
                     last.probe = row
-                pred = model(tokens).argmax(-1)
+                keep = row if not data.labeling else 0  # the last layer computes the answer rows only
+                pred = torch.cat([torch.zeros_like(tokens[:, :keep]), model(tokens, keep).argmax(-1)], 1)
                 if last.probe is not None:
                     w = last.probed.clamp_min(0)
                     entropy += (-(w * torch.log(w.clamp_min(1e-30))).sum(-1)).mean(1).tolist()
@@ -251,7 +262,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if length <= job.get("greedy_check_max", 256) and not data.labeling:
             per_length[str(length)]["greedy"] = greedy_check(model, data, length, job.get("greedy_n", 16))
     return dict(job, final_loss=float(np.mean(losses[-20:])), train_time=train_time,
-                total_time=time.time() - t0, steps=steps, results=per_length)
+                total_time=time.time() - t0, cpu_time=time.process_time() - c0, steps=steps, results=per_length)
 
 
 def greedy_decode(model, source: list[int], sep: int, steps: int) -> list[int]:
@@ -301,6 +312,12 @@ def available(spec: str) -> str | None:
     return None
 
 
+def plugin_canonical(spec: str) -> str:
+    import plugin
+
+    return plugin.canonical_spec(spec)
+
+
 def plan(size: str, seeds: int | None, only: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
     cfg = SIZES[size]
     jobs, notes = [], []
@@ -333,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated tasks")
+    ap.add_argument("--mechanisms", default=None,
+                    help="comma-separated specs of MECHANISMS to run (default: all of them)")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into --out's results.json (runs of the same task, positions, spec and seed replaced)")
     ap.add_argument("--publish", action="store_true", help="copy the run in --out into docs/ (no training)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -343,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     jobs, notes = plan(args.size, args.seeds, args.only.split(",") if args.only else None)
+    if args.mechanisms:
+        chosen = [plugin_canonical(x) for x in args.mechanisms.split(",")]
+        known = [plugin_canonical(spec) for _, spec in MECHANISMS if available(spec) is None]
+        bad = [x for x in chosen if x not in known]
+        if bad:
+            raise ValueError(f"--mechanisms: {', '.join(bad)} not among the available ones: {', '.join(known)}")
+        jobs = [j for j in jobs if plugin_canonical(j["spec"]) in chosen]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0, c0 = time.time(), time.process_time()
     results = []
@@ -362,11 +390,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import plugin
 
-    run = dict(size=args.size, jobs=args.jobs, wall_s=time.time() - t0,
-               cpu_s=sum(r["total_time"] for r in results), parent_cpu_s=time.process_time() - c0,
-               notes=notes, torch=torch.__version__, python=sys.version.split()[0], plugin=plugin.__version__,
-               cores=os.cpu_count(), settings={t: TASK_SETTINGS[t] for t in SIZES[args.size]["tasks"]},
-               config=SIZES[args.size], results=results)
+    phase = dict(started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), wall_s=time.time() - t0,
+                 jobs=len(results), specs=sorted({r["spec"] for r in results}), load=os.getloadavg())
+    phases = [phase]
+    if args.append and (out / "results.json").exists():
+        before = json.loads((out / "results.json").read_text())
+        new = {(r["task"], r["positions"], r["spec"], r["seed"]) for r in results}
+        results = [r for r in before["results"] if (r["task"], r["positions"], r["spec"], r["seed"]) not in new] + results
+        phases = before.get("phases", []) + phases
+        # a mechanism run now is no longer missing
+        notes = [n for n in notes if not any(f"({r['spec']})" in n for r in results)]
+    run = dict(size=args.size, jobs=args.jobs, wall_s=sum(p["wall_s"] for p in phases), phases=phases,
+               job_wall_s=sum(r["total_time"] for r in results), cpu_s=sum(r.get("cpu_time", 0) for r in results),
+               notes=notes, torch=torch.__version__,
+               python=sys.version.split()[0], plugin=plugin.__version__, cores=os.cpu_count(),
+               settings={t: TASK_SETTINGS[t] for t in SIZES[args.size]["tasks"]}, config=SIZES[args.size],
+               results=results)
     (out / "results.json").write_text(json.dumps(run, indent=1))
     long_context_report.write_report(run, out)
     print(f"wrote {out / 'report.md'} ({run['wall_s'] / 60:.1f} min)")

@@ -103,8 +103,12 @@ def findings(run: dict[str, Any]) -> list[str]:
                     f"{', '.join(fit) if fit else 'none'}; longest length with mean exact match >= 90%: "
                     + ", ".join(f"{lb} {longest[lb] or '-'}" for lb in rows)
                     + f". At {last}: best mean {best} ({100 * np.mean(_values(rows[best], last, 'exact')):.0f}%)")
-            text += (f", above the whole seed range of {', '.join(beaten)}." if beaten else
-                     ", not beyond the seed range of every other mechanism.")
+            seeds = min(len(runs) for runs in rows.values())
+            if seeds < 2:
+                text += " (one seed: no spread to compare against)."
+            else:
+                text += (f", above the whole seed range of {', '.join(beaten)}." if beaten else
+                         ", not beyond the seed range of every other mechanism.")
             out.append(text)
     return out
 
@@ -180,6 +184,11 @@ def plots(run: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def _loads(run: dict[str, Any]) -> str:
+    loads = [p["load"][0] for p in run.get("phases", []) if p.get("load")]
+    return ", ".join(f"{x:.1f}" for x in loads) or "-"
+
+
 def _train_max(run: dict[str, Any], task: str) -> int:
     s = run["settings"][task]
     return s["seq_len"] + s["vary_len"]
@@ -192,8 +201,9 @@ def summary(run: dict[str, Any]) -> str:
         f"`python scripts/long_context.py --size {run['size']}`: {len(run['results'])} models "
         f"({', '.join(dict.fromkeys(r['task'] for r in run['results']))}; positions "
         f"{', '.join(cfg['positions'])}; {cfg['seeds']} seed(s) each), "
-        f"{run['wall_s'] / 60:.1f} min wall on {run['jobs']} worker processes, {run['cpu_s'] / 60:.1f} "
-        f"process-min in the jobs; {run.get('cores')} cores, torch {run['torch']}, Python {run['python']}.",
+        f"{run['wall_s'] / 60:.1f} min wall on {run['jobs']} worker processes ({len(run.get('phases', [1]))} "
+        f"phase(s)), {run['cpu_s'] / 60:.1f} CPU-min in the jobs; {run.get('cores')} cores shared with other work "
+        f"(load average at the start: {_loads(run)}); torch {run['torch']}, Python {run['python']}.",
         f"Model: {first['layers']} layers, d_model {cfg['d_model']}, {cfg['heads']} heads, pre-LayerNorm, "
         f"AdamW, batch 32, cosine schedule; steps per task: "
         + ", ".join(f"{t} {int(s['steps'] * cfg['step_factor'])}" for t, s in run["settings"].items()) + ".",

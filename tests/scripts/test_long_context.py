@@ -90,3 +90,13 @@ def test_teacher_forced_exact_match_is_greedy_exact_match():
 def test_eval_budget_shrinks_with_length():
     assert lc.eval_count(256, 64) == 64 and lc.eval_count(4096, 64) == 8
     assert lc.eval_batch(4096) == 1 and lc.eval_batch(64) == 32
+
+
+@pytest.mark.parametrize("positions", ["nope", "alibi"])
+def test_answer_rows_only_equal_the_full_forward(positions):
+    torch.manual_seed(0)
+    model = lc.build_model("entmax:alpha=1.5", positions, 12, 10, 16, 2, 2).eval()
+    tokens = torch.randint(0, 12, (3, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        assert torch.allclose(model(tokens, 13), full[:, 13:], atol=1e-5)
