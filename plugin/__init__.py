@@ -24,10 +24,13 @@ from .continuous import ContinuousAttention
 from .kernels import reference_path, use_path
 from .normalizers import (
     LearnableAlpha,
+    LengthScaledNormalizer,
     Normalizer,
     build_normalizer,
     entmax,
     entmax15,
+    scalable_entmax,
+    scalable_softmax,
     softmax,
     sparsemax,
 )
@@ -79,6 +82,7 @@ __all__ = [
     "CallRecord",
     "ContinuousAttention",
     "LearnableAlpha",
+    "LengthScaledNormalizer",
     "Normalizer",
     "Param",
     "STRATEGIES",
@@ -103,6 +107,8 @@ __all__ = [
     "reference_path",
     "register_continuous",
     "register_normalizer",
+    "scalable_entmax",
+    "scalable_softmax",
     "schedule_state",
     "set_schedule_step",
     "softmax",

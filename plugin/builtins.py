@@ -14,8 +14,22 @@ from .continuous.basis import parse_widths
 from .normalizers import entmax, entmax15, softmax, sparsemax
 from .normalizers.base import GAMMA
 from .normalizers.entmax import entmax_factory
+from .normalizers.scalable import (
+    ALPHA,
+    BETA,
+    BETA_INIT,
+    DELTA,
+    GAMMA_EXP,
+    GAMMA_INIT,
+    S_INIT,
+    S,
+    scalable_entmax,
+    scalable_entmax_factory,
+    scalable_softmax,
+    scalable_softmax_factory,
+)
 from .normalizers.structured import fusedmax, oscarmax
-from .paths import Call, sdpa_softmax, structured_chunked, threshold_family
+from .paths import Call, length_scaled, sdpa_softmax, structured_chunked, threshold_family
 from .registry import Param, register_continuous, register_normalizer
 
 # ----------------------------------------------------------------------------- discrete
@@ -60,6 +74,35 @@ register_normalizer(
     formula="[(alpha - 1) x - tau]_+^(1 / (alpha - 1))",
     summary="alpha-entmax (1 = softmax, 2 = sparsemax); alpha fixed, learned per head, or scheduled",
     paths=(*sdpa_softmax(when=_alpha_is_one), *threshold_family(alpha="alpha")),
+)
+
+
+def _length_factor(call: Call) -> Any:
+    """The per-row factor of a length-scaled normalizer (``LengthScaledNormalizer.factor``)."""
+    return call.normalizer.factor
+
+
+# Scalable-Softmax (arXiv:2501.19399) and Adaptive-Scalable entmax (arXiv:2506.16640): the scores of a
+# row times a factor of n, its number of allowed keys; the base variant's paths with scaled queries
+register_normalizer(
+    "scalable_softmax",
+    scalable_softmax,
+    factory=scalable_softmax_factory,
+    # s: 'learned' (one per head, starting at s_init) or a fixed number >= 0
+    params=(S, S_INIT),
+    formula="softmax(s log(n) x), n = number of allowed keys of the row",
+    summary="Scalable-Softmax (SSMax): dense; sharper as the context grows; s learned per head or fixed",
+    paths=length_scaled(sdpa_softmax(), _length_factor),
+)
+register_normalizer(
+    "scalable_entmax",
+    scalable_entmax,
+    factory=scalable_entmax_factory,
+    # alpha as entmax's; beta, gamma: 'learned' (per head, from beta_init / gamma_init) or fixed; delta fixed
+    params=(ALPHA, BETA, GAMMA_EXP, DELTA, BETA_INIT, GAMMA_INIT),
+    formula="entmax_alpha((delta + beta log(n + 1)^gamma) x), n = number of allowed keys of the row",
+    summary="Adaptive-Scalable entmax (ASEntmax): sparse, with a learned length-dependent temperature per head",
+    paths=length_scaled((*sdpa_softmax(when=_alpha_is_one), *threshold_family(alpha="alpha")), _length_factor),
 )
 # lam: the structure strength (>= 0): 0 gives sparsemax; large values give one segment (fusedmax) or
 # one cluster (oscarmax)

@@ -17,7 +17,10 @@ variant does (see ``plugin/builtins.py``):
   (1, 2], a learned alpha per head) with a temperature: the paths ``"triton"``,
   ``"cpu_chunked"`` and ``"cpu_chunked_torch"``;
 - :func:`structured_chunked`: fusedmax / oscarmax (``sparsemax(prox(scores / gamma))``) on
-  ``"cpu_chunked"``.
+  ``"cpu_chunked"``;
+- :func:`length_scaled`: any of these paths with the scores of each query row multiplied by a
+  factor of ``n``, the number of keys the row may attend to (scalable softmax / entmax): the
+  queries are scaled, which is exact because the scores are linear in them.
 
 Their arguments are numbers, names of the variant's parameters (read from the normalizer
 at each call, so schedules are followed), or functions of the :class:`Call`. The dispatcher
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +44,8 @@ __all__ = [
     "Path",
     "Runner",
     "Unavailable",
+    "keys_per_row",
+    "length_scaled",
     "sdpa_softmax",
     "structured_chunked",
     "threshold_family",
@@ -311,3 +316,83 @@ def structured_chunked(kind: str, lam: Value = "lam", gamma: Value = "gamma") ->
         return runner
 
     return (Path("cpu_chunked", supports, build),)
+
+
+# ----------------------------------------------------------------------------- length-scaled variants
+
+
+def keys_per_row(mask: Tensor | None, bias: Tensor | None, causal: bool, Lq: int, Lk: int,
+                 device: torch.device | str) -> Tensor:
+    """The number of keys each query row may attend to, as the runners see a call: int64, shape
+    broadcastable to (B, H, Lq) (the sizes of ``mask`` / ``bias`` where they are 1 stay 1).
+
+    A key is allowed where ``mask`` (bool, broadcastable to (B, H, Lq, Lk)) is True, ``bias`` (an
+    additive float mask) is not ``-inf`` and causality (aligned bottom-right: query ``i`` sees keys
+    ``j <= i + Lk - Lq``, the cached keys of decoding included) allows it. Without a mask per query
+    (the mask's Lq size is 1) causal counts come from a cumulative sum over the keys: nothing of
+    size (Lq, Lk) is formed.
+    """
+    allowed = mask
+    if bias is not None:
+        finite = bias != float("-inf")
+        allowed = finite if allowed is None else allowed & finite
+    offset = Lk - Lq
+    rows = torch.arange(Lq, device=device)
+    if allowed is None:
+        n = (rows + offset + 1).clamp(0, Lk) if causal else torch.full((Lq,), Lk, device=device)
+        return n.view(1, 1, Lq)
+    allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
+    if not causal:
+        return allowed.sum(-1, dtype=torch.int64)
+    if allowed.shape[-2] == 1:  # one key mask for every query: count its allowed keys up to each query's last
+        counts = allowed.cumsum(-1, dtype=torch.int64)[..., 0, :]  # (b, h, Lk)
+        last = rows + offset
+        n = counts[..., last.clamp(0, Lk - 1)]
+        return torch.where(last >= 0, n, torch.zeros_like(n))
+    causal_allowed = torch.arange(Lk, device=device) <= (rows + offset).unsqueeze(-1)
+    return (allowed & causal_allowed).sum(-1, dtype=torch.int64)
+
+
+def length_scaled(paths: tuple[Path, ...], factor: Callable[[Call], Callable[[Tensor, torch.dtype], Tensor]],
+                  ) -> tuple[Path, ...]:
+    """``paths`` (of a base variant) for the scores of each query row multiplied by ``factor(n)``.
+
+    ``factor(call)`` returns the function ``(n, dtype) -> factor`` of the call's normalizer, ``n`` the
+    key counts of :func:`keys_per_row`. Each path keeps its name and refusals; its runner multiplies
+    query row ``i`` (and an additive mask's row ``i``, its ``-inf`` entries kept) by ``factor(n_i)``
+    and runs the base path. Exact: ``f (q . k) scale + f b = ((f q) . k) scale + f b``. Gradients
+    reach the factor's parameters through the scaled queries (and the scaled additive mask: a base
+    path that takes no gradient for the mask refuses such a call while the factor is learned).
+    """
+
+    def supports(path: Path) -> Callable[[Call], str | None]:
+        def check(call: Call) -> str | None:
+            # an additive mask is scaled too: it carries the gradient of a learned factor
+            if call.bias and not call.bias_grad and torch.is_grad_enabled() and any(
+                    p.requires_grad for p in getattr(call.normalizer, "parameters", tuple)()):
+                call = replace(call, bias_grad=True)
+            return path.supports(call)
+
+        return check
+
+    def wrap(path: Path) -> Path:
+        def build(call: Call) -> Runner:
+            run = path.build(call)
+            of_n = factor(call)
+
+            def runner(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
+                       scale: float) -> Tensor:
+                work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+                f = of_n(keys_per_row(mask, bias, causal, q.shape[2], k.shape[2], q.device), work).unsqueeze(-1)
+                q_scaled = (q.to(work) * f).to(q.dtype)
+                if bias is not None:  # -inf kept, and kept out of the product (its gradient to f is NaN)
+                    masked = bias == float("-inf")
+                    scaled = (torch.where(masked, torch.zeros_like(bias), bias).to(work) * f).to(bias.dtype)
+                    bias = torch.where(masked, bias, scaled)
+                return run(q_scaled, k, v, mask, bias, causal, scale)
+
+            return runner
+
+        return Path(path.name, supports(path), build)
+
+    return tuple(wrap(p) for p in paths)

@@ -268,7 +268,8 @@ def register_normalizer(
         if not (isinstance(getattr(path, "name", None), str) and callable(getattr(path, "supports", None))
                 and callable(getattr(path, "build", None))):
             raise ValueError(f"register_normalizer: paths must hold plugin.paths.Path values (from the factories of "
-                             f"plugin.paths: sdpa_softmax, threshold_family, structured_chunked), got {path!r}")
+                             f"plugin.paths: sdpa_softmax, threshold_family, structured_chunked, length_scaled), "
+                             f"got {path!r}")
     _check_params("register_normalizer", name, params)
     variant = Variant(name, "discrete", factory, tuple(params), formula, summary, function, tuple(paths))
     _add(variant, replace)

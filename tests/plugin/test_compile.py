@@ -31,6 +31,8 @@ SPECS = [
     "oscarmax:lam=0.1",
     "continuous_softmax",
     "sparsemax+continuous_sparsemax",
+    "scalable_softmax",
+    "scalable_entmax:alpha=learned",
 ]
 H = 2
 

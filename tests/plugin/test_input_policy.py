@@ -234,7 +234,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--triton-worker"]:
 
 
 NORMALIZER_SPECS = ("softmax", "sparsemax", "sparsemax:gamma=0.5", "entmax15", "entmax:alpha=1.3", "fusedmax:lam=0.3",
-                    "oscarmax:lam=0.1")
+                    "oscarmax:lam=0.1", "scalable_softmax:s=0.5", "scalable_entmax:beta=0.5,gamma=-0.5")
 
 
 @pytest.mark.parametrize("spec", NORMALIZER_SPECS)

@@ -165,7 +165,8 @@ def test_a_bad_environment_value_is_refused(monkeypatch):
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("spec", [
     "softmax", "sparsemax:gamma=0.5", "entmax15", "entmax:alpha=1.3", "entmax:alpha=learned", "fusedmax",
-    "oscarmax:lam=0.2,gamma=2", "sparsemax+continuous_softmax", "continuous_entmax15",
+    "oscarmax:lam=0.2,gamma=2", "sparsemax+continuous_softmax", "continuous_entmax15", "scalable_softmax",
+    "scalable_entmax:alpha=learned",
 ])
 def test_every_builtin_passes_the_check_on_every_case(spec, case, monkeypatch):
     checked = []

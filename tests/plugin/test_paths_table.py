@@ -33,6 +33,12 @@ SPEC_PATHS = {
     "sparsemax+continuous_softmax": THRESHOLD,
     "continuous_sparsemax": ("sdpa",),
     "entmax15+continuous_entmax15": THRESHOLD,
+    "scalable_softmax": ("sdpa",),
+    "scalable_softmax:s=0.43": ("sdpa",),
+    "scalable_entmax": THRESHOLD,
+    "scalable_entmax:alpha=learned": THRESHOLD,
+    "scalable_entmax:alpha=1": ("sdpa",),
+    "scalable_entmax:alpha=2,beta=0.7,gamma=0.5,delta=0": THRESHOLD,
 }
 # a continuous fast path needs a mask that is the same for every query
 PER_QUERY = {"per_query_mask", "causal", "causal_decoding", "additive_mask", "fully_masked_rows"}
@@ -55,10 +61,10 @@ def test_the_table_covers_every_declared_path_of_every_builtin_variant():
 
 def _mechanism(spec, H):
     mech = plugin.AttentionMechanism(spec, num_heads=H)
-    learned = getattr(mech.normalizer, "learned", None)
-    if learned is not None:
-        with torch.no_grad():
-            learned.weight.copy_(torch.linspace(-1.5, 1.5, H))
+    with torch.no_grad():  # a different value per head (a learned alpha; a length scale's s, beta, gamma)
+        for name, weight in mech.normalizer.named_parameters():
+            low, high = {"learned.weight": (-1.5, 1.5), "gamma.weight": (-0.5, 0.8)}.get(name, (0.3, 1.2))
+            weight.copy_(torch.linspace(low, high, H))
     return mech
 
 
