@@ -96,7 +96,7 @@ def test_alibi_first_layer_weights_equal_a_hand_computed_reference():
 
 
 @pytest.mark.parametrize("positions", ["nope", "alibi", "rope"])
-@pytest.mark.parametrize("spec", ["softmax", "entmax:alpha=1.5", "entmax:alpha=learned"])
+@pytest.mark.parametrize("spec", ["softmax", "entmax:alpha=1.5", "entmax:alpha=learned", "scalable_entmax:alpha=1.5"])
 def test_cached_decoding_equals_the_full_forward(positions, spec):
     model, ids = _model(positions, spec), _ids()
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_cached_decoding_equals_the_full_forward(positions, spec):
         steps = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]
         for t in range(4, 9):
             steps.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    assert_close(torch.cat(steps, 1), full, **TOL)
+    assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)  # logits of size ~5: float32 sums in other orders
 
 
 @pytest.mark.parametrize("positions", ["nope", "alibi"])
@@ -132,7 +132,7 @@ def test_generate_matches_step_by_step_greedy(positions):
 
 @pytest.mark.parametrize("positions", ["nope", "alibi"])
 def test_save_and_load_round_trip(tmp_path, positions):
-    model, ids = _model(positions, spec="entmax:alpha=learned"), _ids()
+    model, ids = _model(positions, spec="scalable_entmax:alpha=learned"), _ids()
     with torch.no_grad():
         for mech in hf_models.attention_mechanisms(model).values():
             for p in mech.parameters():

@@ -79,10 +79,11 @@ def test_mechanism_equals_reference_scores_plus_bias(spec):
     assert_close(fast, out, rtol=1e-4, atol=1e-5)
 
 
-def test_cached_queries_equal_the_full_sequence():
+@pytest.mark.parametrize("spec", ["entmax:alpha=1.5", "scalable_softmax", "scalable_entmax:alpha=1.5"])
+def test_cached_queries_equal_the_full_sequence(spec):
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 4, 6, 8) for _ in range(3))
-    mech = ALiBiAttentionMechanism("entmax:alpha=1.5", num_heads=4)
+    mech = ALiBiAttentionMechanism(spec, num_heads=4)
     full = mech(q, k, v, causal=True)
     for t in range(6):
         step = mech(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1])
