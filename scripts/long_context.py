@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated tasks")
+    ap.add_argument("--positions", default=None, help="comma-separated positional schemes to run (default: the size's)")
     ap.add_argument("--mechanisms", default=None,
                     help="comma-separated specs of MECHANISMS to run (default: all of them)")
     ap.add_argument("--append", action="store_true",
@@ -371,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ValueError(f"--mechanisms: {', '.join(bad)} not among the available ones: {', '.join(known)}")
         jobs = [j for j in jobs if plugin_canonical(j["spec"]) in chosen]
+    if args.positions:
+        jobs = [j for j in jobs if j["positions"] in args.positions.split(",")]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0, c0 = time.time(), time.process_time()
     results = []

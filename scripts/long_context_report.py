@@ -153,9 +153,9 @@ def plots(run: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, len(positions), figsize=(4.6 * len(positions), 6.4), squeeze=False, sharex=True)
-    task = tasks[0]
-    for c, pos in enumerate(positions):
+    combos = [(t, p) for t in tasks for p in positions if any((t, p, lb) in groups for lb in labels)]
+    fig, axes = plt.subplots(2, len(combos), figsize=(4.2 * len(combos), 6.4), squeeze=False, sharex=True)
+    for c, (task, pos) in enumerate(combos):
         for r, key in enumerate(("entropy", "support")):
             ax = axes[r][c]
             for lb in labels:
