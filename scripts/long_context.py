@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.positions:
         jobs = [j for j in jobs if j["positions"] in args.positions.split(",")]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    t0, c0 = time.time(), time.process_time()
+    t0 = time.time()
     results = []
     print(f"{len(jobs)} jobs on {args.jobs} processes", flush=True)
     if args.jobs <= 1:
@@ -398,8 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     phases = [phase]
     if args.append and (out / "results.json").exists():
         before = json.loads((out / "results.json").read_text())
-        new = {(r["task"], r["positions"], r["spec"], r["seed"]) for r in results}
-        results = [r for r in before["results"] if (r["task"], r["positions"], r["spec"], r["seed"]) not in new] + results
+        def key(r: dict[str, Any]) -> tuple[Any, ...]:
+            return r["task"], r["positions"], r["spec"], r["seed"]
+
+        new = {key(r) for r in results}
+        results = [r for r in before["results"] if key(r) not in new] + results
         phases = before.get("phases", []) + phases
         # a mechanism run now is no longer missing
         notes = [n for n in notes if not any(f"({r['spec']})" in n for r in results)]

@@ -100,3 +100,16 @@ def test_answer_rows_only_equal_the_full_forward(positions):
     with torch.no_grad():
         full = model(tokens)
         assert torch.allclose(model(tokens, 13), full[:, 13:], atol=1e-5)
+
+
+def test_phases_merge_with_append(tmp_path):
+    torch.set_num_threads(1)
+    base = ["--size", "tiny", "--out", str(tmp_path), "--jobs", "1", "--only", "flip_flop"]
+    assert lc.main([*base, "--mechanisms", "softmax"]) == 0
+    assert lc.main([*base, "--mechanisms", "entmax:alpha=1.5", "--positions", "alibi", "--append"]) == 0
+    run = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["spec"], r["positions"]) for r in run["results"]) == [
+        ("entmax:alpha=1.5", "alibi"), ("softmax", "alibi"), ("softmax", "nope")]
+    assert len(run["phases"]) == 2 and run["wall_s"] == pytest.approx(sum(p["wall_s"] for p in run["phases"]))
+    with pytest.raises(ValueError, match="--mechanisms: sparsemax not among"):
+        lc.main([*base, "--mechanisms", "sparsemax"])
