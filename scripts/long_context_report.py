@@ -95,20 +95,27 @@ def findings(run: dict[str, Any]) -> list[str]:
                 ok = [n for n in lengths if np.mean(_values(runs, n, "exact")) >= 0.9]
                 longest[label] = int(ok[-1]) if ok and ok[0] == trained else None
             last = lengths[-1]
-            spans = {label: (min(_values(runs, last, "exact")), max(_values(runs, last, "exact")))
-                     for label, runs in rows.items()}
+            text = (f"{task}, {positions}: learned at the training length (every seed >= 90% exact) by "
+                    f"{', '.join(fit) if fit else 'none'}")
+            if not fit:
+                out.append(text + "; the longer lengths are not compared (chance-level models).")
+                continue
+            spans = {label: (min(_values(rows[label], last, "exact")), max(_values(rows[label], last, "exact")))
+                     for label in fit}
             best = max(spans, key=lambda lb: np.mean(_values(rows[lb], last, "exact")))
             beaten = [lb for lb in spans if lb != best and spans[lb][1] < spans[best][0]]
-            text = (f"{task}, {positions}: learned at the training length (every seed >= 90% exact) by "
-                    f"{', '.join(fit) if fit else 'none'}; longest length with mean exact match >= 90%: "
-                    + ", ".join(f"{lb} {longest[lb] or '-'}" for lb in rows)
-                    + f". At {last}: best mean {best} ({100 * np.mean(_values(rows[best], last, 'exact')):.0f}%)")
-            seeds = min(len(runs) for runs in rows.values())
-            if seeds < 2:
+            text += ("; longest length with mean exact match >= 90%: "
+                     + ", ".join(f"{lb} {longest[lb] or '-'}" for lb in fit)
+                     + f". At {last} ({rows[best][0]['results'][last]['n']} test sequences per seed): best mean "
+                     f"{best} ({100 * np.mean(_values(rows[best], last, 'exact')):.0f}%)")
+            seeds = min(len(rows[lb]) for lb in fit)
+            if len(fit) < 2:
+                text += "."
+            elif seeds < 2:
                 text += " (one seed: no spread to compare against)."
             else:
                 text += (f", above the whole seed range of {', '.join(beaten)}." if beaten else
-                         ", not beyond the seed range of every other mechanism.")
+                         ", not beyond the seed range of every other mechanism that learned the task.")
             out.append(text)
     return out
 
