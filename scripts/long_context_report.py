@@ -13,10 +13,21 @@ BEGIN, END = "<!-- long-context:begin -->", "<!-- long-context:end -->"
 PLOTS = ("accuracy", "dispersion")
 
 
+LABEL_ORDER = ("softmax", "scalable softmax", "1.5-entmax", "scalable 1.5-entmax")
+
+
 def _groups(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    """(task, positions, label) -> the runs of its seeds, in the run's order of mechanisms."""
+    """(task, positions, label) -> the runs of its seeds; tasks and schemes in the run's order, mechanisms
+    in ``LABEL_ORDER`` (others after them)."""
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    positions = list(dict.fromkeys(r["positions"] for r in results))
+
+    def order(r: dict[str, Any]) -> tuple[int, int, int, str, int]:
+        label = LABEL_ORDER.index(r["label"]) if r["label"] in LABEL_ORDER else len(LABEL_ORDER)
+        return tasks.index(r["task"]), positions.index(r["positions"]), label, r["label"], r["seed"]
+
     out: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in sorted(results, key=lambda r: r["seed"]):
+    for r in sorted(results, key=order):
         out.setdefault((r["task"], r["positions"], r["label"]), []).append(r)
     return out
 
@@ -45,6 +56,11 @@ def tables(run: dict[str, Any]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in results))
     for task in tasks:
         for metric, title in (("exact", "exact match, %"), ("token_acc", "per-token accuracy, %")):
+            same = all(v["exact"] == v["token_acc"] for r in results if r["task"] == task
+                       for v in r["results"].values())
+            if metric == "token_acc" and same:
+                lines += [f"({task}: per-token accuracy equals exact match, one answer token.)", ""]
+                continue
             lines += [f"**{task}**, {title} (mean over seeds, (min-max)); trained at lengths "
                       f"{_train_range(run, task)}", "",
                       "| positions | mechanism | " + " | ".join(lengths) + " |",
@@ -130,7 +146,7 @@ def plots(run: dict[str, Any], out: Path) -> list[Path]:
     lengths = run["config"]["lengths"]
     tasks = list(dict.fromkeys(r["task"] for r in run["results"]))
     positions = list(dict.fromkeys(r["positions"] for r in run["results"]))
-    labels = list(dict.fromkeys(r["label"] for r in run["results"]))
+    labels = list(dict.fromkeys(label for _, _, label in groups))
     colors = {lb: f"C{i}" for i, lb in enumerate(labels)}
     paths = []
 
