@@ -1,6 +1,6 @@
 """Length extrapolation: train tiny decoder-only models on short sequences, test them on long ones.
 
-    python scripts/long_context.py                  # the default run (~30 min on 2 cores, 2 processes)
+    python scripts/long_context.py                  # the default run (24 CPU-min of jobs, 2 processes)
     python scripts/long_context.py --size tiny      # a smoke run (seconds)
     python scripts/long_context.py --publish        # copy the last run's tables and plots into docs/
 
