@@ -90,6 +90,11 @@ def attention_names() -> list[str]:
 
 # ----------------------------------------------------------------------------- configs and models
 
+try:
+    from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
+except ImportError:  # a transformers without the output collector
+    _ACTIVE_COLLECTOR = None
+
 
 def attn_implementation(config: Any) -> Any:
     """The private ``config._attn_implementation`` (None when the object has no such attribute)."""
@@ -176,11 +181,9 @@ def collecting_attentions() -> bool:
     also reads the private ``transformers.utils.output_capturing._active_collector`` (a context
     variable holding the names being collected). A transformers without it: False.
     """
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
+    if _ACTIVE_COLLECTOR is None:
         return False
-    collected = _active_collector.get()
+    collected = _ACTIVE_COLLECTOR.get()
     return bool(collected) and any("attentions" in key for key in collected)
 
 

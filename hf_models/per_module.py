@@ -75,7 +75,8 @@ def attention_parameter_values(model: nn.Module, step: int | None = None) -> dic
 
     A learned alpha gives its ``num_heads`` values; a scheduled parameter its value once per
     head. The key is the module name for entmax's alpha and ``"<module name>.<param>"`` for
-    another scheduled parameter (fusedmax's ``lam``). Mechanisms with neither are left out.
+    another scheduled parameter (fusedmax's ``lam``) and for another learned per-head parameter
+    (the scalable variants' ``s``, ``beta``, ``gamma``). Mechanisms with none are left out.
 
     ``step``: the values at that schedule step (a learned alpha takes over from a schedule at
     its end, as in the mechanism); None: at each mechanism's own step. Nothing is changed.
@@ -91,6 +92,11 @@ def attention_parameter_values(model: nn.Module, step: int | None = None) -> dic
             values[key] = [float(schedule.value(at))] * heads
         elif learned is not None:
             values[name] = [float(a) for a in learned().detach().float().reshape(-1).cpu()]
+        # other learned per-head parameters of the normalizer (scalable variants' s, beta, gamma)
+        for pname, child in mech.normalizer.named_children():
+            weight = getattr(child, "weight", None)
+            if pname != "learned" and isinstance(weight, nn.Parameter) and weight.dim() == 1:
+                values[f"{name}.{pname}"] = [float(w) for w in weight.detach().float().cpu()]
     return values
 
 

@@ -202,7 +202,8 @@ class AttentionMechanism(nn.Module):
             choice = select(self, q, k, v, allowed, causal, dropout_p, return_weights, additive)
         if choice.runner is not None:
             return choice, choice.runner(q, k, v, allowed, additive, causal, scale), None, bad
-        k, v = _repeat_kv(k, v, H)
+        if self.continuous is not None:  # the continuous context reads v per query head
+            k, v = _repeat_kv(k, v, H)
         if causal:
             allowed = _with_causal(allowed, Lq, Lk, q.device)
         out, weights = self._reference(q, k, v, allowed, additive, scale, dropout_p)
@@ -218,7 +219,10 @@ class AttentionMechanism(nn.Module):
     def path_params(self) -> dict[str, Any]:
         """The discrete variant's parameters now: its defaults, overridden by the normalizer's ``params``."""
         defaults = self._variant.defaults() if self._variant is not None else {}
-        return {**defaults, **dict(getattr(self.normalizer, "params", None) or {})}
+        params = getattr(self.normalizer, "params", None)
+        if params:
+            defaults.update(params)
+        return defaults
 
     def _normalizer_name(self) -> str:
         """The discrete variant's name (errors name it), or the name of a normalizer handed in unregistered."""
@@ -228,7 +232,7 @@ class AttentionMechanism(nn.Module):
 
     def _reference(self, q, k, v, allowed, additive, scale, dropout_p):
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+        scores = _grouped_matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
         if additive is not None:
             scores = scores + additive.to(work)
         # the normalizer's output checked before its first use (the shape always, the values on demand)
@@ -238,7 +242,7 @@ class AttentionMechanism(nn.Module):
         out = None
         if self.discrete_context:
             pd = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
-            out = torch.matmul(pd, v.to(work))
+            out = _grouped_matmul(pd, v.to(work))
         if self.continuous is not None:
             key_mask = _key_validity(allowed, scores)
             context, cweights = self.continuous(p, v.to(work), key_mask)
@@ -267,6 +271,20 @@ def _checked_call(q, k, v, mask, causal, scale, dropout_p, return_weights):
     return_weights = check_flag("return_weights", return_weights)
     allowed, additive, invalid_rows = split_mask(mask, B, H, Lq, Lk)
     return q, k, v, allowed, additive, causal, scale, dropout_p, return_weights, invalid_rows
+
+
+def _grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``a`` (B, H, M, X) and ``b`` (B, Hkv, X, N), query head h reading group h // (H // Hkv).
+
+    Grouped-query attention without copying keys or values to H heads: the G = H // Hkv query
+    heads of a group are stacked into one (G * M, X) operand (a view) of one product per group.
+    """
+    B, H, M, X = a.shape
+    Hkv = b.shape[1]
+    if Hkv == H:
+        return torch.matmul(a, b)
+    G = H // Hkv
+    return torch.matmul(a.reshape(B, Hkv, G * M, X), b).view(B, H, M, b.shape[-1])
 
 
 def _repeat_kv(k: Tensor, v: Tensor, H: int) -> tuple[Tensor, Tensor]:

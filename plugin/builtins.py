@@ -78,8 +78,12 @@ register_normalizer(
 
 
 def _length_factor(call: Call) -> Any:
-    """The per-row factor of a length-scaled normalizer (``LengthScaledNormalizer.factor``)."""
-    return call.normalizer.factor
+    """The per-row factor of a length-scaled normalizer (``LengthScaledNormalizer.factor``), or None.
+
+    None for the plain functions handed in as normalizers (``plugin.attention(..., normalizer=
+    plugin.scalable_softmax)``): they take the reference path.
+    """
+    return getattr(call.normalizer, "factor", None)
 
 
 # Scalable-Softmax (arXiv:2501.19399) and Adaptive-Scalable entmax (arXiv:2506.16640): the scores of a

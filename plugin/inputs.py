@@ -92,6 +92,8 @@ def check_qkv(q: Any, k: Any, v: Any) -> None:
 
 
 def _real(value: Any) -> bool:
+    if type(value) is float or type(value) is int:  # the usual case, without the slower ABC check
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -108,7 +110,7 @@ def check_scalars(scale: Any, dropout_p: Any, D: int) -> tuple[float, float]:
 
 def check_flag(name: str, value: Any) -> bool:
     """A boolean argument (``True``/``False``, or the integers 0 and 1)."""
-    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+    if value is True or value is False or (isinstance(value, numbers.Integral) and value in (0, 1)):
         return bool(value)
     raise ValueError(f"attention: {name} must be True or False, got {value!r}")
 
@@ -140,27 +142,36 @@ def split_mask(mask: Any, B: int, H: int, Lq: int, Lk: int) -> tuple[Tensor | No
                 f"(B, Lk) key padding or (Lq, Lk); pass it as (B, 1, 1, Lk) or (1, 1, Lq, Lk)"
             )
         mask = mask[:, None, None, :]  # (B, Lk) key padding
-    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    try:
-        ok = torch.broadcast_shapes(mask.shape, target) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"attention: mask of shape {tuple(mask.shape)} does not fit (B, H, Lq, Lk) = {target}; "
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if mask.dim() != 4:
+        mask = mask.reshape(shape)
+    # broadcastable to the target and no larger (an O(1) check on the shapes, no tensor op)
+    if not all(m == t or m == 1 for m, t in zip(shape, target)):
+        raise ValueError(f"attention: mask of shape {shape} does not fit (B, H, Lq, Lk) = {target}; "
                          f"accepted: {accepted}")
     if mask.dtype == torch.bool:
         return mask, None, None
-    bad = torch.isnan(mask) | (mask == float("inf"))
+    bad = ~(mask < float("inf"))  # NaN and +inf (a NaN compares False)
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(bad.any()):
+        return None, mask, None  # the usual case, kept without a copy (the host reads the flag at no cost)
     return None, mask.masked_fill(bad, 0.0), bad.any(-1, keepdim=True)
 
 
 def input_magnitudes(q: Tensor, k: Tensor, v: Tensor) -> tuple[float, float, float]:
     """``max |q|``, ``max |k|``, ``max |v|`` (NaN or inf when a tensor holds a non-finite value); one host sync."""
-    # aminmax reads each tensor once without a temporary (|t| would be one; 20x slower measured)
-    # and propagates NaN
-    values = torch.stack([torch.stack(torch.aminmax(t.detach())).abs().amax().to(torch.float64) for t in (q, k, v)])
-    qmax, kmax, vmax = values.tolist()
-    return qmax, kmax, vmax
+    # aminmax reads each tensor once without a temporary (|t| would be one) and propagates NaN;
+    # the six extremes reach the host in one stack and one transfer
+    lo_q, hi_q, lo_k, hi_k, lo_v, hi_v = torch.stack(
+        [*torch.aminmax(q.detach()), *torch.aminmax(k.detach()), *torch.aminmax(v.detach())]
+    ).tolist()
+    return _largest(lo_q, hi_q), _largest(lo_k, hi_k), _largest(lo_v, hi_v)
+
+
+def _largest(low: float, high: float) -> float:
+    """``max(|low|, |high|)``, NaN when either is NaN (Python's ``max`` would drop a NaN)."""
+    if low != low or high != high:
+        return math.nan
+    return max(-low, high)
 
 
 def nonfinite_slices(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -353,12 +353,13 @@ def keys_per_row(mask: Tensor | None, bias: Tensor | None, causal: bool, Lq: int
     return (allowed & causal_allowed).sum(-1, dtype=torch.int64)
 
 
-def length_scaled(paths: tuple[Path, ...], factor: Callable[[Call], Callable[[Tensor, torch.dtype], Tensor]],
-                  ) -> tuple[Path, ...]:
+def length_scaled(paths: tuple[Path, ...],
+                  factor: Callable[[Call], Callable[[Tensor, torch.dtype], Tensor] | None]) -> tuple[Path, ...]:
     """``paths`` (of a base variant) for the scores of each query row multiplied by ``factor(n)``.
 
     ``factor(call)`` returns the function ``(n, dtype) -> factor`` of the call's normalizer, ``n`` the
-    key counts of :func:`keys_per_row`. Each path keeps its name and refusals; its runner multiplies
+    key counts of :func:`keys_per_row`, or None when the normalizer has none (the call is refused and
+    takes the reference path). Each path keeps its name and refusals; its runner multiplies
     query row ``i`` (and an additive mask's row ``i``, its ``-inf`` entries kept) by ``factor(n_i)``
     and runs the base path. Exact: ``f (q . k) scale + f b = ((f q) . k) scale + f b``. Gradients
     reach the factor's parameters through the scaled queries (and the scaled additive mask: a base
@@ -367,6 +368,8 @@ def length_scaled(paths: tuple[Path, ...], factor: Callable[[Call], Callable[[Te
 
     def supports(path: Path) -> Callable[[Call], str | None]:
         def check(call: Call) -> str | None:
+            if factor(call) is None:
+                return f"the normalizer {type(call.normalizer).__name__} gives no per-row length factor"
             # an additive mask is scaled too: it carries the gradient of a learned factor
             if call.bias and not call.bias_grad and torch.is_grad_enabled() and any(
                     p.requires_grad for p in getattr(call.normalizer, "parameters", tuple)()):
@@ -379,6 +382,7 @@ def length_scaled(paths: tuple[Path, ...], factor: Callable[[Call], Callable[[Te
         def build(call: Call) -> Runner:
             run = path.build(call)
             of_n = factor(call)
+            assert of_n is not None  # supports() refused the call otherwise
 
             def runner(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
                        scale: float) -> Tensor:

@@ -17,6 +17,7 @@ library (and, optionally, the build error) for the process.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,35 +90,40 @@ class CFunction:
     args: tuple[Arg, ...]
     restype: str | None = None
 
+    @functools.cached_property
+    def _layout(self) -> tuple[frozenset[str], tuple[Arg, ...], tuple[Arg, ...]]:
+        """The argument names, the scalar arguments and the tensor arguments (built once per function)."""
+        return (frozenset(a.name for a in self.args), tuple(a for a in self.args if not a.is_tensor),
+                tuple(a for a in self.args if a.is_tensor))
+
     def checked(self, values: Mapping[str, Any]) -> list[Any]:
-        """The ctypes arguments for ``values`` (by name), after checking every one of them."""
+        """The arguments of the C call for ``values`` (by name, Python ints and pointers, converted by the
+        function's ``argtypes``), after checking every one of them."""
         where = f"C kernel {self.name}"
-        names = [a.name for a in self.args]
-        missing = [n for n in names if n not in values]
-        extra = [n for n in values if n not in names]
-        if missing or extra:
-            raise ValueError(f"{where}: takes the arguments {', '.join(names)}; "
+        names, scalars, tensors = self._layout
+        if values.keys() != names:
+            ordered = [a.name for a in self.args]
+            missing = [n for n in ordered if n not in values]
+            extra = [n for n in values if n not in names]
+            raise ValueError(f"{where}: takes the arguments {', '.join(ordered)}; "
                              + "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
                                                            f"unknown {', '.join(extra)}" if extra else "") if part))
-        for arg in self.args:
-            if not arg.is_tensor:
-                value = values[arg.name]
+        for arg in scalars:  # every scalar first: the tensors' sizes are computed from them
+            value = values[arg.name]
+            if type(value) is not int and not (arg.kind == "double" and type(value) is float):
                 ok = isinstance(value, (int, float) if arg.kind == "double" else int)
                 if isinstance(value, bool) or not ok:
                     raise ValueError(f"{where}: argument {arg.name} must be a Python "
                                      f"{'float' if arg.kind == 'double' else 'int'}, got {value!r}")
-                if arg.low is not None and value < arg.low:
-                    raise ValueError(f"{where}: argument {arg.name} must be >= {arg.low}, got {value}")
-        out: list[Any] = []
-        for arg in self.args:
+            if arg.low is not None and value < arg.low:
+                raise ValueError(f"{where}: argument {arg.name} must be >= {arg.low}, got {value}")
+        pointers: dict[str, Any] = {}
+        for arg in tensors:
             value = values[arg.name]
-            if not arg.is_tensor:
-                out.append(arg.ctype()(value))
-                continue
             if value is None:
                 if not arg.optional:
                     raise ValueError(f"C kernel argument {arg.name} of {self.name}: a tensor is required, got None")
-                out.append(ctypes.c_void_p(None))
+                pointers[arg.name] = None
                 continue
             _check_tensor(self.name, arg, value)
             if arg.numel is not None:
@@ -125,15 +131,16 @@ class CFunction:
                 if value.numel() < need:
                     raise ValueError(f"C kernel argument {arg.name} of {self.name}: must hold at least {need} "
                                      f"elements, got {value.numel()}")
-            out.append(ctypes.c_void_p(value.data_ptr() if value.numel() else None))
-        return out
+            pointers[arg.name] = value.data_ptr() if value.numel() else None
+        # the function's argtypes (set when the library is loaded) convert the Python values
+        return [pointers[a.name] if a.is_tensor else values[a.name] for a in self.args]
 
 
 def _check_tensor(function: str, arg: Arg, t: Any) -> None:
     dtype = _TENSOR_DTYPES[arg.kind]
     if not isinstance(t, Tensor):
         raise ValueError(f"C kernel argument {arg.name} of {function}: must be a tensor, got {type(t).__name__}")
-    if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+    if not t.is_cpu or t.dtype != dtype or not t.is_contiguous():
         raise ValueError(
             f"C kernel argument {arg.name} of {function}: must be a contiguous CPU tensor of {dtype}, got {t.dtype} "
             f"on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}"

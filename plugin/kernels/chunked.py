@@ -51,6 +51,9 @@ __all__ += ["ENTMAX15", "GENERAL", "SPARSEMAX"]  # the row kinds, from plugin.ke
 # sparsely and, when a backward pass will follow, kept in sparse form (CSR) for it
 # (measured break-even with the dense products: about 25% nonzeros at L = 1024, D = 64)
 SPARSE_MAX_DENSITY = 0.2
+# ... unless the chunk is so small (rows x keys x Dv multiply-adds) that the dense product is cheaper
+# than the calls that find and gather the nonzeros, and no backward pass keeps them
+SMALL_CHUNK_PRODUCT = 1 << 18
 
 _SOURCE = Path(__file__).with_name("entmax_rows.c")
 # -ffp-contract=off: the forward and the backward evaluate p with the same roundings;
@@ -297,11 +300,14 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor
         S = chunks.scores(qs, kT, bias, allowed, ch)
         P2 = S.view(ch.rows, ch.kend)
         if stats is not None:
-            counts = torch.empty(ch.rows, dtype=torch.int32)
-            am1_chunk = torch.roll(am1, -ch.h0)  # row r of the chunk is head h0 + r // c
+            # a small chunk whose sparse form is not kept: the dense product costs less than finding
+            # the nonzeros (no counts, no host sync, two C calls fewer; cached decoding, short rows)
+            small = not keep_sparse and ch.rows * ch.kend * Dv <= SMALL_CHUNK_PRODUCT
+            counts = None if small else torch.empty(ch.rows, dtype=torch.int32)
+            am1_chunk = am1 if ch.h0 == 0 else torch.roll(am1, -ch.h0)  # row r of the chunk is head h0 + r // c
             st = rows_forward(P2, am1_chunk, kind, causal, ch.i0, ch.c, chunks.off, counts)
             stats[ch.region] = st.view(*ch.lead, 3)
-            if int(counts.sum()) <= SPARSE_MAX_DENSITY * ch.rows * ch.kend:
+            if counts is not None and int(counts.sum()) <= SPARSE_MAX_DENSITY * ch.rows * ch.kend:
                 csr = sparse_rows(P2, counts)
                 result = sparse_matmul(csr, vr[ch.bk0:ch.bk1], chunks.G * ch.c)
                 out[ch.region] = result.view(*ch.lead, Dv)
@@ -464,6 +470,9 @@ def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, m
 
         out, _ = chunked_entmax_fwd(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
                                     backend)
+    elif not needs_grad:  # no graph to record (inference, cached decoding): the forward alone
+        out = chunked_forward(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows, backend,
+                              False)[0]
     else:
         out = ChunkedAttentionFunction.apply(chunked_forward, chunked_backward, 6, qw, kw, vw, alpha_t, biasw,
                                              allowed, kind, causal, float(scale), chunk_rows, backend, keep_sparse)

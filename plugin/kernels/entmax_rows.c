@@ -113,9 +113,14 @@ static void zero_row(float *z, int64_t from, int64_t n)
 }
 
 /* Threshold of one row: returns t, sets *norm. buf (room for lim floats) is scratch.
+ * For the general kind, pos (room for lim int32) receives the key of each entry left in buf,
+ * and on return buf[0..*support) holds y^e = (1 + u)^e of the support entries (u > -1),
+ * in key order: the caller writes p from them without a second power per key.
  * mirrors plugin.kernels.maths.newton_threshold */
-static float row_threshold(const float *z, int64_t lim, float m, float a, int kind, float *buf, float *norm)
+static float row_threshold(const float *z, int64_t lim, float m, float a, int kind, float *buf, int32_t *pos,
+                           float *norm, int64_t *support)
 {
+    const int general = kind == KIND_GENERAL;
     /* compaction of the entries above t = -1 (branch-free, skipping blocks with none) */
     int64_t k = 0, j0 = 0;
     for (; j0 + 32 <= lim; j0 += 32) {
@@ -125,6 +130,15 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
             any |= a * (z[j] - m) > -1.0f;
         if (!any)
             continue;
+        if (general) {
+            for (int64_t j = j0; j < j0 + 32; j++) {
+                float x = a * (z[j] - m);
+                buf[k] = x;
+                pos[k] = (int32_t)j;
+                k += x > -1.0f;
+            }
+            continue;
+        }
         for (int64_t j = j0; j < j0 + 32; j++) {
             float x = a * (z[j] - m);
             buf[k] = x;
@@ -134,12 +148,13 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
     for (int64_t j = j0; j < lim; j++) {
         float x = a * (z[j] - m);
         buf[k] = x;
+        if (general)
+            pos[k] = (int32_t)j;
         k += x > -1.0f;
     }
     const float e = 1.0f / a;
     /* general alpha: t holds s = threshold + 1 (>= 0), and u = x - s with y = 1 + u, so that
        alpha near 1 keeps every digit of s (see plugin.kernels.maths.newton_threshold) */
-    const int general = kind == KIND_GENERAL;
     float t = general ? 0.0f : -1.0f;
     for (int it = 0; it < NEWTON_MAX_ITERS && k > 0; it++) {
         float d;
@@ -191,10 +206,19 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
         if (exact)
             break;
         int64_t k2 = 0;
-        for (int64_t i = 0; i < k; i++) {
-            float x = buf[i];
-            buf[k2] = x;
-            k2 += general ? x - t > -1.0f : x > t;
+        if (general) {
+            for (int64_t i = 0; i < k; i++) {
+                float x = buf[i];
+                buf[k2] = x;
+                pos[k2] = pos[i];
+                k2 += x - t > -1.0f;
+            }
+        } else {
+            for (int64_t i = 0; i < k; i++) {
+                float x = buf[i];
+                buf[k2] = x;
+                k2 += x > t;
+            }
         }
         k = k2;
     }
@@ -213,20 +237,24 @@ static float row_threshold(const float *z, int64_t lim, float m, float a, int ki
             s += y > 0.0f ? y * y : 0.0f;
         }
     } else {
+        /* every entry left is above t (u > -1): keep y^e in place of x */
 #pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < k; i++) {
             float u = buf[i] - t;
             float w = pow1p(u > -1.0f ? u : 0.0f, e);
-            s += u > -1.0f ? w : 0.0f;
+            w = u > -1.0f ? w : 0.0f;
+            buf[i] = w;
+            s += w;
         }
     }
     *norm = s;
+    *support = k;
     return t;
 }
 
 /* alpha-entmax of one row in place; returns the support size.
  * mirrors plugin.kernels.maths.entmax_from_stats */
-static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, float *buf, float *st)
+static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, float *buf, int32_t *pos, float *st)
 {
     float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -240,11 +268,19 @@ static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, 
         return 0;
     }
     float norm;
-    const float t = row_threshold(z, lim, m, a, kind, buf, &norm);
-    const float inv = norm > 0.0f ? 1.0f / norm : 0.0f, e = 1.0f / a;
+    int64_t support;
+    const float t = row_threshold(z, lim, m, a, kind, buf, pos, &norm, &support);
+    const float inv = norm > 0.0f ? 1.0f / norm : 0.0f;
     st[0] = m;
     st[1] = t;
     st[2] = inv;
+    if (kind == KIND_GENERAL) {
+        /* the support and its y^e are in buf / pos (row_threshold): p = y^e / norm there */
+        zero_row(z, 0, n);
+        for (int64_t i = 0; i < support; i++)
+            z[pos[i]] = buf[i] * inv;
+        return (int32_t)support;
+    }
     int32_t count = 0;
     if (kind == KIND_SPARSEMAX) {
 #pragma omp simd reduction(+ : count)
@@ -259,14 +295,6 @@ static int32_t row_forward(float *z, int64_t lim, int64_t n, float a, int kind, 
             float y = a * (z[j] - m) - t;
             z[j] = y > 0.0f ? y * y * inv : 0.0f;
             count += y > 0.0f;
-        }
-    } else {
-#pragma omp simd reduction(+ : count)
-        for (int64_t j = 0; j < lim; j++) {
-            float u = a * (z[j] - m) - t; /* t holds s: y = 1 + u */
-            float w = pow1p(u > -1.0f ? u : 0.0f, e);
-            z[j] = u > -1.0f ? w * inv : 0.0f;
-            count += u > -1.0f;
         }
     }
     zero_row(z, lim, n);
@@ -380,7 +408,8 @@ static int run_rows(const struct rows_call *call, int nthreads)
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
 #endif
     {
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+        /* n floats, then n int32 (the support's keys of a general-alpha row) */
+        float *buf = (float *)malloc(2 * sizeof(float) * (size_t)(n > 0 ? n : 1));
         if (buf == NULL) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -396,7 +425,8 @@ static int run_rows(const struct rows_call *call, int nthreads)
             const int64_t lim = row_limit(r, n, call->causal, call->q_start, call->c, call->causal_off);
             const float a = call->am1[(r / call->c) % call->heads];
             if (call->dP == NULL) {
-                int32_t count = row_forward(call->S + r * n, lim, n, a, call->kind, buf, call->stats + 3 * r);
+                int32_t count = row_forward(call->S + r * n, lim, n, a, call->kind, buf,
+                                            (int32_t *)(buf + (n > 0 ? n : 1)), call->stats + 3 * r);
                 if (call->counts != NULL)
                     call->counts[r] = count;
             } else {
@@ -455,7 +485,8 @@ void entmax_rows_gather(const float *P, int64_t rows, int64_t n, const int64_t *
     for (int64_t r = 0; r < rows; r++) {
         const float *p = P + r * n;
         int64_t o = offsets[r];
-        for (int64_t j0 = 0; j0 < n; j0 += 32) {
+        const int64_t end = offsets[r + 1];
+        for (int64_t j0 = 0; j0 < n && o < end; j0 += 32) {
             const int64_t j1 = j0 + 32 < n ? j0 + 32 : n;
             int any = 0;
 #pragma omp simd reduction(| : any)
@@ -463,12 +494,16 @@ void entmax_rows_gather(const float *P, int64_t rows, int64_t n, const int64_t *
                 any |= p[j] > 0.0f;
             if (!any)
                 continue;
+            /* branch-free on the (unpredictable) sign of p: every entry is written at o, which
+               only a nonzero advances; a slot written by a zero is overwritten by the row's
+               next nonzero, and none is written past the row's end */
             for (int64_t j = j0; j < j1; j++) {
-                if (p[j] > 0.0f) {
+                const float v = p[j];
+                if (o < end) {
                     idx[o] = (int32_t)j;
-                    val[o] = p[j];
-                    o++;
+                    val[o] = v;
                 }
+                o += v > 0.0f;
             }
         }
     }
@@ -523,6 +558,9 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
 #endif
     {
+        /* a general alpha's weights g = p^(2 - alpha) (a power each) are kept for the second
+           loop over the row (one row has at most Lk nonzeros); without room they are recomputed */
+        float *gw = kind == KIND_GENERAL ? (float *)malloc(sizeof(float) * (size_t)(Lk > 0 ? Lk : 1)) : NULL;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 16)
 #endif
@@ -542,6 +580,8 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
                     dp += dor[d] * vr[d];
                 const float p = val[e];
                 const float g = gradient_weight(p, a, kind);
+                if (gw != NULL)
+                    gw[e - offsets[r]] = g;
                 sg += g;
                 sgd += (double)g * dp;
                 ds[e] = dp;
@@ -561,7 +601,7 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
             const double delta = sg > 0.0 ? sgd / sg : 0.0;
             for (int64_t e = offsets[r]; e < offsets[r + 1]; e++) {
                 const float p = val[e];
-                const float g = gradient_weight(p, a, kind);
+                const float g = gw != NULL ? gw[e - offsets[r]] : gradient_weight(p, a, kind);
                 const float s = (float)(g * ((double)ds[e] - delta));
                 const float *kr = Kg + (int64_t)idx[e] * D;
                 ds[e] = s;
@@ -574,6 +614,7 @@ void entmax_sparse_backward(const int64_t *offsets, const int32_t *idx, const fl
                 dalpha[r] = (float)((-s_dplogp + s_dgz - tau_prime * sgd) / (double)a);
             }
         }
+        free(gw);
         /* the implicit barrier of the loop above makes every ds final */
         const int64_t groups = rows_per_group > 0 ? (rows + rows_per_group - 1) / rows_per_group : 0;
 #ifdef _OPENMP

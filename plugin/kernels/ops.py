@@ -207,21 +207,16 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float,
                     drop_row_shift: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`plugin.kernels.cpu.structured_prox` as an op: ``(y, groups)`` (groups int32, on x's device).
 
-    With ``drop_row_shift`` a ``lam`` beyond a row's pooling point is replaced by
-    :func:`plugin.kernels.cpu.effective_lam` first: the groups are the same, and the ordered
-    prox is returned without its per-row shift ``-(lam - lam') (d - 1) / 2``, which a following
-    sparsemax ignores and which would only cost precision (the shift needs the values, so it is
-    computed here, where the op runs, not in a compiled graph).
+    With ``drop_row_shift`` an ordered-prox row that is one group is returned as its mean,
+    without its per-row shift ``-lam (n - 1) / 2``, which a following sparsemax ignores and
+    which would only cost precision (the kernel decides per row, where the op runs).
     """
-    from .cpu import effective_lam
     from .cpu import structured_prox as prox
 
-    if drop_row_shift:
-        lam = effective_lam(kind, x.detach(), allowed, lam)
     if allowed is not None and (allowed.dtype != torch.bool or allowed.shape != x.shape):
         raise ValueError(f"structured_prox: allowed must be a bool tensor of x's shape {tuple(x.shape)}, got "
                          f"{allowed.dtype} {tuple(allowed.shape)}")
-    return prox(kind, x, allowed, lam)
+    return prox(kind, x, allowed, lam, drop_row_shift)
 
 
 @structured_prox.register_fake

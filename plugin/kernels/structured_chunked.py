@@ -107,19 +107,15 @@ def _prox_chunk(
     masked: bool,
 ) -> tuple[Tensor, Tensor]:
     """The chunk's prox ``y`` (rows, kend), ``-inf`` at masked keys, and its groups (int32, -1 at masked keys)."""
-    from .cpu import effective_lam, structured_prox
+    from .cpu import structured_prox
 
     S = chunks.scores(qs, kT, bias, allowed, ch)
     chunks.mask_causal(S, ch)
     S2 = S.view(ch.rows, ch.kend)
-    # masked keys: a bool mask, causality, or -inf in the bias (as the reference's `scores != -inf`)
-    keep = S2 != float("-inf") if masked else None
-    if kind == "oscar_ordered":  # sparsemax follows: the per-row shift beyond the pooling point is irrelevant
-        lam = effective_lam(kind, S2, keep, lam)
-    y, groups = structured_prox(kind, S2, keep, lam)
-    if keep is not None:
-        y.masked_fill_(~keep, float("-inf"))
-    return y, groups
+    # masked keys are -inf in the scores (a bool mask, causality, or -inf in the bias, as the
+    # reference's `scores != -inf`); the kernel leaves them out and writes -inf there. The
+    # ordered prox's per-row shift beyond the pooling point is dropped: sparsemax follows.
+    return structured_prox(kind, S2, None, lam, drop_row_shift=True, neg_inf_masked=masked)
 
 
 def _sparsemax_rows_torch(y: Tensor) -> Tensor:

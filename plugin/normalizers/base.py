@@ -79,13 +79,15 @@ def broadcast_mask(mask: Tensor, shape: torch.Size, variant: str, name: str = "m
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{variant}: {name} must be a bool tensor (True = attend), got {got}")
-    try:
-        if torch.broadcast_shapes(mask.shape, shape) != shape:
-            raise RuntimeError
-    except RuntimeError:
+    # broadcastable to ``shape`` and no larger, checked on the sizes (torch.broadcast_shapes costs
+    # more than the normalizer on a decoding step's single row)
+    fits = mask.dim() <= len(shape) and all(
+        m == s or m == 1 for m, s in zip(reversed(mask.shape), reversed(shape))
+    )
+    if not fits:
         raise ValueError(
             f"{variant}: {name} of shape {tuple(mask.shape)} is not broadcastable to scores of shape {tuple(shape)}"
-        ) from None
+        )
     return mask.expand(shape)
 
 

@@ -46,7 +46,6 @@ from .softmax import softmax
 
 __all__ = [
     "LengthScaledNormalizer",
-    "allowed_keys",
     "asentmax_factor",
     "scalable_entmax",
     "scalable_entmax_factory",
@@ -87,14 +86,6 @@ def asentmax_factor(n: Tensor, beta: Tensor | float, gamma: Tensor | float, delt
     return torch.where(has, factor, torch.ones_like(factor))
 
 
-def allowed_keys(scores: Tensor, mask: Tensor | None) -> Tensor:
-    """The number of allowed keys of each row of ``scores`` (last dim): ``mask`` True and score not ``-inf``."""
-    allowed = scores != float("-inf")
-    if mask is not None:
-        allowed = allowed & mask
-    return allowed.sum(-1)
-
-
 def _scaled(scores: Tensor, mask: Tensor | None, factor_of: Any) -> Tensor:
     """``scores`` times the factor of each row (last dim normalized); ``-inf`` entries kept."""
     z = scores.to(compute_dtype(scores.dtype))
@@ -119,7 +110,7 @@ def scalable_softmax(scores: Tensor, dim: int = -1, mask: Tensor | None = None, 
     head: shape (H, 1) for scores (B, H, Lq, Lk)). Mask semantics as :func:`plugin.softmax`.
     """
     s = _check_number(S, s, "scalable_softmax")
-    z, _, d, _ = prepare(scores, dim, mask, "scalable_softmax")  # the checks (dim, dtype, mask shape)
+    _, _, d, _ = prepare(scores, dim, mask, "scalable_softmax")  # the checks (dim, dtype, mask shape)
     zm = scores.movedim(d, -1)
     m = None if mask is None else torch.broadcast_to(mask, scores.shape).movedim(d, -1)
     x = _scaled(zm, m, lambda n, dtype: ssmax_factor(n, s, dtype))
@@ -235,8 +226,10 @@ class LengthScaledNormalizer(nn.Module):
             self.warmup_alpha = None if value is None else float(value)
             return
         if name not in self.fixed:
-            raise ValueError(f"{self.name} has no fixed parameter {name!r}; fixed parameters: "
-                             f"{', '.join(sorted(self.fixed)) or '(none)'}")
+            movable = sorted(self.fixed) + (["alpha"] if self.learned is not None else [])
+            what = "is learned" if name in self._modules else "is not a parameter"
+            raise ValueError(f"{self.name}: {name!r} {what}; a schedule moves a fixed parameter or a learned "
+                             f"alpha (valid choices: {', '.join(movable) or '(none)'})")
         if value is not None:
             self.fixed[name] = float(value)
 

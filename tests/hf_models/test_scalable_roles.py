@@ -134,3 +134,12 @@ def test_a_fixed_spec_is_an_attn_implementation_name():
     assert {c.spec for c in calls} == {spec} and {c.path for c in calls} == {"sdpa"}
     with pytest.raises(ValueError, match="trainable"):
         hf_models.register_spec("scalable_softmax")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("spec", ["scalable_softmax", "scalable_entmax:alpha=learned"])
+def test_sparsified_models_are_padding_invariant(family, spec):
+    """Left-padded decoder rows (and padded encoder rows) count their real keys only."""
+    model = hf_models.sparsify(stock_model(family, "sdpa"), spec)
+    _perturb(model, seed=5)
+    assert_padding_invariant(model, family, atol=1e-9)

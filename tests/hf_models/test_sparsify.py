@@ -308,3 +308,21 @@ def test_modernbert_with_local_attention_layers(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert hf_models.schedule_state(loaded) == hf_models.schedule_state(ours)
     torch.testing.assert_close(output_of(loaded, batch), output_of(ours, batch), atol=0, rtol=0)
+
+
+def test_parameter_values_report_learned_length_parameters():
+    model = hf_models.sparsify(stock_model("bert", "sdpa"), "scalable_entmax:alpha=learned,beta=learned,gamma=learned")
+    heads = next(iter(hf_models.attention_mechanisms(model).values())).num_heads
+    betas = [0.25 * (h + 1) for h in range(heads)]
+    for mech in hf_models.attention_mechanisms(model).values():
+        with torch.no_grad():
+            mech.normalizer.beta.weight.copy_(torch.tensor(betas))
+    values = hf_models.attention_parameter_values(model)
+    names = _names(model)
+    assert sorted(values) == sorted([n for n in names] + [f"{n}.beta" for n in names] + [f"{n}.gamma" for n in names])
+    for n in names:
+        assert values[n] == [1.5] * heads
+        assert values[f"{n}.beta"] == betas
+        assert values[f"{n}.gamma"] == [0.0] * heads
+    softmax = hf_models.sparsify(stock_model("bert", "sdpa"), "scalable_softmax:s=learned")
+    assert sorted(hf_models.attention_parameter_values(softmax)) == [f"{n}.s" for n in _names(softmax)]

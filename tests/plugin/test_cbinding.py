@@ -71,7 +71,7 @@ def test_a_tensor_on_another_device_is_refused():
 def test_the_structured_kernels_are_checked_too():
     x = torch.randn(2, 4)
     args = {"kind": 0, "x": x, "allowed": None, "out": torch.empty(2, 4), "group": torch.empty(2, 4),
-            "rows": 2, "d": 4, "lam": 0.5, "threads": 1}
+            "rows": 2, "d": 4, "lam": 0.5, "flags": 0, "threads": 1}
     with pytest.raises(ValueError, match="group of structured_prox_f32: .*torch.int32, got torch.float32"):
         cpu_kernels.LIBRARY.call("structured_prox_f32", **args)
     args["group"] = torch.empty(2, 4, dtype=torch.int32)

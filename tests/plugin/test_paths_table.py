@@ -39,6 +39,8 @@ SPEC_PATHS = {
     "scalable_entmax:alpha=learned": THRESHOLD,
     "scalable_entmax:alpha=1": ("sdpa",),
     "scalable_entmax:alpha=2,beta=0.7,gamma=0.5,delta=0": THRESHOLD,
+    "scalable_softmax+continuous_sparsemax": ("sdpa",),
+    "scalable_entmax:alpha=learned+continuous_softmax": THRESHOLD,
 }
 # a continuous fast path needs a mask that is the same for every query
 PER_QUERY = {"per_query_mask", "causal", "causal_decoding", "additive_mask", "fully_masked_rows"}

@@ -271,3 +271,53 @@ def test_a_schedule_moves_alpha_then_hands_over_to_the_learned_alpha():
     with plugin.record_calls() as calls:  # s = 0 at step 0: a factor of 0, uniform weights
         torch.testing.assert_close(fixed(q, k, v), v.mean(2, keepdim=True).expand_as(q))
     assert calls[0].spec == "scalable_softmax:s=0"
+
+
+def test_a_schedule_of_a_learned_length_parameter_is_refused_naming_it():
+    with pytest.raises(ValueError, match="'beta' is learned.*alpha, delta"):
+        plugin.AttentionMechanism("scalable_entmax", num_heads=2, schedule="linear:param=beta,start=0,end=1.5,steps=4")
+
+
+@pytest.mark.parametrize("spec,path", [("scalable_softmax", "sdpa"), ("scalable_entmax:alpha=1", "sdpa"),
+                                       ("scalable_entmax", "cpu_chunked_torch"),
+                                       ("scalable_entmax:alpha=learned", "cpu_chunked_torch")])
+def test_length_parameters_gradcheck_on_the_fast_path_in_float64(spec, path):
+    """float64 finite differences through the declared fast path itself (queries scaled, base path run)."""
+    H = 2
+    q, k, v = _qkv(B=2, H=H, Lq=4, Lk=6, D=4)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    mech = _learned(spec, H)
+    names = [n for n, _ in mech.named_parameters()]
+
+    def run(q_, *weights):
+        return torch.func.functional_call(mech, dict(zip(names, weights)), (q_, k, v), {"mask": mask, "causal": True})
+
+    leaves = [q.clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in mech.parameters()]
+    with kernels.use_path(path), plugin.record_calls() as calls:
+        assert torch.autograd.gradcheck(run, tuple(leaves), eps=1e-6, atol=1e-6)
+    assert {c.path for c in calls} == {path}
+
+
+def test_ssmax_keeps_the_focus_that_softmax_loses_as_n_grows():
+    """The SSMax paper's Figure 1 input (-2 everywhere, +3 on one key, s = 0.43): the top weight is
+    1 / (1 + (n - 1) n^(-5 s)), towards 1 as n grows, where softmax's 1 / (1 + (n - 1) e^(-5)) fades."""
+    s = 0.43
+    tops, soft = [], []
+    for n in (10, 100, 1000, 10000):
+        x = torch.full((n,), -2.0, dtype=torch.float64)
+        x[-1] = 3.0
+        top = float(plugin.scalable_softmax(x, s=s)[-1])
+        assert top == pytest.approx(1 / (1 + (n - 1) * n ** (-5 * s)), rel=1e-12)
+        tops.append(top)
+        soft.append(float(torch.softmax(x, -1)[-1]))
+    assert tops == sorted(tops) and tops[-1] > 0.999
+    assert soft == sorted(soft, reverse=True) and soft[-1] < 0.02
+
+
+def test_the_plain_function_as_a_normalizer_takes_the_reference_path_and_says_why():
+    q, k, v = _qkv(dtype=torch.float32)
+    with plugin.record_calls() as calls:
+        out = plugin.attention(q, k, v, plugin.scalable_softmax, causal=True)
+    assert calls[0].path == "reference" and "length factor" in calls[0].refused["sdpa"]
+    torch.testing.assert_close(out, plugin.attention(q, k, v, "scalable_softmax:s=1", causal=True))

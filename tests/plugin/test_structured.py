@@ -240,6 +240,38 @@ def test_large_lam_gives_uniform_over_allowed_positions(name):
     torch.testing.assert_close(p, expected.to(p.dtype), atol=1e-6, rtol=0)
 
 
+def _rows_of_two_ranges() -> torch.Tensor:
+    """Row 0 spans about 1e-3, row 1 spans 2e15: lam = 1e14 pools row 0 into one group, not row 1."""
+    small = torch.randn(1, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(30)) * 1e-3
+    return torch.cat([small, torch.linspace(-1e15, 1e15, 9, dtype=torch.float64).unsqueeze(0)])
+
+
+def test_a_lam_beyond_one_rows_pooling_point_is_exact_for_that_row_whatever_its_neighbours():
+    # the rows of one call are pooled row by row: a neighbouring row of a wide range must not
+    # make lam meet row 0's values (x +- 1e14 keeps only 1/64 of their digits)
+    x = _rows_of_two_ranges()
+    y, groups = structured_prox("tv", x, None, 1e14)
+    torch.testing.assert_close(y[0], x[0].mean().expand(9), rtol=0, atol=1e-15)
+    assert groups[0].abs().max() == 0 and groups[1].max() > 0
+    y, groups = structured_prox("oscar_ordered", x, None, 1e14, drop_row_shift=True)
+    torch.testing.assert_close(y[0], x[0].mean().expand(9), rtol=0, atol=1e-15)
+    y, _ = structured_prox("oscar_ordered", x, None, 1e14)
+    torch.testing.assert_close(y[0], (x[0].mean() - 1e14 * 4).expand(9), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["tv", "oscar", "oscar_ordered"])
+def test_minus_inf_entries_can_mark_the_masked_positions(kind):
+    x = torch.randn(30, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
+    allowed = torch.rand(30, 17, generator=torch.Generator().manual_seed(32)) < 0.7
+    allowed[0] = False
+    expected, expected_groups = structured_prox(kind, x, allowed, 0.3)
+    got, groups = structured_prox(kind, x.masked_fill(~allowed, float("-inf")), None, 0.3, neg_inf_masked=True)
+    assert torch.equal(groups, expected_groups)
+    assert torch.equal(got, expected.masked_fill(~allowed, float("-inf")))
+    with pytest.raises(ValueError, match="allowed must be None"):
+        structured_prox(kind, x, allowed, 0.3, neg_inf_masked=True)
+
+
 def test_fusedmax_is_constant_on_contiguous_segments():
     scores = torch.randn(8, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(10)).cumsum(-1)
     lam = 1.5

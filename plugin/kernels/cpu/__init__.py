@@ -24,12 +24,14 @@ from torch import Tensor
 from ..cbinding import Arg, CFunction, CLibrary, Sizes
 from ..cbuild import CompileError, cache_dir
 
-__all__ = ["cache_dir", "effective_lam", "group_mean_cpu", "load_library", "structured_prox"]
+__all__ = ["cache_dir", "group_mean_cpu", "load_library", "structured_prox"]
 
 SOURCE = Path(__file__).with_name("structured.c")
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
 # the prox kinds, in the order of structured.c's KIND_TV, KIND_OSCAR, KIND_OSCAR_ORDERED
 _KINDS = ("tv", "oscar", "oscar_ordered")
+# structured.c's PROX_NEG_INF_MASKED and PROX_DROP_ROW_SHIFT
+_NEG_INF_MASKED, _DROP_ROW_SHIFT = 1, 2
 
 
 def _flag_sets() -> tuple[tuple[str, ...], ...]:
@@ -49,7 +51,7 @@ def _functions(suffix: str, real: str) -> tuple[CFunction, ...]:
             Arg("kind", "int", low=0), Arg("x", real, numel=_elements), Arg("allowed", "u8", optional=True,
                                                                            numel=_elements),
             Arg("out", real, numel=_elements), Arg("group", "i32", numel=_elements), *sizes, Arg("lam", "double"),
-            threads,
+            Arg("flags", "int", low=0), threads,
         ), restype="int"),
         CFunction(f"group_mean_{suffix}", (
             Arg("v", real, numel=_elements), Arg("group", "i32", numel=_elements), Arg("out", real, numel=_elements),
@@ -83,31 +85,8 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
-def effective_lam(kind: str, x: Tensor, allowed: Tensor | None, lam: float) -> float:
-    """The smallest ``lam' <= lam`` with the same groups as ``lam`` in every row of ``x``.
-
-    Beyond a point each row is one group: for TV when ``lam >= max_k |sum_{i<=k} (x_i - mean)|``
-    (at most ``d (max - min)``), for the ordered sum when ``lam`` exceeds every gap between
-    sorted values (at most ``max - min``), for OSCAR when also every magnitude is shrunk to 0
-    (at most ``2 max |x|``). There the TV and OSCAR proxes no longer change with ``lam``, and
-    the ordered prox only moves by ``-(lam' - lam) (d - 1) / 2``. Working with ``lam'`` (twice
-    the bound, over the allowed finite entries) keeps ``x +- lam`` from cancelling: with
-    ``lam = 1e16`` the float64 TV prox was off by 0.45, and huge values overflowed float32.
-    """
-    values = x if allowed is None else x[allowed.expand(x.shape)]
-    values = values[torch.isfinite(values)]
-    if values.numel() == 0 or lam == 0:
-        return lam
-    if kind == "oscar":
-        bound = 2 * float(values.abs().max())
-    else:
-        bound = float(values.max() - values.min()) * (x.shape[-1] if kind == "tv" else 1)
-        if bound == 0:
-            bound = float(values.abs().max()) or 1.0
-    return min(lam, 2 * bound)
-
-
-def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) -> tuple[Tensor, Tensor]:
+def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float, drop_row_shift: bool = False,
+                    neg_inf_masked: bool = False) -> tuple[Tensor, Tensor]:
     """Exact prox of a structure penalty over the last dim, row by row.
 
     Parameters
@@ -120,11 +99,20 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
     allowed : bool Tensor of the shape of ``x`` (True = the position takes part), or None.
         Masked positions are left out of the problem: total-variation neighbours are
         consecutive allowed positions, the OSCAR weights count allowed entries only.
-    lam : float >= 0.
+    lam : float >= 0. Any finite value is exact: a row that ``lam`` makes one group (every
+        allowed entry pooled) is recognised from its values and returned as its mean (for the
+        ordered prox moved by ``-lam (n - 1) / 2``, n its allowed entries) without ``lam``
+        meeting the values; a row that is not is solved with ``lam < n (max - min)``. For
+        OSCAR, a ``lam`` beyond ``4 max |x|`` (where every entry is 0) is replaced by that value.
+    drop_row_shift : the ordered prox of a row that is one group is returned as its mean,
+        without the shift ``-lam (n - 1) / 2`` (a following sparsemax ignores it, and it only
+        costs precision).
+    neg_inf_masked : with ``allowed`` None, entries equal to ``-inf`` are masked, and the
+        output is ``-inf`` there instead of 0 (attention scores that a sparsemax follows).
 
     Returns
     -------
-    y : Tensor like ``x``: the prox, 0 at masked positions.
+    y : Tensor like ``x``: the prox, 0 (or ``-inf``) at masked positions.
     groups : int32 Tensor (..., d) on the device of ``x``: per row, the index (0, 1, ...) of
         the group of each position (fused run for TV, block of equal magnitude for OSCAR, of
         equal value for the ordered prox), -1 where the Jacobian row is zero (masked
@@ -134,9 +122,10 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
         raise ValueError(f"structured_prox: kind must be one of {_KINDS}, got {kind!r}")
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"structured_prox: x must be float32 or float64, got {x.dtype}")
+    if neg_inf_masked and allowed is not None:
+        raise ValueError("structured_prox: neg_inf_masked marks the masked entries itself; allowed must be None "
+                         "with it")
     load_library()
-    exact_lam = lam
-    lam = effective_lam(kind, x.detach(), allowed, lam)
     device = x.device
     d = x.shape[-1] if x.dim() else 1
     xc = x.detach().to("cpu").contiguous()
@@ -146,18 +135,12 @@ def structured_prox(kind: str, x: Tensor, allowed: Tensor | None, lam: float) ->
         ac = allowed.to("cpu").expand(x.shape).contiguous().view(torch.uint8)
     y = torch.empty_like(xc)
     groups = torch.empty(xc.shape, dtype=torch.int32)
+    flags = (_NEG_INF_MASKED if neg_inf_masked else 0) | (_DROP_ROW_SHIFT if drop_row_shift else 0)
     failed = LIBRARY.call(f"structured_prox_{_suffix(xc.dtype)}", kind=_KINDS.index(kind), x=xc, allowed=ac, out=y,
-                          group=groups, rows=rows, d=d, lam=float(lam), threads=torch.get_num_threads())
+                          group=groups, rows=rows, d=d, lam=float(lam), flags=flags,
+                          threads=torch.get_num_threads())
     if failed:
         raise MemoryError(f"structured_prox: could not allocate scratch memory for rows of length {d}")
-    if kind == "oscar_ordered" and lam != exact_lam:
-        # every row is one group: the ordered prox moves by -(lam - lam') (d - 1) / 2
-        count = torch.full(y.shape[:-1] + (1,), float(d), dtype=torch.float64) if ac is None else (
-            ac.view(torch.bool).sum(-1, keepdim=True).to(torch.float64))
-        shift = (exact_lam - lam) * (count - 1).clamp(min=0) / 2
-        y = (y.to(torch.float64) - shift).to(y.dtype)
-        if ac is not None:
-            y = y.masked_fill(~ac.view(torch.bool), 0.0)
     if device.type != "cpu":
         return y.to(device), groups.to(device)
     return y, groups

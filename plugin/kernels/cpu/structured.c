@@ -4,12 +4,14 @@
  * of a (rows, d) array per loop iteration. Built on first use by plugin/kernels/cpu/__init__.py
  * (gcc -O3 -shared -fPIC) and called through ctypes.
  *
- * The prox entry points ({tv,oscar,oscar_ordered}_prox_{f32,f64}) take
+ * The prox entry points structured_prox_{f32,f64} take kind (KIND_TV, KIND_OSCAR,
+ * KIND_OSCAR_ORDERED), lam, and
  *   x        (rows, d) input, float or double, C-contiguous
  *   allowed  (rows, d) uint8 (1 = the position exists) or NULL (all exist)
- *   y        (rows, d) output, same type as x; masked positions get 0
+ *   y        (rows, d) output, same type as x; masked positions get 0 (or -inf, see flags)
  *   group    (rows, d) int32 output: the group of each position, 0, 1, ... in each row,
  *            or -1 where the Jacobian row is zero (masked; for OSCAR also entries set to 0)
+ *   flags    PROX_NEG_INF_MASKED, PROX_DROP_ROW_SHIFT (below)
  * Only allowed positions take part: for total variation the neighbours of a position are
  * the previous and next *allowed* positions. Arithmetic is in double for both types.
  * group_mean_{f32,f64} is their backward pass. All return 0, or 1 if scratch memory could
@@ -33,7 +35,8 @@
  * u_k = sum_{j <= k} (z_j - y_j) obtained with the value vmin / vmax (|u_k| <= lam,
  * and u = 0 at the end of the signal). When even the extreme value cannot keep the dual
  * inside [-lam, lam], the segment is closed at the last position where that bound was
- * updated (kminus / kplus) and the scan restarts after it.
+ * updated (kminus / kplus) and the scan restarts after it. inv[m] = 1 / m (a table shared by
+ * the rows of a call: the running means multiply instead of dividing).
  */
 static void write_segment(double *y, int32_t *g, int64_t from, int64_t to, double v, int64_t id)
 {
@@ -43,7 +46,7 @@ static void write_segment(double *y, int32_t *g, int64_t from, int64_t to, doubl
     }
 }
 
-static void tv_denoise(const double *z, double *y, int32_t *g, int64_t n, double lam)
+static void tv_denoise(const double *z, double *y, int32_t *g, int64_t n, double lam, const double *inv)
 {
     if (n <= 0)
         return;
@@ -76,7 +79,7 @@ static void tv_denoise(const double *z, double *y, int32_t *g, int64_t n, double
                 umax = -lam;
                 umin = z[k] - lam - vmin;
             } else {
-                write_segment(y, g, k0, k, vmin + umin / (double)(k - k0 + 1), id);
+                write_segment(y, g, k0, k, vmin + umin * inv[k - k0 + 1], id);
                 return;
             }
         }
@@ -108,12 +111,12 @@ static void tv_denoise(const double *z, double *y, int32_t *g, int64_t n, double
         k++;
         if (umin >= lam) {
             kminus = k;
-            vmin += (umin - lam) / (double)(k - k0 + 1);
+            vmin += (umin - lam) * inv[k - k0 + 1];
             umin = lam;
         }
         if (umax <= -lam) {
             kplus = k;
-            vmax += (umax + lam) / (double)(k - k0 + 1);
+            vmax += (umax + lam) * inv[k - k0 + 1];
             umax = -lam;
         }
     }
@@ -347,21 +350,81 @@ static void oscar_prox_row(const double *z, double *y, int32_t *g, int64_t n, do
 /* batched drivers, the exported entry points structured_prox_f32 / _f64: gather the allowed
  * entries of a row, solve the prox of the given kind (KIND_TV, KIND_OSCAR,
  * KIND_OSCAR_ORDERED), scatter back. Return 0 on success, 1 if scratch memory could not be
- * allocated. */
+ * allocated.
+ *
+ * Rows that are one group are recognised before any algorithm runs, from sums gathered while
+ * the row is read: their prox is the mean (moved by the ordered prox's shift), computed
+ * without lam ever meeting the values, so any finite lam is exact (x +- lam cancels for a huge
+ * lam: with lam = 1e16 a float64 TV prox was off by 0.45, and float32 overflowed). */
 
 enum { KIND_TV = 0, KIND_OSCAR = 1, KIND_OSCAR_ORDERED = 2 };
+/* flags of structured_prox_*:
+ *   PROX_NEG_INF_MASKED  without `allowed`, an entry equal to -inf is masked, and the output
+ *                        of masked entries is -inf instead of 0 (attention scores, where a
+ *                        sparsemax follows)
+ *   PROX_DROP_ROW_SHIFT  an ordered-prox row that is one group is returned as its mean,
+ *                        without the shift -lam (n - 1) / 2 (which a following sparsemax
+ *                        ignores and which only costs precision) */
+enum { PROX_NEG_INF_MASKED = 1, PROX_DROP_ROW_SHIFT = 2 };
+
+/* what the gather pass learns about the n allowed values of a row */
+struct row_summary {
+    double sum, lo, hi;
+};
+
+static void fill_row(double *sol, int32_t *gid, int64_t n, double v)
+{
+    for (int64_t i = 0; i < n; i++) {
+        sol[i] = v;
+        gid[i] = 0;
+    }
+}
+
+/* TV: the row is one group (its prox is the mean) exactly when the dual of the constant
+ * solution, u_k = sum_{j <= k} (z_j - mean), stays in [-lam, lam]. Usually decided within the
+ * first few entries when it is not. */
+static int tv_one_group(const double *z, int64_t n, double mean, double lam)
+{
+    double u = 0.0;
+    for (int64_t k = 0; k + 1 < n; k++) {
+        u += z[k] - mean;
+        if (fabs(u) > lam)
+            return 0;
+    }
+    return 1;
+}
 
 /* scratch per thread: 4 d doubles (z, sol, bsum, bcount), 4 d 8-byte integers (pos, w, tmp,
  * idx), d int32 (gid) */
-static void solve_row(int kind, double *dbuf, int64_t *ibuf, int32_t *gid, int64_t d, int64_t n,
-                      double lam, int exact_keys)
+static void solve_row(int kind, double *dbuf, int64_t *ibuf, int32_t *gid, int64_t d, int64_t n, double lam,
+                      int flags, int exact_keys, const double *inv, const struct row_summary *sm)
 {
     double *z = dbuf, *sol = dbuf + d;
-    if (kind == KIND_TV)
-        tv_denoise(z, sol, gid, n, lam);
-    else
-        oscar_prox_row(z, sol, gid, n, lam, kind == KIND_OSCAR_ORDERED, (uint64_t *)(ibuf + d),
-                       (uint64_t *)(ibuf + 2 * d), dbuf + 2 * d, ibuf + 3 * d, dbuf + 3 * d, exact_keys);
+    if (n <= 0)
+        return;
+    const double mean = sm->sum / (double)n;
+    const int finite = isfinite(sm->sum) && isfinite(sm->lo) && isfinite(sm->hi);
+    if (kind == KIND_TV) {
+        if (finite && tv_one_group(z, n, mean, lam))
+            fill_row(sol, gid, n, mean);
+        else /* here lam < max |u_k| <= n (hi - lo): no cancellation */
+            tv_denoise(z, sol, gid, n, lam, inv);
+        return;
+    }
+    if (kind == KIND_OSCAR_ORDERED && finite && lam * (double)n >= 2.0 * (sm->hi - sm->lo)) {
+        /* one group: the non-increasing fit of z_(k) - lam (n - 1 - k) is constant when the
+         * mean of the top m values exceeds the row mean by at most lam (n - m) / 2 for every m,
+         * which lam n >= 2 (max - min) guarantees */
+        fill_row(sol, gid, n, (flags & PROX_DROP_ROW_SHIFT) ? mean : mean - lam * (double)(n - 1) / 2.0);
+        return;
+    }
+    if (kind == KIND_OSCAR && finite) {
+        /* beyond 2 max |z| every magnitude is shrunk to 0: a larger lam changes nothing */
+        const double top = 4.0 * fmax(fabs(sm->lo), fabs(sm->hi));
+        lam = lam < top ? lam : top;
+    }
+    oscar_prox_row(z, sol, gid, n, lam, kind == KIND_OSCAR_ORDERED, (uint64_t *)(ibuf + d),
+                   (uint64_t *)(ibuf + 2 * d), dbuf + 2 * d, ibuf + 3 * d, dbuf + 3 * d, exact_keys);
 }
 
 /* One thread's scratch rows: `ndouble` rows of doubles, `nint64` of 8-byte integers and one
@@ -411,7 +474,21 @@ struct prox_job {
     int32_t *group;
     int64_t d;
     double lam;
+    int flags;
+    const double *inv; /* inv[m] = 1 / m, m = 1..d */
 };
+
+/* 1 / m for m = 1..d (inv[0] unused), or NULL if it cannot be allocated */
+static double *reciprocals(int64_t d)
+{
+    double *inv = (double *)malloc((size_t)(d + 1) * sizeof(double));
+    if (inv == NULL)
+        return NULL;
+    inv[0] = 0.0;
+    for (int64_t m = 1; m <= d; m++)
+        inv[m] = 1.0 / (double)m;
+    return inv;
+}
 
 #define DEFINE_DRIVER(T, SUFFIX)                                                               \
     static void prox_row_##SUFFIX(int64_t r, const struct scratch *s, const void *job_)        \
@@ -420,23 +497,37 @@ struct prox_job {
         const int64_t d = job->d;                                                              \
         const T *xr = (const T *)job->x + r * d;                                               \
         const uint8_t *ar = job->allowed ? job->allowed + r * d : NULL;                        \
+        const int by_value = (job->flags & PROX_NEG_INF_MASKED) != 0 && ar == NULL;            \
+        const T masked_out = (job->flags & PROX_NEG_INF_MASKED) ? (T)(-INFINITY) : (T)0;      \
         T *yr = (T *)job->out + r * d;                                                         \
         int32_t *gr = job->group + r * d;                                                      \
         int64_t *pos = s->ibuf;                                                                \
         double *z = s->dbuf, *sol = s->dbuf + d;                                               \
+        struct row_summary sm = {0.0, INFINITY, -INFINITY};                                    \
         int64_t n = 0;                                                                         \
-        if (ar == NULL) {                                                                      \
-            for (int64_t i = 0; i < d; i++)                                                    \
-                z[i] = (double)xr[i];                                                          \
+        if (ar == NULL && !by_value) {                                                         \
+            for (int64_t i = 0; i < d; i++) {                                                  \
+                const double v = (double)xr[i];                                                \
+                z[i] = v;                                                                      \
+                sm.sum += v;                                                                   \
+                sm.lo = v < sm.lo ? v : sm.lo;                                                 \
+                sm.hi = v > sm.hi ? v : sm.hi;                                                 \
+            }                                                                                  \
             n = d;                                                                             \
         } else {                                                                               \
             for (int64_t i = 0; i < d; i++) {                                                  \
+                const double v = (double)xr[i];                                                \
+                const int keep = ar != NULL ? ar[i] != 0 : v != -INFINITY;                     \
                 pos[n] = i;                                                                    \
-                z[n] = (double)xr[i];                                                          \
-                n += ar[i] != 0;                                                               \
+                z[n] = v;                                                                      \
+                n += keep;                                                                     \
+                sm.sum += keep ? v : 0.0;                                                      \
+                sm.lo = keep && v < sm.lo ? v : sm.lo;                                         \
+                sm.hi = keep && v > sm.hi ? v : sm.hi;                                         \
             }                                                                                  \
         }                                                                                      \
-        solve_row(job->kind, s->dbuf, s->ibuf, s->gid, d, n, job->lam, sizeof(T) == sizeof(float)); \
+        solve_row(job->kind, s->dbuf, s->ibuf, s->gid, d, n, job->lam, job->flags,             \
+                  sizeof(T) == sizeof(float), job->inv, &sm);                                  \
         if (n == d) {                                                                          \
             for (int64_t j = 0; j < d; j++) {                                                  \
                 yr[j] = (T)sol[j];                                                             \
@@ -445,7 +536,7 @@ struct prox_job {
             return;                                                                            \
         }                                                                                      \
         for (int64_t i = 0; i < d; i++) {                                                      \
-            yr[i] = (T)0;                                                                      \
+            yr[i] = masked_out;                                                                \
             gr[i] = -1;                                                                        \
         }                                                                                      \
         for (int64_t j = 0; j < n; j++) {                                                      \
@@ -456,10 +547,15 @@ struct prox_job {
                                                                                                \
     int structured_prox_##SUFFIX(int kind, const T *x, const uint8_t *allowed, T *out,         \
                                  int32_t *group, int64_t rows, int64_t d, double lam,          \
-                                 int threads)                                                  \
+                                 int flags, int threads)                                       \
     {                                                                                          \
-        const struct prox_job job = {kind, x, allowed, out, group, d, lam};                    \
-        return for_each_row(rows, d, threads, 4, 4, prox_row_##SUFFIX, &job);                  \
+        double *inv = reciprocals(d);                                                          \
+        if (inv == NULL)                                                                       \
+            return 1;                                                                          \
+        const struct prox_job job = {kind, x, allowed, out, group, d, lam, flags, inv};        \
+        const int failed = for_each_row(rows, d, threads, 4, 4, prox_row_##SUFFIX, &job);      \
+        free(inv);                                                                             \
+        return failed;                                                                         \
     }
 
 DEFINE_DRIVER(float, f32)
