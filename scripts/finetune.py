@@ -27,6 +27,12 @@ then re-launches itself as N workers with torch.distributed.run),
 ``accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py ...`` or
 ``torchrun --nproc_per_node 2 scripts/finetune.py ...``.
 
+A model built with ``--from-config`` starts from weights of standard deviation d_model ** -0.5
+(``--init-std``), as fairseq's do; with transformers' 0.02 a narrow model's decoder learns the target
+language and ignores its source. Translation from scratch trains best as fairseq does: ``--max-tokens
+1024`` (batches of similar length), ``--lr-scheduler inverse_sqrt --warmup-steps 100`` and
+``--label-smoothing 0.1`` (scripts/real_tasks.py uses these).
+
 Writes the model (safetensors) and tokenizer to ``--output-dir``, ``metrics.json`` there, and
 prints the metrics as the last line of its output (JSON). ``--test-file`` is evaluated once with
 the final model (``test_*`` metrics); ``--predictions-file`` writes source, prediction and reference
@@ -64,6 +70,7 @@ ROLE_FLAGS = {"encoder_attn": "--encoder-attn", "decoder_attn": "--decoder-attn"
 SCHEDULE_FLAGS = {f"{flag}-schedule": f"{field}_schedule" for field, flag in ROLE_FLAGS.items()}
 TRANSFORMERS_IMPLEMENTATIONS = hf_models.compat.TRANSFORMERS_NAMES  # --attn values: transformers' own attention
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+LR_SCHEDULERS = ("linear", "inverse_sqrt", "constant")
 TOKENIZERS = ("unigram", "bpe", "word")  # built from the training split when the model has none
 PROGRESS_LINES = 10  # without a terminal: about this many plain progress lines per run ...
 PROGRESS_SECONDS = 60.0  # ... and at least one line this often
@@ -111,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "dropout needs the weights formed, so it keeps the sparse mechanisms on their reference "
                        "path; 0 lets the fused CPU / GPU paths run (fairseq's default)")
     model.add_argument("--max-positions", type=int, default=256, help="--from-config: longest sequence")
+    model.add_argument("--init-std", type=float, default=None,
+                       help="--from-config (bart, mbart, marian, pegasus): standard deviation of the initial "
+                       "weights and embeddings. Default: d_model ** -0.5, so that the embeddings, scaled by "
+                       "sqrt(d_model), start at unit size, as in fairseq. transformers' 0.02 suits wide pretrained "
+                       "models; in a narrow model built from scratch it leaves the cross-attention path so weak "
+                       "that the decoder learns the target language and ignores the source")
     model.add_argument("--encoder-attn", help="spec of encoder self-attention (Sparse* classes)")
     model.add_argument("--decoder-attn", help="spec of decoder self-attention (Sparse* classes)")
     model.add_argument("--cross-attn", help="spec of cross-attention (Sparse* classes)")
@@ -143,6 +156,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "without weight decay (default: --lr, with --weight-decay). A pretrained model's --lr "
                        "moves alpha very little in a short fine-tuning")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    train.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="linear",
+                       help="after the warm-up: linear decay to 0 at the last step, inverse_sqrt (lr * "
+                       "sqrt(warmup / step), fairseq's and Vaswani et al.'s; needs --warmup-steps > 0) or constant")
+    train.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="label smoothing of the training loss (0.1 is usual for translation; the reported "
+                       "valid_loss / test_loss stay the plain cross-entropy)")
+    train.add_argument("--max-tokens", type=int, default=0,
+                       help="training batches of examples of similar length (source or target, the longer), "
+                       "at most this many padded tokens each and at most --batch-size examples, in random order "
+                       "(fairseq's --max-tokens); 0 = --batch-size examples drawn at random, padded to the "
+                       "longest of each batch")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0 = no clipping)")
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
@@ -197,6 +221,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.task == "classification" and roles and args.arch not in hf_models.SPARSE_FAMILIES:
             ap.error(f"--arch {args.arch}: per-role flags need a Sparse* family "
                      f"({', '.join(hf_models.SPARSE_FAMILIES)}); use --attn")
+    if args.init_std is not None and not (args.init_std > 0 and args.from_config
+                                          and args.arch in ("bart", "mbart", "marian", "pegasus")):
+        ap.error(f"--init-std must be a number > 0 and needs --from-config with --arch bart, mbart, marian or "
+                 f"pegasus, got {args.init_std} (--arch {args.arch})")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        ap.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.max_tokens < 0:
+        ap.error(f"--max-tokens must be an integer >= 0 (0 = batches of --batch-size examples), got {args.max_tokens}")
+    if args.lr_scheduler == "inverse_sqrt" and args.warmup_steps <= 0:
+        ap.error("--lr-scheduler inverse_sqrt decays as sqrt(warmup / step): give --warmup-steps > 0")
     if args.attention_lr is not None and not args.attention_lr > 0:
         ap.error(f"--attention-lr must be a number > 0, got {args.attention_lr}")
     for name in ("dropout", "attention_dropout"):
@@ -450,6 +484,89 @@ def has_tokenizer(model_dir: str | None) -> bool:
     return any((Path(model_dir) / n).exists() for n in names)
 
 
+class LengthBatchSampler:
+    """Training batches of examples of similar length, in a new random order at every pass.
+
+    The examples are shuffled, then sorted by length (the shuffle breaks ties differently each pass)
+    and cut into batches of at most ``max_tokens`` padded tokens (examples times the longest length of
+    the batch) and at most ``batch_size`` examples; the batches are then shuffled. Padding to the
+    longest of a random batch wastes about half the work on short texts of varied length; here it
+    wastes little. Every process draws the same batches (the same ``seed`` and pass number), as a
+    data-parallel run's sharding of the batches expects.
+    """
+
+    def __init__(self, lengths: list[int], max_tokens: int, batch_size: int = 0, seed: int = 0) -> None:
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+        if any(n > max_tokens for n in lengths):
+            raise ValueError(f"max_tokens ({max_tokens}) is less than the longest example ({max(lengths)} tokens); "
+                             "raise --max-tokens or lower --max-source-length / --max-target-length")
+        self.lengths, self.max_tokens, self.batch_size, self.seed = list(lengths), max_tokens, batch_size, seed
+        self.epoch = 0
+        self._count = len(self._batches(0))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        order.sort(key=self.lengths.__getitem__)  # stable: equal lengths keep the random order
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        longest = 0
+        for i in order:
+            n = max(longest, self.lengths[i])
+            if batch and (n * (len(batch) + 1) > self.max_tokens or len(batch) == self.batch_size):
+                batches.append(batch)
+                batch, n = [], self.lengths[i]
+            batch.append(i)
+            longest = n
+        if batch:
+            batches.append(batch)
+        perm = torch.randperm(len(batches), generator=gen).tolist()
+        return [batches[k] for k in perm]
+
+    def __iter__(self) -> Any:
+        batches = self._batches(self.epoch)
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def learning_rate_schedule(optimizer: Any, name: str, warmup_steps: int, total_steps: int, processes: int = 1) -> Any:
+    """The ``--lr-scheduler`` ``name`` of ``optimizer``: linear warm-up over ``warmup_steps``, then linear decay
+    to 0 at ``total_steps``, ``inverse_sqrt`` decay (lr * sqrt(warmup / step)) or a constant rate.
+
+    accelerate steps a prepared scheduler once per process at every optimizer step: the step counts are
+    multiplied by ``processes``."""
+    from transformers import get_scheduler
+
+    if name not in LR_SCHEDULERS:
+        raise ValueError(f"lr scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {name!r}")
+    if name == "inverse_sqrt" and warmup_steps <= 0:
+        raise ValueError("the inverse_sqrt schedule needs warmup_steps > 0")
+    hf_name = {"constant": "constant_with_warmup"}.get(name, name)
+    return get_scheduler(hf_name, optimizer, num_warmup_steps=warmup_steps * processes,
+                         num_training_steps=total_steps * processes)
+
+
+def example_lengths(dataset: Any) -> list[int]:
+    """Tokens of each tokenized example: its input, or its target when longer (seq2seq)."""
+    sources = [len(x) for x in dataset["input_ids"]]
+    if "labels" in dataset.column_names and isinstance(dataset[0]["labels"], list):
+        return [max(a, len(b)) for a, b in zip(sources, dataset["labels"])]
+    return sources
+
+
+def training_loss(outputs: Any, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The model's loss, or the label-smoothed cross-entropy of its logits (positions labelled -100 left out)."""
+    if label_smoothing == 0.0:
+        return outputs.loss
+    logits = outputs.logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=-100, label_smoothing=label_smoothing)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -484,6 +601,7 @@ def tiny_config(args: argparse.Namespace, tokenizer: Any, num_labels: int | None
         encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
         max_position_embeddings=args.max_positions, dropout=args.dropout, attention_dropout=attention_dropout,
         decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None, scale_embedding=True,
+        init_std=args.init_std if args.init_std is not None else d ** -0.5,
     )
 
 
@@ -674,7 +792,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         DataCollatorWithPadding,
-        get_scheduler,
     )
 
     seq2seq = args.task == "seq2seq"
@@ -716,7 +833,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         collate = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     else:
         collate = DataCollatorWithPadding(tokenizer)
-    train_dl = DataLoader(data["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collate)
+    if args.max_tokens:
+        sampler = LengthBatchSampler(example_lengths(data["train"]), args.max_tokens, args.batch_size, args.seed)
+        train_dl = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate)
+    else:
+        train_dl = DataLoader(data["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     valid_dl = DataLoader(data["validation"], batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate)
 
     groups = parameter_groups(model, args)
@@ -724,9 +845,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.grad_accum)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
-    # accelerate steps a prepared scheduler once per process per optimizer step
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                              num_training_steps=total_steps * accelerator.num_processes)
+    scheduler = learning_rate_schedule(optimizer, args.lr_scheduler, args.warmup_steps, total_steps,
+                                       accelerator.num_processes)
     model, optimizer, train_dl, valid_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, valid_dl,
                                                                           scheduler)
     test_dl = None
@@ -756,7 +876,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.log_attention_every and steps % args.log_attention_every == 0:
                 log_attention()
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = training_loss(model(**batch), batch["labels"], args.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

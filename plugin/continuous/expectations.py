@@ -33,9 +33,13 @@ centred at ``mu`` (``x = t - mu``; ``int w x = 0`` by symmetry) and chaining thr
 
 (1-D: ``dE/dmu = K1 / sigma^2``, ``dE/dsigma^2 = K2 / (2 sigma^4)``). ``w`` is ``p`` for alpha = 1,
 the indicator of the support for alpha = 2, and ``p^(1/2)`` (a parabola) for alpha = 1.5, so
-``K1``, ``K2`` use the same moments as the forward. Everything is computed in float64 (the
-interval moments cancel when the support is small next to a basis width) and returned in
-the input dtype.
+``K1``, ``K2`` use the same moments as the forward: in 1-D the forward computes them and keeps
+``dE/dmu``, ``dE/dsigma^2`` per entry, and the backward is two weighted sums.
+
+Precision: 1-D float32 inputs are computed in float32 except where the interval moments cancel
+(a support narrow next to a basis width: ``a < FLOAT32_MIN_RATIO[alpha] * s``), which is
+computed in float64; float64 inputs and the 2-D quadrature are computed in float64. The
+measured errors are in docs/continuous.md.
 """
 
 from __future__ import annotations
@@ -104,46 +108,124 @@ def _interval_moments(lo: Tensor | None, hi: Tensor, mean: Tensor, std: Tensor, 
 # ----------------------------------------------------------------------------- 1-D
 
 
-def _forward_1d(mu: Tensor, s2: Tensor, bmu: Tensor, bsig: Tensor, alpha: float) -> Tensor:
-    d = bmu - mu[:, None]  # (N, J): basis centre relative to mu
+def _closed_form_1d(mu: Tensor, s2: Tensor, bmu: Tensor, bsig: Tensor, alpha: float,
+                    grads: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``E_p[psi]`` and, when ``grads``, the factors ``dE/dmu``, ``dE/dsigma^2``, in the inputs' dtype.
+
+    ``mu``, ``s2`` and ``bmu``, ``bsig`` broadcast against each other ((N, 1) and (J,) give (N, J)
+    tables; equal 1-D shapes give one entry per element). The backward is then ``grad_mu = (grad * dE/dmu).sum(-1)``.
+    The moments are those of :func:`_interval_moments` on the symmetric interval ``[-a, a]``, where
+    the boundary terms pair up: with ``S-+ = s (phi(z_lo) -+ phi(z_hi))``,
+    ``J1 = d J0 + S-``, ``J2 = d J1 + s^2 J0 - a S+``, ``J3 = d J2 + 2 s^2 J1 + a^2 S-``,
+    ``J4 = d J3 + 3 s^2 J2 - a^3 S+`` (``d`` the basis centre relative to ``mu``).
+    """
+    d = bmu - mu
+    inv_s2 = 1 / s2
     if alpha == 1.0:
-        var = s2[:, None] + bsig * bsig
-        return torch.exp(-0.5 * d * d / var) / torch.sqrt(2 * math.pi * var)
-    a = support_radius(s2, alpha)[:, None]
-    s2 = s2[:, None]
+        inv_var = 1 / (s2 + bsig * bsig)
+        e = torch.exp(-0.5 * d * d * inv_var) * torch.sqrt(inv_var * (1 / (2 * math.pi)))
+        if not grads:
+            return e, None, None
+        ed = e * d * inv_var
+        return e, ed, 0.5 * (ed * d - e) * inv_var
+    a = support_radius(s2, alpha)
+    inv_s = 1 / bsig
+    z_lo = (-a - d) * inv_s
+    z_hi = (a - d) * inv_s
+    # Phi(z_hi) - Phi(z_lo), or Phi(-z_lo) - Phi(-z_hi) when both are in the upper tail
+    flip = torch.where(z_lo > 0, -1.0, 1.0).to(d.dtype)
+    j0 = flip * (torch.special.ndtr(flip * z_hi) - torch.special.ndtr(flip * z_lo))
+    phi_lo = torch.exp(-0.5 * z_lo * z_lo)
+    phi_hi = torch.exp(-0.5 * z_hi * z_hi)
+    s_pdf = bsig * (1 / _SQRT_2PI)
+    s_minus = (phi_lo - phi_hi) * s_pdf
+    s_plus = (phi_lo + phi_hi) * s_pdf
+    var = bsig * bsig
+    a2 = a * a
+    j1 = d * j0 + s_minus
+    j2 = d * j1 + var * j0 - a * s_plus
     if alpha == 2.0:
-        m0, _, m2 = _interval_moments(-a, a, d, bsig, 2)
-        return (a * a * m0 - m2) / (2 * s2)
-    m0, _, m2, _, m4 = _interval_moments(-a, a, d, bsig, 4)
-    a2 = a * a
-    return (a2 * a2 * m0 - 2 * a2 * m2 + m4) / (16 * s2 * s2)
+        e = (a2 * j0 - j2) * (0.5 * inv_s2)
+        if not grads:
+            return e, None, None
+        # w = 1 on [-a, a]; int w = 2a, int w x^2 = 2 a^3 / 3
+        return e, j1 * inv_s2, (j2 - a2 / 3 * j0) * (0.5 * inv_s2 * inv_s2)
+    j3 = d * j2 + 2 * var * j1 + a2 * s_minus
+    j4 = d * j3 + 3 * var * j2 - a2 * a * s_plus
+    inner = a2 * j0 - j2  # int (a^2 - x^2) psi
+    e = (a2 * inner - (a2 * j2 - j4)) * (inv_s2 * inv_s2 / 16)
+    if not grads:
+        return e, None, None
+    # w = (a^2 - x^2) / (4 sigma^2); int w x^2 / int w = a^2 / 5
+    c = inv_s2 / 4
+    k1 = (a2 * j1 - j3) * c
+    k2 = ((a2 * j2 - j4) - a2 / 5 * inner) * c
+    return e, k1 * inv_s2, k2 * (0.5 * inv_s2 * inv_s2)
 
 
-def _backward_1d(
-    grad: Tensor, mu: Tensor, s2: Tensor, bmu: Tensor, bsig: Tensor, alpha: float
-) -> tuple[Tensor, Tensor]:
-    d = bmu - mu[:, None]
-    if alpha == 1.0:
-        var = s2[:, None] + bsig * bsig
-        e = torch.exp(-0.5 * d * d / var) / torch.sqrt(2 * math.pi * var)
-        ge = grad * e
-        grad_mu = (ge * d / var).sum(-1)
-        grad_s2 = 0.5 * (ge * (d * d / (var * var) - 1 / var)).sum(-1)
-        return grad_mu, grad_s2
-    a = support_radius(s2, alpha)[:, None]
-    a2 = a * a
-    if alpha == 2.0:  # w = 1 on [-a, a]; int w = 2a, int w x^2 = 2 a^3 / 3
-        m0, m1, m2 = _interval_moments(-a, a, d, bsig, 2)
-        k1 = m1
-        k2 = m2 - a2 / 3 * m0
-    else:  # w = (a^2 - x^2) / (4 sigma^2); int w x^2 / int w = a^2 / 5
-        m0, m1, m2, m3, m4 = _interval_moments(-a, a, d, bsig, 4)
-        c = 4 * s2[:, None]
-        k1 = (a2 * m1 - m3) / c
-        k2 = ((a2 * m2 - m4) - a2 / 5 * (a2 * m0 - m2)) / c
-    grad_mu = (grad * k1).sum(-1) / s2
-    grad_s2 = (grad * k2).sum(-1) / (2 * s2 * s2)
-    return grad_mu, grad_s2
+# a / s (support half-width over basis width) from which the float32 closed form keeps its
+# digits: below it, the moments cancel (measured against float64, docs/continuous.md)
+FLOAT32_MIN_RATIO = {2.0: 1.0, 1.5: 2.0}
+_BLOCK_ELEMENTS = 1 << 16  # entries per block of rows (the temporaries stay in the cache)
+
+
+def _expected_basis_1d(mu: Tensor, s2: Tensor, bmu: Tensor, bsig: Tensor, alpha: float,
+                       grads: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`_closed_form_1d` for ``mu``, ``s2`` (N,) and the basis (J,): (N, J) tables in ``mu``'s dtype.
+
+    float64 inputs are computed in float64. float32 inputs are computed in float32, except the
+    entries of a sparse density (alpha = 1.5, 2) whose support is narrow next to the basis
+    function (``a < FLOAT32_MIN_RATIO[alpha] * s``), which are computed again in float64. On the
+    CPU the rows go in blocks of about ``_BLOCK_ELEMENTS`` entries, so that the thirty-odd
+    elementwise passes run in the cache. A compiled graph cannot gather a data-dependent set of entries
+    (and fuses the passes itself): there both precisions are computed for every entry, in one
+    block, and the same entries as in eager mode are taken from float64.
+    """
+    dtype, f64 = mu.dtype, torch.float64
+    if torch.compiler.is_compiling():
+        res = _closed_form_1d(mu[:, None], s2[:, None], bmu, bsig, alpha, grads)
+        if alpha == 1.0 or dtype == f64:
+            return res
+        exact = _closed_form_1d(mu.to(f64)[:, None], s2.to(f64)[:, None], bmu.to(f64), bsig.to(f64), alpha, grads)
+        narrow = support_radius(s2, alpha)[:, None] < bsig * FLOAT32_MIN_RATIO[alpha]
+        merged = [None if t is None or x is None else torch.where(narrow, x.to(dtype), t) for t, x in zip(res, exact)]
+        return merged[0], merged[1], merged[2]  # type: ignore[return-value]  # the value is never None
+    N, J = mu.shape[0], bmu.shape[0]
+    tables = [torch.empty(N, J, dtype=dtype, device=mu.device) for _ in range(3 if grads else 1)]
+    groups = []  # (width, its columns: a slice when they are contiguous, as in the default bases)
+    if alpha != 1.0 and dtype != f64:
+        widths, group = torch.unique(bsig, return_inverse=True)
+        for g, width in enumerate(widths.tolist()):
+            cols = (group == g).nonzero().squeeze(1)
+            c0, c1 = int(cols[0]), int(cols[-1]) + 1
+            groups.append((FLOAT32_MIN_RATIO[alpha] * width, slice(c0, c1) if c1 - c0 == cols.numel() else cols))
+        a = support_radius(s2, alpha)
+        bmu64, bsig64 = bmu.to(f64), bsig.to(f64)
+    # blocks pay off on the CPU (cache); elsewhere each block's launches and syncs would cost more
+    step = max(1, _BLOCK_ELEMENTS // max(J, 1)) if mu.device.type == "cpu" else max(N, 1)
+    for i in range(0, N, step):
+        block = slice(i, min(i + step, N))
+        part = _closed_form_1d(mu[block, None], s2[block, None], bmu, bsig, alpha, grads)
+        for table, values in zip(tables, part):
+            if values is not None:
+                table[block] = values
+        for bound, span in groups:
+            rows = (a[block] < bound).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            rows += i
+            fixed = _closed_form_1d(mu[rows, None].to(f64), s2[rows, None].to(f64), bmu64[span], bsig64[span],
+                                    alpha, grads)
+            for table, values in zip(tables, fixed):
+                if values is None:
+                    continue
+                if isinstance(span, slice):
+                    table[:, span].index_copy_(0, rows, values.to(dtype))
+                else:
+                    table[rows[:, None], span] = values.to(dtype)
+    if grads:
+        return tables[0], tables[1], tables[2]
+    return tables[0], None, None
 
 
 # ----------------------------------------------------------------------------- 2-D
@@ -271,21 +353,33 @@ class ExpectedBasisFunction(torch.autograd.Function):
     def forward(ctx: Any, mu: Tensor, sigma_sq: Tensor, basis_mu: Tensor, basis_sigma: Tensor, alpha: float,
                 num_angles: int) -> Tensor:
         ctx.alpha, ctx.num_angles = alpha, num_angles
+        if basis_mu.dim() == 1:  # the backward's factors come with the forward's moments
+            e, d_mu, d_s2 = _expected_basis_1d(mu, sigma_sq, basis_mu, basis_sigma, alpha,
+                                               ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+            ctx.save_for_backward(mu, sigma_sq, basis_mu, basis_sigma, d_mu, d_s2)
+            return e
         ctx.save_for_backward(mu, sigma_sq, basis_mu, basis_sigma)
         f64 = torch.float64
-        args = (mu.to(f64), sigma_sq.to(f64), basis_mu.to(f64), basis_sigma.to(f64), alpha)
-        out = _forward_1d(*args) if basis_mu.dim() == 1 else _forward_2d(*args, num_angles)
+        out = _forward_2d(mu.to(f64), sigma_sq.to(f64), basis_mu.to(f64), basis_sigma.to(f64), alpha, num_angles)
         return out.to(mu.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        mu, sigma_sq, basis_mu, basis_sigma = ctx.saved_tensors
+        mu, sigma_sq, basis_mu, basis_sigma, *factors = ctx.saved_tensors
+        if factors:
+            if torch.is_grad_enabled():  # create_graph: the factors again, as a differentiable function of mu, sigma^2
+                f64 = torch.float64
+                _, d_mu, d_s2 = _closed_form_1d(mu.to(f64)[:, None], sigma_sq.to(f64)[:, None], basis_mu.to(f64),
+                                                basis_sigma.to(f64), ctx.alpha, True)
+                grad = grad.to(f64)
+            else:
+                d_mu, d_s2 = factors
+            assert d_mu is not None and d_s2 is not None  # the forward kept them: a gradient was needed
+            return ((grad * d_mu).sum(-1).to(mu.dtype), (grad * d_s2).sum(-1).to(sigma_sq.dtype), None, None, None,
+                    None)
         f64 = torch.float64
         args = (grad.to(f64), mu.to(f64), sigma_sq.to(f64), basis_mu.to(f64), basis_sigma.to(f64), ctx.alpha)
-        if basis_mu.dim() == 1:
-            grad_mu, grad_s2 = _backward_1d(*args)
-        else:
-            grad_mu, grad_s2 = _backward_2d(*args, ctx.num_angles)
+        grad_mu, grad_s2 = _backward_2d(*args, ctx.num_angles)
         return grad_mu.to(mu.dtype), grad_s2.to(sigma_sq.dtype), None, None, None, None
 
 

@@ -17,6 +17,8 @@ causality, no additive mask, no dropout, no returned weights), :func:`continuous
 appends the positions ``t - 1/2`` and ``(t - 1/2)^2`` to the values as two more columns: the
 discrete variant's own fast path (SDPA for softmax, the chunked kernels for sparsemax/entmax)
 then returns both moments along with the discrete context, and no (Lq, Lk) matrix is formed.
+Without the discrete context (a continuous-only spec) only the two position columns are
+attended (through SDPA, padded with zero columns to the query's head size).
 A context without the protocol (or a mask that varies per query) keeps the reference path, and
 the refusal says why (``CallRecord.refused``).
 """
@@ -70,20 +72,30 @@ def continuous_fast_path(
     # centred positions (less cancellation in the variance), zero at the keys that do not exist
     t = torch.where(keys, context.key_positions(keys, work) - 0.5, 0.0)
     t = t.squeeze(2).expand(B, Hkv, Lk).unsqueeze(-1)
-    probe = torch.empty(B, Hkv, Lk, v.shape[-1] + 2, dtype=work, device=v.device)
+    Dv = v.shape[-1]
+    probe = torch.empty(B, Hkv, Lk, Dv + 2 if discrete_context else 2, dtype=work, device=v.device)
     choice = discrete(q.to(work), k.to(work), probe, allowed)
     refused = {f"{name}+continuous": reason for name, reason in choice.refused.items()}
     if choice.runner is None:
         return "reference", None, refused
     fast = choice.runner
+    # SDPA's fused kernels want one head size for q, k and v: alone, the two position columns
+    # are padded to q's (zero columns cost what the values would, where D + 2 columns would
+    # pad q and k as well); the chunked kernels pay per column and take them as they are
+    width = max(D, 2) if choice.name == "sdpa" and not discrete_context else 2
 
     def run(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, additive: Tensor | None, causal: bool,
             scale: float) -> Tensor:
-        Dv = v.shape[-1]
         values = v.to(work)
-        out = fast(q.to(work), k.to(work), torch.cat([values, t, t * t], -1), allowed, None, False, scale)
-        mean = out[..., Dv]
-        var = out[..., Dv + 1] - mean * mean
+        moments = torch.cat([t, t * t], -1)
+        if discrete_context:
+            moments = torch.cat([values, moments], -1)
+        elif width > 2:
+            moments = torch.nn.functional.pad(moments, (0, width - 2))
+        out = fast(q.to(work), k.to(work), moments, allowed, None, False, scale)
+        at = Dv if discrete_context else 0
+        mean = out[..., at]
+        var = out[..., at + 1] - mean * mean
         result = context.context_from_moments(mean + 0.5, var, values, keys)
         if discrete_context:
             result = result + out[..., :Dv]

@@ -468,8 +468,8 @@ def run_chunked_entmax(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, m
     if torch.compiler.is_compiling():
         from .ops import chunked_entmax_fwd
 
-        out, _ = chunked_entmax_fwd(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
-                                    backend)
+        out = chunked_entmax_fwd(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows,
+                                 backend, keep_sparse)[0]
     elif not needs_grad:  # no graph to record (inference, cached decoding): the forward alone
         out = chunked_forward(qw, kw, vw, alpha_t, biasw, allowed, kind, causal, float(scale), chunk_rows, backend,
                               False)[0]

@@ -21,9 +21,14 @@ Ops (namespace ``sparse_attention``):
 The Triton kernels are registered the same way in :mod:`plugin.kernels.triton_entmax`
 (``triton_entmax_fwd`` / ``triton_entmax_bwd``).
 
-Eager calls of the chunked paths keep the sparse chunks of the forward pass (CSR, a
-data-dependent size held in Python) for the backward pass; the compiled forward op keeps only
-the per-query statistics, and the backward op recomputes every chunk.
+The chunked paths keep the sparse chunks of their forward pass (the probabilities in CSR
+form, a data-dependent size) for the backward pass, which then works on the nonzeros only.
+Eager calls hold them in Python; the forward ops return them packed into two tensors whose
+sizes depend on the shapes only (a directory, one row per kept chunk, and one byte buffer as
+large as the kept budget, allocated but written only where chunks are kept; see
+:func:`pack_kept`), which the compiled graph saves for the backward op like any residual. So a
+compiled backward recomputes exactly the chunks an eager one does (the dense ones, and those
+beyond the kept budget), never the sparse ones.
 """
 
 # no `from __future__ import annotations`: torch.library reads the op schemas from the annotations
@@ -32,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .chunked import chunked_backward, chunked_forward
-from .chunks import register_stats_autograd
+from .chunks import SPARSE_BUDGET_FACTOR, SPARSE_MIN_BUDGET
 from .constants import KIND_NAMES
 from .structured_chunked import KINDS, structured_backward, structured_forward
 
@@ -41,9 +46,12 @@ __all__ = [
     "chunked_entmax_bwd",
     "chunked_entmax_fwd",
     "group_mean",
+    "kept_capacity",
+    "pack_kept",
     "structured_chunked_bwd",
     "structured_chunked_fwd",
     "structured_prox",
+    "unpack_kept",
 ]
 
 def _check(name: str, t: Tensor, dtypes: tuple, dim: int | None = None, contiguous: bool = True) -> None:
@@ -78,17 +86,128 @@ def _check_attention(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | No
             raise ValueError(f"{op}: {label} {tuple(t.shape)} is not broadcastable to (B, H, Lq, Lk) = {tuple(target)}")
 
 
+# ----------------------------------------------------------------------------- kept chunks as tensors
+
+# the dtypes a kept chunk's tensors may have, by code (the directory stores the code)
+_KEPT_DTYPES = (torch.int64, torch.int32, torch.float32, torch.float64, torch.bool, torch.uint8)
+_ALIGN = 8  # bytes: every tensor starts at a multiple of the largest element size
+
+
+def kept_capacity(q: Tensor, k: Tensor, v: Tensor, parts: int) -> tuple:
+    """``(rows, nbytes)`` of the packed kept chunks of an attention call: fixed by the shapes.
+
+    ``rows`` bounds the number of chunks (one per query row at most), plus a first row for the
+    count; ``nbytes`` is the budget of :func:`plugin.kernels.chunks.kept_budget` (integer
+    arithmetic, so that the fake implementations compute it on symbolic shapes) plus room for
+    the alignment of every tensor. The buffers are allocated, not written: only the pages that
+    receive kept chunks become resident.
+    """
+    B, H, Lq = q.shape[0], q.shape[1], q.shape[2]
+    chunks = B * H * Lq
+    elements = q.numel() + k.numel() + v.numel() + chunks * v.shape[-1]
+    budget = torch.sym_max(SPARSE_MIN_BUDGET, int(SPARSE_BUDGET_FACTOR * 4) * elements)
+    return chunks + 1, budget + chunks * parts * _ALIGN
+
+
+def pack_kept(kept: dict, parts: int, capacity: tuple) -> tuple[Tensor, Tensor]:
+    """The kept chunks of a forward pass as ``(directory, blob)``, for a compiled graph to save.
+
+    ``kept`` maps a chunk's key ``(b0, hk0, i0)`` to a tuple of ``parts`` 1-D CPU tensors (or
+    None); ``capacity`` is :func:`kept_capacity`. ``directory`` is int64 (rows, 3 + 3 * parts):
+    ``directory[0, 0]`` is the number of chunks, then one row per chunk: its key, and per tensor
+    its byte offset in ``blob``, its length and its dtype code (-1 for None); ``blob`` is uint8,
+    the tensors' bytes. Both sizes depend on the shapes only (a graph with data-dependent shapes
+    would break where it is not compiled whole); a chunk that does not fit is left out, and the
+    backward pass recomputes it.
+    """
+    rows, nbytes = capacity
+    directory = torch.empty(rows, 3 + 3 * parts, dtype=torch.int64)
+    blob = torch.empty(nbytes, dtype=torch.uint8)
+    count, total = 0, 0
+    for key, tensors in kept.items():
+        sizes = [0 if t is None else -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors]
+        if count + 1 >= rows or total + sum(sizes) > nbytes:
+            continue
+        entry = list(key)
+        for t, size in zip(tensors, sizes):
+            if t is None:
+                entry += [0, 0, -1]
+                continue
+            blob[total:total + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+            entry += [total, t.numel(), _KEPT_DTYPES.index(t.dtype)]
+            total += size
+        count += 1
+        directory[count] = torch.tensor(entry)
+    directory[0, 0] = count
+    return directory, blob
+
+
+def unpack_kept(directory: Tensor, blob: Tensor) -> dict:
+    """The inverse of :func:`pack_kept`: the kept chunks as views into ``blob``."""
+    kept: dict = {}
+    if directory.numel() == 0:
+        return kept
+    for row in directory[1:1 + int(directory[0, 0])].tolist():
+        tensors: list[Tensor | None] = []
+        for j in range(3, len(row), 3):
+            start, numel, code = row[j:j + 3]
+            if code < 0:
+                tensors.append(None)
+                continue
+            dtype = _KEPT_DTYPES[code]
+            size = torch.empty(0, dtype=dtype).element_size()
+            tensors.append(blob[start:start + numel * size].view(dtype))
+        kept[tuple(row[:3])] = tuple(tensors)
+    return kept
+
+
+def _no_kept(q: Tensor, parts: int) -> tuple[Tensor, Tensor]:
+    return q.new_empty(0, 3 + 3 * parts, dtype=torch.int64), q.new_empty(0, dtype=torch.uint8)
+
+
+def _fake_kept(q: Tensor, k: Tensor, v: Tensor, parts: int, keeps: bool) -> tuple[Tensor, Tensor]:
+    """The fake ``(directory, blob)``: sized by :func:`kept_capacity` when the op keeps chunks, else empty."""
+    if not keeps:
+        return _no_kept(q, parts)
+    rows, nbytes = kept_capacity(q, k, v, parts)
+    return q.new_empty(rows, 3 + 3 * parts, dtype=torch.int64), q.new_empty(nbytes, dtype=torch.uint8)
+
+
+def _register_kept_autograd(forward_op, backward_op, n: int, optional: int) -> None:
+    """Join a forward op ``(*tensors, *config) -> (out, stats, directory, blob)`` to its backward op.
+
+    The forward op takes ``n`` tensors, then its configuration. The backward op takes
+    ``(dout, *tensors, stats, directory, blob, *config, *needs)``, ``needs`` one flag for each of
+    the ``optional`` inputs after q, k, v, and returns the gradients of q, k, v and of those inputs.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n], *output[1:])
+        ctx.config = inputs[n:]
+
+    def backward(ctx, dout, *_):
+        *tensors, stats, directory, blob = ctx.saved_tensors
+        needs = [bool(ctx.needs_input_grad[3 + i]) for i in range(optional)]
+        grads = backward_op(dout, *tensors, stats, directory, blob, *ctx.config, *needs)
+        wanted = [g if need else None for g, need in zip(grads[3:], needs)]
+        return (*grads[:3], *wanted, *([None] * (n + len(ctx.config) - 3 - optional)))
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
 # ----------------------------------------------------------------------------- sparsemax / entmax, chunked
 
 
 @torch.library.custom_op("sparse_attention::chunked_entmax_fwd", mutates_args=())
 def chunked_entmax_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor | None, mask: Tensor | None,
                        kind: int, causal: bool, scale: float, chunk_rows: int | None,
-                       backend: str) -> tuple[Tensor, Tensor]:
-    """alpha-entmax attention, query chunk by chunk: ``(out (B, H, Lq, Dv), stats)``.
+                       backend: str, keep_sparse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """alpha-entmax attention, query chunk by chunk: ``(out (B, H, Lq, Dv), stats, directory, blob)``.
 
     ``stats`` is (B, H, Lq, 3) float32 for ``backend="c"`` (float32 tensors) and empty for
     ``"torch"``; ``alpha`` is (H,), in (1, 2]; ``kind`` one of SPARSEMAX, ENTMAX15, GENERAL.
+    With ``keep_sparse`` (and the C backend) the sparse chunks are kept for the backward op
+    (:func:`pack_kept`); otherwise ``directory`` and ``blob`` are empty.
     """
     op = "chunked_entmax_fwd"
     if backend not in ("c", "torch"):
@@ -101,24 +220,29 @@ def chunked_entmax_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Ten
         raise ValueError(f"{op}: alpha must have one value per head (H={q.shape[1]}), got {alpha.numel()}")
     if not bool(((alpha > 1) & (alpha <= 2)).all()):
         raise ValueError(f"{op}: alpha must lie in (1, 2]; got values outside it")
-    out, stats, _ = chunked_forward(q, k, v, alpha, bias, mask, kind, causal, scale, chunk_rows, backend, False)
-    return out, stats if stats is not None else q.new_empty(0, dtype=torch.float32)
+    out, stats, kept = chunked_forward(q, k, v, alpha, bias, mask, kind, causal, scale, chunk_rows, backend,
+                                       keep_sparse and backend == "c")
+    keeps = keep_sparse and backend == "c"
+    packed = pack_kept(kept, 3, kept_capacity(q, k, v, 3)) if keeps else _no_kept(q, 3)
+    return (out, stats if stats is not None else q.new_empty(0, dtype=torch.float32), *packed)
 
 
 @chunked_entmax_fwd.register_fake
-def _(q, k, v, alpha, bias, mask, kind, causal, scale, chunk_rows, backend):
+def _(q, k, v, alpha, bias, mask, kind, causal, scale, chunk_rows, backend, keep_sparse=False):
     B, H, Lq, _ = q.shape
     stats_shape = (B, H, Lq, 3) if backend == "c" else (0,)
-    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32)
+    return (q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32),
+            *_fake_kept(q, k, v, 3, keep_sparse and backend == "c"))
 
 
 @torch.library.custom_op("sparse_attention::chunked_entmax_bwd", mutates_args=())
 def chunked_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: Tensor | None,
-                       mask: Tensor | None, stats: Tensor, kind: int, causal: bool, scale: float,
-                       chunk_rows: int | None, backend: str, need_alpha: bool,
-                       need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       mask: Tensor | None, stats: Tensor, directory: Tensor, blob: Tensor, kind: int,
+                       causal: bool, scale: float, chunk_rows: int | None, backend: str, keep_sparse: bool,
+                       need_alpha: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`chunked_entmax_fwd`: ``(dq, dk, dv, dalpha, dbias)``; dalpha / dbias are
-    empty unless ``need_alpha`` / ``need_bias``."""
+    empty unless ``need_alpha`` / ``need_bias``. The kept chunks (``directory``, ``blob``) are
+    differentiated over their nonzeros, the others recomputed."""
     op = "chunked_entmax_bwd"
     _check_attention(op, q, k, v, bias, mask, (torch.float32,) if backend == "c" else (torch.float32, torch.float64))
     _check(f"{op}: dout", dout, (q.dtype,), 4, contiguous=False)
@@ -129,8 +253,8 @@ def chunked_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Ten
         if stats.shape != (*q.shape[:3], 3):
             raise ValueError(f"{op}: stats {tuple(stats.shape)} must be (B, H, Lq, 3)")
     dq, dk, dv, dalpha, dbias = chunked_backward(
-        dout, q, k, v, alpha, bias, mask, stats if backend == "c" else None, {}, kind, causal, scale, chunk_rows,
-        backend, (True, True, True, need_alpha, need_bias),
+        dout, q, k, v, alpha, bias, mask, stats if backend == "c" else None, unpack_kept(directory, blob), kind,
+        causal, scale, chunk_rows, backend, (True, True, True, need_alpha, need_bias),
     )
     assert dq is not None and dk is not None and dv is not None  # asked for
     return (dq, dk, dv, dalpha.to(alpha.dtype) if dalpha is not None else alpha.new_empty(0),
@@ -138,13 +262,14 @@ def chunked_entmax_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, alpha: Ten
 
 
 @chunked_entmax_bwd.register_fake
-def _(dout, q, k, v, alpha, bias, mask, stats, kind, causal, scale, chunk_rows, backend, need_alpha, need_bias):
+def _(dout, q, k, v, alpha, bias, mask, stats, directory, blob, kind, causal, scale, chunk_rows, backend, keep_sparse,
+      need_alpha, need_bias):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(alpha) if need_alpha else alpha.new_empty(0),
             bias.new_empty(bias.shape) if need_bias else q.new_empty(0))
 
 
-register_stats_autograd(chunked_entmax_fwd, chunked_entmax_bwd, n=6, optional=2)
+_register_kept_autograd(chunked_entmax_fwd, chunked_entmax_bwd, n=6, optional=2)
 
 
 # ----------------------------------------------------------------------------- fusedmax / oscarmax, chunked
@@ -153,29 +278,34 @@ register_stats_autograd(chunked_entmax_fwd, chunked_entmax_bwd, n=6, optional=2)
 @torch.library.custom_op("sparse_attention::structured_chunked_fwd", mutates_args=())
 def structured_chunked_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None, kind: str,
                            lam: float, causal: bool, scale: float, chunk_rows: int | None,
-                           masked: bool) -> tuple[Tensor, Tensor]:
+                           masked: bool, keep_sparse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """fusedmax (``kind="tv"``) / oscarmax (``"oscar_ordered"``) attention, chunk by chunk:
-    ``(out (B, H, Lq, Dv), stats)``; ``stats`` (B, H, Lq, 3) float32 for float32 inputs, empty for float64."""
+    ``(out (B, H, Lq, Dv), stats, directory, blob)``; ``stats`` (B, H, Lq, 3) float32 for float32
+    inputs, empty for float64; the kept chunks as in :func:`chunked_entmax_fwd`."""
     op = "structured_chunked_fwd"
     if kind not in KINDS:
         raise ValueError(f"{op}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     _check_attention(op, q, k, v, bias, mask, (torch.float32, torch.float64))
-    out, stats, _ = structured_forward(q, k, v, bias, mask, kind, lam, causal, scale, chunk_rows, masked, False)
-    return out, stats if stats is not None else q.new_empty(0, dtype=torch.float32)
+    out, stats, kept = structured_forward(q, k, v, bias, mask, kind, lam, causal, scale, chunk_rows, masked,
+                                          keep_sparse)
+    keeps = keep_sparse and q.dtype == torch.float32  # the C rows: float32
+    packed = pack_kept(kept, 5, kept_capacity(q, k, v, 5)) if keeps else _no_kept(q, 5)
+    return (out, stats if stats is not None else q.new_empty(0, dtype=torch.float32), *packed)
 
 
 @structured_chunked_fwd.register_fake
-def _(q, k, v, bias, mask, kind, lam, causal, scale, chunk_rows, masked):
+def _(q, k, v, bias, mask, kind, lam, causal, scale, chunk_rows, masked, keep_sparse=False):
     B, H, Lq, _ = q.shape
     stats_shape = (B, H, Lq, 3) if q.dtype == torch.float32 else (0,)
-    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32)
+    return (q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(stats_shape, dtype=torch.float32),
+            *_fake_kept(q, k, v, 5, keep_sparse and q.dtype == torch.float32))
 
 
 @torch.library.custom_op("sparse_attention::structured_chunked_bwd", mutates_args=())
 def structured_chunked_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                           mask: Tensor | None, stats: Tensor, kind: str, lam: float, causal: bool, scale: float,
-                           chunk_rows: int | None, masked: bool,
-                           need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           mask: Tensor | None, stats: Tensor, directory: Tensor, blob: Tensor, kind: str,
+                           lam: float, causal: bool, scale: float, chunk_rows: int | None, masked: bool,
+                           keep_sparse: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`structured_chunked_fwd`: ``(dq, dk, dv, dbias)``; dbias is empty unless ``need_bias``."""
     op = "structured_chunked_bwd"
     _check_attention(op, q, k, v, bias, mask, (torch.float32, torch.float64))
@@ -185,18 +315,20 @@ def structured_chunked_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
         _check(f"{op}: stats", stats, (torch.float32,), 4)
         if stats.shape != (*q.shape[:3], 3):
             raise ValueError(f"{op}: stats {tuple(stats.shape)} must be (B, H, Lq, 3)")
-    dq, dk, dv, dbias = structured_backward(dout, q, k, v, bias, mask, stats if use_c else None, {}, kind, lam,
-                                            causal, scale, chunk_rows, masked, (True, True, True, need_bias))
+    dq, dk, dv, dbias = structured_backward(dout, q, k, v, bias, mask, stats if use_c else None,
+                                            unpack_kept(directory, blob), kind, lam, causal, scale, chunk_rows,
+                                            masked, (True, True, True, need_bias))
     return dq, dk, dv, dbias if need_bias else q.new_empty(0)
 
 
 @structured_chunked_bwd.register_fake
-def _(dout, q, k, v, bias, mask, stats, kind, lam, causal, scale, chunk_rows, masked, need_bias):
+def _(dout, q, k, v, bias, mask, stats, directory, blob, kind, lam, causal, scale, chunk_rows, masked, keep_sparse,
+      need_bias):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             bias.new_empty(bias.shape) if need_bias else q.new_empty(0))
 
 
-register_stats_autograd(structured_chunked_fwd, structured_chunked_bwd, n=5, optional=1)
+_register_kept_autograd(structured_chunked_fwd, structured_chunked_bwd, n=5, optional=1)
 
 
 # ----------------------------------------------------------------------------- the structured prox

@@ -438,8 +438,8 @@ def run_structured_chunked(
     if torch.compiler.is_compiling():
         from .ops import structured_chunked_fwd
 
-        out, _ = structured_chunked_fwd(qw, kw, vw, biasw, allowed, kind, float(lam), bool(causal),
-                                        float(scale) / gamma, chunk_rows, masked)
+        out = structured_chunked_fwd(qw, kw, vw, biasw, allowed, kind, float(lam), bool(causal),
+                                     float(scale) / gamma, chunk_rows, masked, keep_sparse)[0]
     else:
         out = ChunkedAttentionFunction.apply(structured_forward, structured_backward, 5, qw, kw, vw, biasw, allowed,
                                              kind, float(lam), bool(causal), float(scale) / gamma, chunk_rows, masked,

@@ -276,3 +276,85 @@ def test_nonfinite_inputs_give_nan_slices_as_in_eager():
     out = compiled(q, k, v)
     torch.testing.assert_close(out, mech(q, k, v), equal_nan=True)
     assert out[0, 1].isnan().all() and out[1, 0].isnan().all() and not out[0, 0].isnan().any()
+
+
+# ----------------------------------------------------------------------------- compiled backward: the kept chunks
+
+
+def _spy_kept(monkeypatch, name):
+    """Record how many kept chunks each call of the backward function ``name`` of plugin.kernels.ops receives."""
+    seen = []
+    real = getattr(ops, name)
+
+    def spy(*args, **kwargs):
+        kept = next(a for a in args if isinstance(a, dict))
+        seen.append(len(kept))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("spec, backward", [
+    ("sparsemax", "chunked_backward"), ("entmax:alpha=learned", "chunked_backward"),
+    ("fusedmax:lam=0.05", "structured_backward"),
+])
+def test_compiled_backward_differentiates_the_chunks_the_forward_kept(monkeypatch, spec, backward):
+    seen = _spy_kept(monkeypatch, backward)
+    mech = _mechanism(spec)
+    compiled = torch.compile(lambda q, k, v: mech(q, k, v), fullgraph=True, backend="aot_eager")
+    q, k, v = _qkv(64)
+    out_c, grads_c = _run(lambda q, k, v, mask: compiled(q, k, v), mech, q, k, v, None)
+    assert seen and all(n > 0 for n in seen)  # sparse chunks reached the backward: no dense recomputation
+    _assert_equal((out_c, grads_c), _run(lambda q, k, v, mask: mech(q, k, v), mech, q, k, v, None))
+
+
+@pytest.mark.parametrize("kind, alpha", [(chunked.SPARSEMAX, 2.0), (chunked.ENTMAX15, 1.5), (chunked.GENERAL, 1.3)])
+def test_compiled_chunked_kernel_with_many_chunks_equals_eager(kind, alpha):
+    # causal with 5-query chunks: chunks of every size, some without keys, kept and recomputed ones
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 23, 8, generator=g).mul(3 if i == 0 else 1).requires_grad_() for i in range(3))
+    alpha_t = torch.full((2,), alpha, requires_grad=kind == chunked.GENERAL)
+
+    def attend(q, k, v, alpha_t):
+        a = alpha_t if kind == chunked.GENERAL else alpha
+        return chunked.run_chunked_entmax(q, k, v, a, None, None, True, 0.4, chunk_rows=5)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    leaves = [q, k, v] + ([alpha_t] if kind == chunked.GENERAL else [])
+    results = []
+    for fn in (compiled, attend):
+        out = fn(q, k, v, alpha_t)
+        results.append((out, torch.autograd.grad((out * out).sum(), leaves)))
+    _assert_equal(*results)
+
+
+def test_kept_chunks_survive_packing_into_tensors_of_fixed_size():
+    kept = {
+        (0, 1, 5): (torch.tensor([0, 2, 3]), torch.tensor([4, 1, 7], dtype=torch.int32), torch.rand(3), None),
+        (1, 0, 0): (torch.tensor([0, 0]), torch.empty(0, dtype=torch.int32), torch.empty(0),
+                    torch.tensor([True, False, True])),
+    }
+    directory, blob = ops.pack_kept(kept, 4, (5, 4096))
+    assert directory.shape == (5, 15) and blob.shape == (4096,) and blob.dtype == torch.uint8
+    back = ops.unpack_kept(directory, blob)
+    assert list(back) == list(kept)
+    for key, tensors in kept.items():
+        for got, want in zip(back[key], tensors):
+            if want is None:
+                assert got is None
+            else:
+                assert got.dtype == want.dtype and torch.equal(got, want)
+    # what does not fit is left out (the backward recomputes it)
+    assert list(ops.unpack_kept(*ops.pack_kept(kept, 4, (5, 60)))) == [(0, 1, 5)]  # 56 bytes, then 24
+
+
+@pytest.mark.parametrize("spec", ["sparsemax", "fusedmax:lam=0.05"])
+def test_compiling_without_fullgraph_breaks_nowhere_in_the_core(spec):
+    # the kept chunks have shapes fixed by the inputs: nothing data-dependent for Dynamo to break at
+    mech = _mechanism(spec)
+    q, k, v = _qkv(16)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            explained = torch._dynamo.explain(lambda q, k, v: mech(q, k, v))(q, k, v)
+        assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]

