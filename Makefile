@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 TORCH_VERSION  ?= 2.13.0
 FAIRSEQ_SPEC   ?= fairseq-fixed==0.12.3.1
 
-.PHONY: venv demo real test lint clean
+.PHONY: venv demo real long test lint clean
 
 SIZE ?= small
 OUT  ?= outputs/demo
@@ -38,6 +38,13 @@ REAL_SIZE ?= default
 REAL_OUT  ?= outputs/real
 real: venv
 	$(PY) scripts/real.py --size $(REAL_SIZE) --out $(REAL_OUT)
+
+# length extrapolation: tiny decoder-only models trained at <= 64 tokens, tested up to 4096
+# (LONG_SIZE=default or tiny); writes $(LONG_OUT)/report.md and plots
+LONG_SIZE ?= default
+LONG_OUT  ?= outputs/long_context
+long: venv
+	OMP_NUM_THREADS=1 $(PY) scripts/long_context.py --size $(LONG_SIZE) --out $(LONG_OUT)
 
 test: venv
 	$(PY) -m pytest -q -n 2 tests

@@ -156,6 +156,8 @@ def _register_auto_classes() -> None:
                 auto.register(config, classes[task], exist_ok=True)
 
 
+from .llama import SparseLlamaConfig, SparseLlamaForCausalLM  # noqa: E402  (registers sparse_llama)
+
 register_variants()
 install_implementation_check()
 install_hooks()
@@ -176,6 +178,8 @@ __all__ = [
     "SparseBartForConditionalGeneration",
     "SparseBartForSequenceClassification",
     "SparseBartModel",
+    "SparseLlamaConfig",
+    "SparseLlamaForCausalLM",
     "SparseMBartConfig",
     "SparseMBartForConditionalGeneration",
     "SparseMBartForSequenceClassification",
