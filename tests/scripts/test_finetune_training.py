@@ -3,22 +3,8 @@ length under a token budget, label smoothing, the learning-rate schedules."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def finetune():
-    spec = importlib.util.spec_from_file_location("finetune_script", ROOT / "scripts" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 
