@@ -90,6 +90,7 @@ def attention_names() -> list[str]:
 
 # ----------------------------------------------------------------------------- configs and models
 
+_ACTIVE_COLLECTOR: Any
 try:
     from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
 except ImportError:  # a transformers without the output collector
