@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if resume:
         print(f"--{'report-only' if args.report_only else 'resume'}: {len(jobs) - len(todo)} of {len(jobs)} jobs "
               f"already done in {out / 'jobs.jsonl'}", flush=True)
+        if not args.report_only and len(todo) < len(jobs):
+            results["resumed_jobs"] = [len(jobs) - len(todo), len(jobs)]
     if args.report_only:
         results["jobs_not_run"] = ["{}: {}, seed {}".format(*job_key(kind, kw)) for kind, kw in todo]
         todo = []

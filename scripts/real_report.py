@@ -255,6 +255,11 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
                      f"{machine.get('cpus', '?')} CPU core(s); its wall time was not recorded; its jobs took "
                      f"{sum(j['cpu_seconds'] for j in mine) / 60:.1f} CPU-min, each job's time is in the table at "
                      "the end).")
+    if "resumed_jobs" in results:  # --resume: the times above are those of the jobs this invocation ran
+        kept, total_jobs = results["resumed_jobs"]
+        lines[-1] = lines[-1][:-1] + (f"; {kept} of its {total_jobs} jobs were finished earlier by an interrupted "
+                                      f"run of the same command (`--resume`), so these times cover only the other "
+                                      f"{total_jobs - kept}; each job's own time is in the table at the end.")
     reused = results.get("reused")
     if reused:
         names = {"sentiment": "sentiment", "throughput": "throughput", "fairseq": "fairseq translation",

@@ -123,6 +123,8 @@ def test_the_tiny_real_run_trains_every_job_and_reports(tmp_path, capsys):
     assert f"--resume: {len(lines) - 1} of {len(lines)} jobs already done" in capsys.readouterr().out
     resumed = json.loads((again / "results.json").read_text())
     assert [g["mechanism"] for g in resumed["hf"]] == [g["mechanism"] for g in merged["hf"]]
+    assert (f"; {len(lines) - 1} of its {len(lines)} jobs were finished earlier by an interrupted run of the same "
+            "command (`--resume`), so these times cover only the other 1;") in (again / "report.md").read_text()
     kept = [json.loads(line)["mechanism"] for line in lines[:-1]]
     for g, h in zip(resumed["hf"], merged["hf"]):
         if g["mechanism"] in kept:
