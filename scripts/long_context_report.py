@@ -169,12 +169,8 @@ def plots(run: dict[str, Any], out: Path) -> list[Path]:
                 ax.set_ylabel("exact match, %")
             if r == len(positions) - 1:
                 ax.set_xlabel("test length (tokens)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Accuracy vs length (line: mean over seeds, band: min-max; dashed: longest training length)")
-    fig.tight_layout()
-    paths.append(out / "long_context_accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, axes, "Accuracy vs length (line: mean over seeds, band: min-max; dashed: longest "
+                         "training length)", out / "long_context_accuracy.png"))
 
     combos = [(t, p) for t in tasks for p in positions if any((t, p, lb) in groups for lb in labels)]
     fig, axes = plt.subplots(2, len(combos), figsize=(4.2 * len(combos), 6.4), squeeze=False, sharex=True)
@@ -198,13 +194,21 @@ def plots(run: dict[str, Any], out: Path) -> list[Path]:
             ax.set_title(f"{task}, {pos}: {key}")
             if r == 1:
                 ax.set_xlabel("test length (tokens)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Dispersion of the last layer's attention at the answer query")
-    fig.tight_layout()
-    paths.append(out / "long_context_dispersion.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, axes, "Dispersion of the last layer's attention at the answer query",
+                         out / "long_context_dispersion.png"))
     return paths
+
+
+def _finish(fig: Any, axes: Any, title: str, path: Path) -> Path:
+    """Legend, title and layout of a figure of plots; written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _loads(run: dict[str, Any]) -> str:
